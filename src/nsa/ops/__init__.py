@@ -1,0 +1,86 @@
+"""The NSA op: one public entry per job, dispatching to a backend after checking the inputs.
+
+Backends:
+  "reference": plain PyTorch (ops/reference.py); exact in float64, runs anywhere, slow.
+  "triton":    the fused kernels (ops/triton/); CUDA tensors only.
+backend=None picks "triton" for CUDA tensors when Triton is importable, else "reference".
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from ..config import NSAConfig
+from . import reference
+from .checks import check_attention_inputs, check_scale, check_select_inputs
+
+BACKENDS = ("reference", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_slow_fallback(reason: str) -> None:
+    warnings.warn(f"nsa: {reason}; using the PyTorch reference backend, which is far slower "
+                  "(orders of magnitude at long T)", stacklevel=4)
+
+
+def _resolve_backend(backend, device: torch.device) -> str:
+    if backend is None:
+        if device.type != "cuda":
+            return "reference"
+        if not _triton_available():
+            _warn_slow_fallback("CUDA tensors but Triton is not installed")
+            return "reference"
+        return "triton"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and device.type != "cuda" and not _interpreting():
+        raise ValueError(f"backend='triton' needs CUDA tensors, got {device}; use backend='reference' on the CPU "
+                         "(or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)")
+    return backend
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config: NSAConfig = NSAConfig(), *,
+                  scale=None, cu_seqlens=None, backend=None):
+    """Native Sparse Attention (SPEC.md).
+
+    q [B, T, Hq, Dk]; k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv] (compressed tokens);
+    k_slc, v_slc, k_swa, v_swa [B, T, Hkv, Dk or Dv]; gates [B, T, Hq, 3] in (0, 1), order (cmp, slc, swa).
+    cu_seqlens: int32 [N + 1] for packed sequences ([1, total, H, D] inputs, k_cmp packed per sequence).
+    Returns o [B, T, Hq, Dv] in q's dtype.
+    """
+    seq_lens = check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, cu_seqlens)
+    scale = check_scale(scale, q.shape[-1])
+    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale)
+    if _resolve_backend(backend, q.device) == "triton":
+        from .triton import nsa_attention as triton_nsa_attention
+        return triton_nsa_attention(*args, cu_seqlens=cu_seqlens, seq_lens=seq_lens)
+    return reference.nsa_attention(*args, seq_lens=seq_lens)
+
+
+def select_blocks(q, k_cmp, config: NSAConfig = NSAConfig(), *, scale=None, cu_seqlens=None, backend=None):
+    """Top-n selection blocks of each query's GQA group (SPEC.md, branch 2).
+
+    q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] -> long [B, T, Hkv, n]: ids ascending, then -1 in unused slots.
+    """
+    seq_lens = check_select_inputs(q, k_cmp, config, cu_seqlens)
+    scale = check_scale(scale, q.shape[-1])
+    if _resolve_backend(backend, q.device) == "triton":
+        from .triton import select_blocks as triton_select_blocks
+        return triton_select_blocks(q, k_cmp, config, scale, cu_seqlens=cu_seqlens, seq_lens=seq_lens)
+    return reference.select_blocks(q, k_cmp, config, scale, seq_lens=seq_lens)

@@ -1,0 +1,119 @@
+"""Input validation shared by every backend: each error names the argument and the fix."""
+from __future__ import annotations
+
+import torch
+
+from ..config import NSAConfig
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, x, rank: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dims, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _expect(name: str, x: torch.Tensor, dim: int, expected: int, meaning: str) -> None:
+    if x.shape[dim] != expected:
+        raise ValueError(f"{name}.shape[{dim}] ({meaning}) must be {expected}, got shape {tuple(x.shape)}")
+
+
+def cmp_seqlens(seq_lens: list[int], config: NSAConfig) -> list[int]:
+    """Compressed-token count of each sequence."""
+    return [config.num_cmp_tokens(n) for n in seq_lens]
+
+
+def check_cu_seqlens(cu_seqlens, total: int, batch: int, device: torch.device) -> list[int]:
+    """Validates cu_seqlens ([N + 1] int32, 0 .. total, non-decreasing); returns the sequence lengths."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32 (FlashAttention's convention), got {cu_seqlens.dtype}; "
+                        "use cu_seqlens.to(torch.int32)")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}; move it with .to(q.device)")
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the inputs must be packed as [1, total, H, D], got batch {batch}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {total}, "
+                         f"got {offsets[0]} .. {offsets[-1]}")
+    lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    if min(lens) < 0:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    return lens
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number or None (for Dk ** -0.5), got {scale!r}")
+    return float(scale)
+
+
+def check_config(config) -> NSAConfig:
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
+    return config
+
+
+def check_select_inputs(q, k_cmp, config, cu_seqlens) -> list[int] | None:
+    """Checks q [B, T, Hq, Dk] and k_cmp [B, Tc, Hkv, Dk]; returns the sequence lengths when packed."""
+    check_config(config)
+    _check_tensor("q", q, 4)
+    _check_tensor("k_cmp", k_cmp, 4)
+    B, T, Hq, Dk = q.shape
+    if T < 1:
+        raise ValueError(f"q must hold at least one token, got shape {tuple(q.shape)}")
+    _expect("k_cmp", k_cmp, 0, B, "batch, as in q")
+    Hkv = k_cmp.shape[2]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the key/value heads of k_cmp ({Hkv})")
+    _expect("k_cmp", k_cmp, 3, Dk, "Dk, as in q")
+    if k_cmp.dtype != q.dtype:
+        raise TypeError(f"k_cmp has dtype {k_cmp.dtype} but q has {q.dtype}; all inputs must share one dtype")
+    if k_cmp.device != q.device:
+        raise ValueError(f"k_cmp is on {k_cmp.device} but q is on {q.device}; all inputs must be on one device")
+    lens = None
+    if cu_seqlens is None:
+        expected_tc = config.num_cmp_tokens(T)
+    else:
+        lens = check_cu_seqlens(cu_seqlens, T, B, q.device)
+        expected_tc = sum(cmp_seqlens(lens, config))
+    _expect("k_cmp", k_cmp, 1, expected_tc,
+            f"compressed tokens: Tc = floor((T - {config.cmp_block}) / {config.cmp_stride}) + 1 per sequence, 0 if T < "
+            f"{config.cmp_block}")
+    return lens
+
+
+def check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, cu_seqlens):
+    """Checks the eight inputs of nsa_attention against SPEC.md's shapes; returns the sequence lengths when packed."""
+    lens = check_select_inputs(q, k_cmp, config, cu_seqlens)
+    B, T, Hq, Dk = q.shape
+    Tc, Hkv = k_cmp.shape[1], k_cmp.shape[2]
+    raw = {"v_cmp": v_cmp, "k_slc": k_slc, "v_slc": v_slc, "k_swa": k_swa, "v_swa": v_swa, "gates": gates}
+    for name, x in raw.items():
+        _check_tensor(name, x, 4)
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; all inputs must share one dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must be on one device")
+        _expect(name, x, 0, B, "batch, as in q")
+        _expect(name, x, 1, Tc if name == "v_cmp" else T, "tokens, as in k_cmp" if name == "v_cmp" else "tokens, as in q")
+    for name in ("v_cmp", "k_slc", "v_slc", "k_swa", "v_swa"):
+        _expect(name, raw[name], 2, Hkv, "key/value heads, as in k_cmp")
+    for name in ("k_slc", "k_swa"):
+        _expect(name, raw[name], 3, Dk, "Dk, as in q")
+    Dv = v_cmp.shape[3]
+    for name in ("v_slc", "v_swa"):
+        _expect(name, raw[name], 3, Dv, "Dv, as in v_cmp")
+    _expect("gates", gates, 2, Hq, "query heads, as in q")
+    _expect("gates", gates, 3, 3, "the gates of (cmp, slc, swa)")
+    return lens
