@@ -11,7 +11,8 @@ class NSAConfig:
     cmp_block (l): raw tokens summarized by one compressed token.
     cmp_stride (d): distance between the starts of consecutive compressed tokens.
     slc_block (l'): raw tokens in one selection block.
-    num_selected (n): selection blocks each query attends to, forced blocks included.
+    num_selected (n): selection blocks each query attends to, forced blocks included
+        (block 0 and the two local blocks; if n < 3 they are kept in the order J(t), J(t) - 1, 0).
     window (w): sliding-window length, the query itself included.
     """
 

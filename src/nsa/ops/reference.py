@@ -62,9 +62,11 @@ def _select(p_cmp, t, seq_len, config):
     score = p_cmp.sum(dim=2) @ W  # group score P: p_slc summed over the G heads of a group
     j = torch.arange(num_blocks, device=t.device)[None, :]
     last = (t // lp)[:, None]  # J(t)
-    candidate = j <= last
-    forced = candidate & ((j == 0) | (j == last) | (j == last - 1))
-    score = score.masked_fill(~candidate, float("-inf")).masked_fill(forced, float("inf"))
+    # Forced blocks outrank every score; should n < 3 leave room for fewer than all of them,
+    # the current block J(t) goes first, then J(t) - 1, then block 0.
+    big = torch.finfo(score.dtype).max
+    score = score.masked_fill(j > last, float("-inf"))
+    score = score.masked_fill(j == 0, big / 2).masked_fill(j == last - 1, big).masked_fill(j == last, float("inf"))
     top, ids = score.topk(min(n, num_blocks), dim=-1)
     ids = ids.masked_fill(top == float("-inf"), num_blocks).sort(dim=-1).values
     ids = ids.masked_fill(ids == num_blocks, -1)
