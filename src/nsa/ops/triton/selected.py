@@ -193,7 +193,8 @@ def _bwd_query_kernel(Q, K, V, BID, O, DO, LSE, DQ, DELTA, DK_ACC, DV_ACC, CU, q
     q = tl.load(Q + q_off, mask=dk_mask, other=0.0)
     do = tl.load(DO + o_off, mask=dv_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * tl.load(O + o_off, mask=dv_mask, other=0.0).to(tl.float32), axis=1)
-    lse2 = tl.load(LSE + lse0 + h * T + t, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + lse0 + h * T + t, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # empty rows: p = 0 below anyway
     if not ATOMIC_DKV:
         tl.store(DELTA + lse0 + h * T + t, delta, mask=row_ok)
     bid_row = (tok0 + t) * (HKV * N_SLOTS) + g * N_SLOTS

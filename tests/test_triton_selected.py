@@ -1,0 +1,144 @@
+"""The Triton selected-attention branch (ops/triton/selected.py) against a float64 PyTorch
+computation given the same block ids: forward, backward (atomic and deterministic), varlen."""
+import pytest
+import torch
+
+from nsa.ops.triton.selected import selected_attention_bwd, selected_attention_fwd
+
+
+def random_block_ids(T, Hkv, n, block, gen, drop=0.3):
+    """[T, Hkv, n] int32: per row the forced blocks (0, J-1, J) plus random candidates <= J = t // block,
+    some slots left unused on purpose, ascending then -1."""
+    ids = torch.full((T, Hkv, n), -1, dtype=torch.int32)
+    for t in range(T):
+        J = t // block
+        for g in range(Hkv):
+            forced = sorted({0, J, max(J - 1, 0)})[:n]
+            rest = [j for j in torch.randperm(J + 1, generator=gen).tolist() if j not in forced]
+            rest = [j for j in rest if torch.rand((), generator=gen) > drop]
+            chosen = sorted(forced + rest[:n - len(forced)])
+            ids[t, g, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+    return ids
+
+
+def reference_selected(q, k, v, ids, scale, block):
+    """One sequence in float64: q [T, Hq, Dk], k/v [T, Hkv, D], ids [T, Hkv, n] -> o [T, Hq, Dv], lse [Hq, T]."""
+    T, Hq, _ = q.shape
+    G = Hq // k.shape[1]
+    u = torch.arange(T)
+    chosen = (ids.long()[..., None] == (u // block)).any(-2)  # [T, Hkv, T]
+    visible = (chosen & (u[None, :] <= u[:, None])[:, None]).repeat_interleave(G, 1)  # [T, Hq, U]
+    s = scale * torch.einsum("thd,uhd->thu", q, k.repeat_interleave(G, 1))
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return torch.einsum("thu,uhd->thd", p, v.repeat_interleave(G, 1)), lse.T
+
+
+def make_case(B, T, Hkv, G, Dk, Dv, n, block, dtype, seq_lens=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, Hkv * G, Dk, generator=gen).to(dtype)
+    k = torch.randn(B, T, Hkv, Dk, generator=gen).to(dtype)
+    v = torch.randn(B, T, Hkv, Dv, generator=gen).to(dtype)
+    do = torch.randn(B, T, Hkv * G, Dv, generator=gen).to(dtype)
+    if seq_lens is None:
+        ids = torch.stack([random_block_ids(T, Hkv, n, block, gen) for _ in range(B)])
+    else:
+        ids = torch.cat([random_block_ids(L, Hkv, n, block, gen) for L in seq_lens])[None]
+    return q, k, v, do, ids
+
+
+def reference_all(q, k, v, do, ids, scale, block, seq_lens=None):
+    """float64 o, lse, dq, dk, dv over every sequence (dense batch rows or packed sequences)."""
+    q, k, v = (x.double().requires_grad_() for x in (q, k, v))
+    spans = [(b, 0, q.shape[1]) for b in range(q.shape[0])]
+    if seq_lens is not None:
+        starts = torch.tensor([0] + seq_lens).cumsum(0).tolist()
+        spans = [(0, s, s + L) for s, L in zip(starts, seq_lens)]
+    outs, lses = [], []
+    for b, lo, hi in spans:
+        o, lse = reference_selected(q[b, lo:hi], k[b, lo:hi], v[b, lo:hi], ids[b, lo:hi], scale, block)
+        outs.append(o)
+        lses.append(lse)
+    o = torch.cat(outs, 0).reshape(q.shape[0], q.shape[1], q.shape[2], -1)
+    lse = torch.cat(lses, 1).reshape(q.shape[2], q.shape[0], q.shape[1]).transpose(0, 1)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do.double())
+    return o.detach(), lse.detach(), dq, dk, dv
+
+
+def assert_close(actual, expected, tol, name):
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol * max(1.0, expected.abs().max().item()), f"{name}: max error {err}"
+
+
+CASES = [  # B, T, Hkv, G, Dk, Dv, n, block
+    (2, 37, 2, 1, 16, 16, 3, 8),
+    (2, 45, 1, 2, 32, 16, 3, 16),
+    (2, 33, 2, 4, 16, 32, 4, 8),
+    (2, 21, 1, 16, 16, 16, 2, 8),
+    (1, 50, 1, 3, 16, 16, 3, 24),  # G not a power of two, block not a power of two
+    (1, 90, 1, 2, 16, 16, 2, 80),  # block above the 64-key inner chunk: two chunks per block
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}Hkv{}G{}Dk{}Dv{}n{}blk{}".format(*c))
+def test_forward_backward(case):
+    B, T, Hkv, G, Dk, Dv, n, block = case
+    scale = Dk ** -0.5
+    q, k, v, do, ids = make_case(B, T, Hkv, G, Dk, Dv, n, block, torch.float32)
+    o, lse = selected_attention_fwd(q, k, v, ids, scale, block)
+    ro, rlse, rdq, rdk, rdv = reference_all(q, k, v, do, ids, scale, block)
+    assert o.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == (B, Hkv * G, T)
+    assert_close(o, ro, 1e-5, "o")
+    assert_close(lse, rlse, 1e-5, "lse")
+    for det in (False, True):
+        dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, ids, scale, block, deterministic=det)
+        for name, x, r in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+            assert_close(x, r, 1e-4, f"{name} (deterministic={det})")
+
+
+def test_float16():
+    B, T, Hkv, G, Dk, Dv, n, block = 1, 40, 2, 2, 32, 16, 3, 8
+    q, k, v, do, ids = make_case(B, T, Hkv, G, Dk, Dv, n, block, torch.float16, seed=1)
+    o, lse = selected_attention_fwd(q, k, v, ids, 0.2, block)
+    dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.2, block)
+    ro, rlse, rdq, rdk, rdv = reference_all(q, k, v, do, ids, 0.2, block)
+    assert o.dtype == dq.dtype == dk.dtype == dv.dtype == torch.float16
+    for name, x, r in (("o", o, ro), ("lse", lse, rlse), ("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert_close(x, r, 1e-2, name)
+
+
+def test_varlen_and_empty_rows():
+    seq_lens = [17, 0, 30, 1]
+    Hkv, G, Dk, Dv, n, block = 2, 2, 16, 32, 3, 8
+    q, k, v, do, ids = make_case(1, sum(seq_lens), Hkv, G, Dk, Dv, n, block, torch.float32, seq_lens, seed=2)
+    ids[0, 5, 1] = -1  # a row that selected nothing: lse = -inf, o = 0, no gradient
+    cu = torch.tensor([0] + seq_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    o, lse = selected_attention_fwd(q, k, v, ids, 0.25, block, cu_seqlens=cu, max_seqlen=max(seq_lens))
+    ro, rlse, rdq, rdk, rdv = reference_all(q, k, v, do, ids, 0.25, block, seq_lens)
+    assert torch.isneginf(lse[0, 2:4, 5]).all() and (o[0, 5, 2:4] == 0).all()
+    assert_close(o, ro, 1e-5, "o")
+    assert_close(lse.nan_to_num(neginf=0.0), rlse.nan_to_num(neginf=0.0), 1e-5, "lse")
+    for det in (False, True):
+        grads = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, cu_seqlens=cu, deterministic=det)
+        for name, x, r in zip(("dq", "dk", "dv"), grads, (rdq, rdk, rdv)):
+            assert_close(x, r, 1e-4, f"{name} (deterministic={det})")
+
+
+def test_deterministic_is_bitwise_reproducible():
+    B, T, Hkv, G, Dk, Dv, n, block = 1, 64, 1, 4, 16, 16, 3, 8
+    q, k, v, do, ids = make_case(B, T, Hkv, G, Dk, Dv, n, block, torch.float32, seed=3)
+    o, lse = selected_attention_fwd(q, k, v, ids, 0.25, block)
+    # a small chunk splits the long lists (block 0 is chosen by every query) over several work items
+    first = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, deterministic=True, chunk=16)
+    again = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, deterministic=True, chunk=16)
+    atomic = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, deterministic=False)
+    for a, b, c in zip(first, again, atomic):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_large_head_dim():
+    q = torch.zeros(1, 4, 1, 512)
+    with pytest.raises(ValueError, match="256"):
+        selected_attention_fwd(q, q, q, torch.zeros(1, 4, 1, 1, dtype=torch.int32), 1.0, 4)
