@@ -12,6 +12,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton 3.6's interpreter holds scalars as 1-element numpy arrays and turns them into Python ints
+    # with int(array), which NumPy >= 2.4 refuses: `range(lo, hi)` with run-time bounds fails inside
+    # kernels. Re-register tensor.__index__ through .item() (a no-op change on older NumPy).
+    import triton.runtime.interpreter as _interpreter
+
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_index(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor_index
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
