@@ -1,0 +1,478 @@
+"""Banded flash attention: the kernels of NSA's compressed branch and sliding-window branch.
+
+One masked attention serves both branches. Key u covers raw positions up to e(u) = u*key_stride + key_span - 1
+and query t sees it iff e(u) <= t and (window is None or e(u) > t - window) (see utils.py):
+  compressed branch: key_stride = d, key_span = l, window = None (keys are compressed tokens);
+  sliding window:    key_stride = 1, key_span = 1, window = w.
+The band also bounds every loop: a tile of queries only visits the key blocks it can see (and a key
+block only the query blocks that can see it), so the window branch costs O(T * w) and the
+compressed branch O(T * Tc / 2). Blocks that every row of the tile sees entirely skip the mask.
+
+Kernels (FlashAttention-2; exp2 with log2(e) folded into the scale; statistics in float32):
+  _fwd_kernel      grid (query blocks, Hq, batch)             -> o, lse
+  _delta_kernel    grid (query blocks, Hq, batch)             -> delta = rowsum(do * o)
+  _dkdv_kernel     grid (key blocks, Hkv * splits, batch)     -> dk, dv (and dq by atomics if asked)
+  _dq_kernel       grid (query blocks, Hq, batch)             -> dq (deterministic)
+GQA: query head h reads key/value head h // G. A dk/dv program owns one key block of one key/value
+head and loops over the query heads of its group (split over `splits` programs when there are too
+few key blocks to fill the GPU; the partial sums are then added in float32 outside the kernel).
+Packed sequences (cu_seqlens): batch 1, the batch grid axis runs over sequences.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import (LOG2E, check_kernel_dtype, dot_precision, interpreting, key_end, keys_upto,
+                    last_dim_contiguous, seq_bounds, visible)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(base, rows, n_rows, stride_row, cols, n_cols):
+    """x[rows, cols] of a row-strided [n_rows, n_cols] matrix at base; zeros outside it."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(base, x, rows, n_rows, stride_row, cols, n_cols):
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
+
+
+@triton.jit
+def _key_blocks(m0, m_last, Tk, BLOCK_N: tl.constexpr,
+                KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr):
+    """Keys that queries [m0, m_last] can see, as lo <= full_lo <= full_hi <= hi.
+
+    [lo, full_lo) and [full_hi, hi) need the mask; every query of the tile sees every key of
+    [full_lo, full_hi). lo, full_lo (unless == hi) and full_hi (unless == full_lo) are multiples of BLOCK_N.
+    """
+    hi = tl.minimum(keys_upto(m_last, KEY_STRIDE, KEY_SPAN), Tk)  # e(u) <= m_last
+    if WINDOW > 0:
+        lo = keys_upto(m0 - WINDOW, KEY_STRIDE, KEY_SPAN) // BLOCK_N * BLOCK_N  # e(u) > m0 - w
+        full_lo = tl.cdiv(keys_upto(m_last - WINDOW, KEY_STRIDE, KEY_SPAN), BLOCK_N) * BLOCK_N
+    else:
+        lo = m0 * 0
+        full_lo = lo
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(keys_upto(m0, KEY_STRIDE, KEY_SPAN), hi) // BLOCK_N * BLOCK_N, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_blocks(n0, n_last, T, whole_block, BLOCK_M: tl.constexpr,
+                  KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr):
+    """Queries that can see keys [n0, n_last], as lo <= full_lo <= full_hi <= hi (as in _key_blocks).
+
+    whole_block: the key tile holds no padding rows (otherwise no query block is treated as unmasked).
+    """
+    first_end = key_end(n0, KEY_STRIDE, KEY_SPAN)
+    last_end = key_end(n_last, KEY_STRIDE, KEY_SPAN)
+    lo = first_end // BLOCK_M * BLOCK_M  # t >= e(n0)
+    if WINDOW > 0:
+        hi = tl.minimum(last_end + WINDOW, T)  # t < e(n_last) + w
+        full_end = tl.minimum(first_end + WINDOW, hi)
+    else:
+        hi = n0 * 0 + T
+        full_end = hi
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(last_end, BLOCK_M) * BLOCK_M, lo), hi)
+    full_hi = tl.maximum(full_end // BLOCK_M * BLOCK_M, full_lo)
+    full_lo = tl.where(whole_block, full_lo, hi)
+    full_hi = tl.where(whole_block, full_hi, hi)
+    return lo, full_lo, full_hi, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk, t, lo, hi, qk_scale,
+               KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr,
+               DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): m_i, l_i in log2 units; acc = sum_u 2^(s - m_i) v_u."""
+    cols_k = tl.arange(0, BLOCK_DK)
+    cols_v = tl.arange(0, BLOCK_DV)
+    for start in range(lo, hi, BLOCK_N):
+        u = start + tl.arange(0, BLOCK_N)
+        k = _load_tile(Kh, u, Tk, stride_kt, cols_k, DK)
+        v = _load_tile(Vh, u, Tk, stride_vt, cols_v, DV)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2(e) * scale * q.k
+        if MASK:
+            s = tl.where(visible(t[:, None], u[None, :], KEY_STRIDE, KEY_SPAN, WINDOW) & (u < Tk)[None, :],
+                         s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet keep p = 0, not NaN
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+                T, Tk, Hq, G, qk_scale,
+                KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """o[t] = sum_u softmax_u(scale q_t.k_u) v_u over visible u; lse[t] = log sum_u exp(scale q_t.k_u).
+
+    Q [B, T, Hq, DK], K [B, Tk, Hkv, DK], V [B, Tk, Hkv, DV], O [B, T, Hq, DV], LSE [B, Hq, T] float32.
+    One program: BLOCK_M queries of one head of one sequence.
+    """
+    h = tl.program_id(1)
+    batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(2), T, IS_VARLEN)
+    _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(2), Tk, IS_VARLEN)
+    m0 = tl.program_id(0) * BLOCK_M
+    if m0 >= T_seq:
+        return
+    Qh = Q + batch * stride_qb + q0 * stride_qt + h * stride_qh
+    Kh = K + batch * stride_kb + k0 * stride_kt + (h // G) * stride_kh
+    Vh = V + batch * stride_vb + k0 * stride_vt + (h // G) * stride_vh
+    t = m0 + tl.arange(0, BLOCK_M)
+    q = _load_tile(Qh, t, T_seq, stride_qt, tl.arange(0, BLOCK_DK), DK)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    lo, full_lo, full_hi, hi = _key_blocks(m0, tl.minimum(m0 + BLOCK_M, T_seq) - 1, Tk_seq, BLOCK_N,
+                                           KEY_STRIDE, KEY_SPAN, WINDOW)
+    # Key blocks [lo, full_lo) and [full_hi, hi) straddle the band's edges and take the mask; the middle does not.
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, lo, full_lo, qk_scale,
+                               KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, full_lo, full_hi, qk_scale,
+                               KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False, PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, full_hi, hi, qk_scale,
+                               KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
+
+    # A row with no visible key has l_i = 0 and acc = 0: o = 0 and lse = -inf.
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    _store_tile(O + batch * stride_ob + q0 * stride_ot + h * stride_oh, o, t, T_seq, stride_ot,
+                tl.arange(0, BLOCK_DV), DV)
+    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
+    tl.store(LSE + (batch * Hq + h) * T + q0 + t, lse, mask=t < T_seq)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+                  T, Hq, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta[b, h, t] = sum_c do[b, t, h, c] * o[b, t, h, c] (float32). DELTA [B, Hq, T]."""
+    h, b = tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_DV)
+    o = _load_tile(O + b * stride_ob + h * stride_oh, t, T, stride_ot, cols, DV)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, t, T, stride_dot, cols, DV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * Hq + h) * T + t, delta, mask=t < T)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
+                T, Tk, u, lo, hi, qk_scale, scale,
+                KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+    """Adds the query blocks [lo, hi) of one head to dk, dv of the key tile u (transposed scores [BLOCK_N, BLOCK_M]).
+
+    p^T = 2^(s^T - lse); dv += p^T do; ds^T = p^T * (v do^T - delta); dk += ds^T q (scale applied by the caller);
+    with ATOMIC_DQ also dq[t] += scale * ds k, added atomically into the float32 DQ.
+    """
+    cols_k = tl.arange(0, BLOCK_DK)
+    cols_v = tl.arange(0, BLOCK_DV)
+    for start in range(lo, hi, BLOCK_M):
+        t = start + tl.arange(0, BLOCK_M)
+        q = _load_tile(Qh, t, T, stride_qt, cols_k, DK)
+        do = _load_tile(DOh, t, T, stride_dot, cols_v, DV)
+        lse2 = tl.load(LSEh + t, mask=t < T, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTAh + t, mask=t < T, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+        if MASK:
+            vis = visible(t[None, :], u[:, None], KEY_STRIDE, KEY_SPAN, WINDOW)
+            p_t = tl.where(vis & (t < T)[None, :] & (u < Tk)[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION) * scale
+            ptrs = DQh + t.to(tl.int64)[:, None] * stride_dqt + cols_k[None, :]
+            tl.atomic_add(ptrs, dq, mask=(t < T)[:, None] & (cols_k < DK)[None, :])
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT, CU_Q, CU_K,
+                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                 stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                 stride_dqb, stride_dqt, stride_dqh, stride_dks, stride_dkb, stride_dkt, stride_dkh,
+                 stride_dvs, stride_dvb, stride_dvt, stride_dvh,
+                 T, Tk, Hq, G, SPLITS, qk_scale, scale,
+                 KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
+                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+    """dk, dv of BLOCK_N keys of one key/value head, summed over the query heads [split*G/SPLITS, (split+1)*G/SPLITS)
+    of its group and over the query blocks that can see them.
+
+    DK_OUT [SPLITS, B, Tk, Hkv, DK], DV_OUT [SPLITS, B, Tk, Hkv, DV] (split s holds the sum over its heads).
+    """
+    kvh = tl.program_id(1) // SPLITS
+    split = tl.program_id(1) % SPLITS
+    batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(2), T, IS_VARLEN)
+    _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(2), Tk, IS_VARLEN)
+    n0 = tl.program_id(0) * BLOCK_N
+    if n0 >= Tk_seq:
+        return
+    u = n0 + tl.arange(0, BLOCK_N)
+    cols_k = tl.arange(0, BLOCK_DK)
+    cols_v = tl.arange(0, BLOCK_DV)
+    k = _load_tile(K + batch * stride_kb + k0 * stride_kt + kvh * stride_kh, u, Tk_seq, stride_kt, cols_k, DK)
+    v = _load_tile(V + batch * stride_vb + k0 * stride_vt + kvh * stride_vh, u, Tk_seq, stride_vt, cols_v, DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    lo, full_lo, full_hi, hi = _query_blocks(n0, tl.minimum(n0 + BLOCK_N, Tk_seq) - 1, T_seq,
+                                             n0 + BLOCK_N <= Tk_seq, BLOCK_M, KEY_STRIDE, KEY_SPAN, WINDOW)
+    heads = G // SPLITS
+    for h in range(kvh * G + split * heads, kvh * G + (split + 1) * heads):
+        Qh = Q + batch * stride_qb + q0 * stride_qt + h * stride_qh
+        DOh = DO + batch * stride_dob + q0 * stride_dot + h * stride_doh
+        DQh = DQ + batch * stride_dqb + q0 * stride_dqt + h * stride_dqh
+        LSEh = LSE + (batch * Hq + h) * T + q0
+        DELTAh = DELTA + (batch * Hq + h) * T + q0
+        # Query blocks [lo, full_lo) and [full_hi, hi) take the mask; the middle does not.
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
+                             T_seq, Tk_seq, u, lo, full_lo, qk_scale, scale, KEY_STRIDE, KEY_SPAN, WINDOW,
+                             DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, ATOMIC_DQ, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
+                             T_seq, Tk_seq, u, full_lo, full_hi, qk_scale, scale, KEY_STRIDE, KEY_SPAN, WINDOW,
+                             DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, False, ATOMIC_DQ, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
+                             T_seq, Tk_seq, u, full_hi, hi, qk_scale, scale, KEY_STRIDE, KEY_SPAN, WINDOW,
+                             DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, ATOMIC_DQ, PRECISION)
+    _store_tile(DK_OUT + split * stride_dks + batch * stride_dkb + k0 * stride_dkt + kvh * stride_dkh,
+                dk * scale, u, Tk_seq, stride_dkt, cols_k, DK)
+    _store_tile(DV_OUT + split * stride_dvs + batch * stride_dvb + k0 * stride_dvt + kvh * stride_dvh,
+                dv, u, Tk_seq, stride_dvt, cols_v, DV)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk, t, lo, hi, qk_scale,
+              KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr,
+              DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """dq += ds k over key blocks [lo, hi), ds = p * (do v^T - delta), p = 2^(s - lse) (scale applied by the caller)."""
+    cols_k = tl.arange(0, BLOCK_DK)
+    cols_v = tl.arange(0, BLOCK_DV)
+    for start in range(lo, hi, BLOCK_N):
+        u = start + tl.arange(0, BLOCK_N)
+        k = _load_tile(Kh, u, Tk, stride_kt, cols_k, DK)
+        v = _load_tile(Vh, u, Tk, stride_vt, cols_v, DV)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        if MASK:
+            p = tl.where(visible(t[:, None], u[None, :], KEY_STRIDE, KEY_SPAN, WINDOW) & (u < Tk)[None, :], p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+               stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+               stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+               stride_dqb, stride_dqt, stride_dqh,
+               T, Tk, Hq, G, qk_scale, scale,
+               KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
+               DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of BLOCK_M queries of one head: dq[t] = scale * sum_u ds[t, u] k_u over the visible keys. DQ [B, T, Hq, DK]."""
+    h = tl.program_id(1)
+    batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(2), T, IS_VARLEN)
+    _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(2), Tk, IS_VARLEN)
+    m0 = tl.program_id(0) * BLOCK_M
+    if m0 >= T_seq:
+        return
+    Kh = K + batch * stride_kb + k0 * stride_kt + (h // G) * stride_kh
+    Vh = V + batch * stride_vb + k0 * stride_vt + (h // G) * stride_vh
+    t = m0 + tl.arange(0, BLOCK_M)
+    q = _load_tile(Q + batch * stride_qb + q0 * stride_qt + h * stride_qh, t, T_seq, stride_qt,
+                   tl.arange(0, BLOCK_DK), DK)
+    do = _load_tile(DO + batch * stride_dob + q0 * stride_dot + h * stride_doh, t, T_seq, stride_dot,
+                    tl.arange(0, BLOCK_DV), DV)
+    lse2 = tl.load(LSE + (batch * Hq + h) * T + q0 + t, mask=t < T_seq, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + (batch * Hq + h) * T + q0 + t, mask=t < T_seq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    lo, full_lo, full_hi, hi = _key_blocks(m0, tl.minimum(m0 + BLOCK_M, T_seq) - 1, Tk_seq, BLOCK_N,
+                                           KEY_STRIDE, KEY_SPAN, WINDOW)
+    dq = _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, lo, full_lo, qk_scale,
+                   KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, full_lo, full_hi, qk_scale,
+                   KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, full_hi, hi, qk_scale,
+                   KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
+    _store_tile(DQ + batch * stride_dqb + q0 * stride_dqt + h * stride_dqh, dq * scale, t, T_seq, stride_dqt,
+                tl.arange(0, BLOCK_DK), DK)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+def launch_params(head_dim_k: int, head_dim_v: int) -> dict:
+    """Block sizes and launch shape of each kernel for the given head dims (padded to powers of two).
+
+    Interpreter: 16 x 16 tiles (tl.dot's minimum on the GPU), so that small tests cross many blocks.
+    """
+    dk, dv = triton.next_power_of_2(head_dim_k), triton.next_power_of_2(head_dim_v)
+    if interpreting():
+        tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        return dict(fwd=tile, dkdv=tile, dq=tile, delta=dict(BLOCK_M=16, num_warps=1), BLOCK_DK=dk, BLOCK_DV=dv)
+    wide = max(dk, dv) > 128
+    return dict(
+        fwd=dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2 if wide else 3),
+        dkdv=dict(BLOCK_M=32 if wide else 64, BLOCK_N=64, num_warps=8, num_stages=2),
+        dq=dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=2),
+        delta=dict(BLOCK_M=64, num_warps=4),
+        BLOCK_DK=dk, BLOCK_DV=dv,
+    )
+
+
+def _band_args(key_stride, key_span, window):
+    if key_stride < 1 or key_span < 1:
+        raise ValueError(f"key_stride and key_span must be >= 1, got {key_stride}, {key_span}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be None or >= 1, got {window}")
+    return dict(KEY_STRIDE=int(key_stride), KEY_SPAN=int(key_span), WINDOW=0 if window is None else int(window))
+
+
+def _keys_upto(t: int, key_stride: int, key_span: int) -> int:
+    return max(t - key_span + 1 + key_stride, 0) // key_stride
+
+
+def _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q):
+    """(grid batch extent, max query rows of one sequence, whether packed), checking the varlen arguments."""
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("pass both cu_seqlens_q and cu_seqlens_k, or neither")
+    if cu_seqlens_q is None:
+        return q.shape[0], q.shape[1], False
+    if q.shape[0] != 1 or k.shape[0] != 1:
+        raise ValueError("packed sequences need batch 1 inputs")
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    return cu_seqlens_q.numel() - 1, int(max_seqlen_q), True
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def banded_attention_fwd(q, k, v, scale, *, key_stride, key_span, window=None,
+                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None):
+    """Banded attention forward.
+
+    q [B, T, Hq, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv] (Hq % Hkv == 0), float16/bfloat16/float32.
+    Packed: B == 1 and cu_seqlens_q, cu_seqlens_k int32 [N + 1] (positions restart at 0 per sequence).
+    Returns o [B, T, Hq, Dv] (q's dtype) and lse [B, Hq, T] float32 (natural log; -inf where nothing is visible).
+    """
+    check_kernel_dtype(q, k, v)
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    B, T, Hq, Dk = q.shape
+    Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    band = _band_args(key_stride, key_span, window)
+    nb, max_t, varlen = _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
+    o = torch.empty(B, T, Hq, Dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    if T == 0:
+        return o, lse
+    cfg = launch_params(Dk, Dv)
+    fwd = cfg["fwd"]
+    grid = (triton.cdiv(max_t, fwd["BLOCK_M"]), Hq, nb)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        T, Tk, Hq, Hq // Hkv, scale * LOG2E,
+        **band, IS_VARLEN=varlen, DK=Dk, DV=Dv, BLOCK_DK=cfg["BLOCK_DK"], BLOCK_DV=cfg["BLOCK_DV"],
+        PRECISION=dot_precision(q.dtype), **fwd)
+    return o, lse
+
+
+def _dkdv_splits(programs: int, G: int, device: torch.device) -> int:
+    """Query-head splits of the dk/dv grid: the smallest divisor s of G giving about two programs per SM."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return next((s for s in range(1, G + 1) if G % s == 0 and programs * s >= target), G)
+
+
+def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, window=None,
+                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, deterministic=False,
+                         head_splits=None):
+    """Banded attention backward: (dq, dk, dv) in the dtypes of q, k, v.
+
+    do, o [B, T, Hq, Dv] and lse [B, Hq, T] as returned by banded_attention_fwd; other arguments as there.
+    deterministic=False adds dq with float32 atomics inside the dk/dv kernel; True runs a separate
+    query-major dq kernel (bitwise reproducible). head_splits (default: chosen for the GPU) splits each
+    group's query heads over that many dk/dv programs; it must divide Hq // Hkv.
+    """
+    check_kernel_dtype(q, k, v, do)
+    q, k, v, o, do = (last_dim_contiguous(x) for x in (q, k, v, o, do))
+    lse = lse.contiguous()
+    B, T, Hq, Dk = q.shape
+    Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    band = _band_args(key_stride, key_span, window)
+    nb, max_t, varlen = _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
+    cfg = launch_params(Dk, Dv)
+    meta = dict(**band, IS_VARLEN=varlen, DK=Dk, DV=Dv, BLOCK_DK=cfg["BLOCK_DK"], BLOCK_DV=cfg["BLOCK_DV"],
+                PRECISION=dot_precision(q.dtype))
+
+    delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    dcfg = cfg["delta"]
+    if T:
+        _delta_kernel[(triton.cdiv(T, dcfg["BLOCK_M"]), Hq, B)](
+            o, do, delta, *_strides(o), *_strides(do), T, Hq, DV=Dv, BLOCK_DV=cfg["BLOCK_DV"], **dcfg)
+
+    # Keys past the last one the longest sequence can see get no gradient: no program for them.
+    max_k = min(Tk, _keys_upto(max_t - 1, key_stride, key_span))
+    kv_cfg = cfg["dkdv"]
+    programs = triton.cdiv(max_k, kv_cfg["BLOCK_N"]) * Hkv * nb
+    splits = head_splits or _dkdv_splits(programs, G, q.device)
+    if G % splits:
+        raise ValueError(f"head_splits ({splits}) must divide the group size {G}")
+    dq = torch.zeros(B, T, Hq, Dk, device=q.device, dtype=torch.float32) if not deterministic else torch.empty_like(q)
+    part_dtype = torch.float32 if splits > 1 else None
+    dk = torch.zeros(splits, B, Tk, Hkv, Dk, device=q.device, dtype=part_dtype or k.dtype)
+    dv = torch.zeros(splits, B, Tk, Hkv, Dv, device=q.device, dtype=part_dtype or v.dtype)
+    qk_scale = scale * LOG2E
+    if programs:
+        _dkdv_kernel[(triton.cdiv(max_k, kv_cfg["BLOCK_N"]), Hkv * splits, nb)](
+            q, k, v, do, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            *dk.stride()[:4], *dv.stride()[:4],
+            T, Tk, Hq, G, splits, qk_scale, scale, ATOMIC_DQ=not deterministic, **meta, **kv_cfg)
+    if deterministic and T:
+        q_cfg = cfg["dq"]
+        _dq_kernel[(triton.cdiv(max_t, q_cfg["BLOCK_M"]), Hq, nb)](
+            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            T, Tk, Hq, G, qk_scale, scale, **meta, **q_cfg)
+    dk = dk[0] if splits == 1 else dk.sum(0).to(k.dtype)
+    dv = dv[0] if splits == 1 else dv.sum(0).to(v.dtype)
+    return dq.to(q.dtype), dk, dv
