@@ -1,6 +1,7 @@
 """Native Sparse Attention (arXiv 2502.11089): compressed, selected and sliding-window attention, gated."""
 from .config import NSAConfig
+from .layer import NativeSparseAttention
 from .ops import nsa_attention, select_blocks
 
-__all__ = ["NSAConfig", "nsa_attention", "select_blocks"]
+__all__ = ["NSAConfig", "nsa_attention", "select_blocks", "NativeSparseAttention"]
 __version__ = "0.1.0"

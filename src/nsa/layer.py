@@ -1,0 +1,151 @@
+"""NativeSparseAttention: the NSA attention layer (projections, compression, rotary embedding, gates)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import NSAConfig
+from .ops import nsa_attention
+from .rope import apply_rope, positions_from_cu_seqlens
+
+BRANCHES = ("cmp", "slc", "swa")
+
+
+def cmp_block_index(seq_lens: list[int], config: NSAConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the compressed tokens of (packed) sequences read their raw tokens.
+
+    Sequence s (length L_s, starting at offset o_s in the packed tensor) has Tc_s compressed tokens
+    (0 if L_s < l, else (L_s - l) // d + 1); its token i covers raw tokens [i*d, i*d + l).
+    Returns index long [sum Tc_s, l] (packed raw-token indices) and centre float [sum Tc_s]
+    (i*d + (l - 1) / 2, the block's centre position inside its own sequence).
+    """
+    l, d = config.cmp_block, config.cmp_stride
+    local, packed, offset = [], [], 0
+    for n in seq_lens:
+        start = torch.arange(config.num_cmp_tokens(n), device=device) * d  # i*d inside the sequence
+        local.append(start)
+        packed.append(start + offset)
+        offset += n
+    index = torch.cat(packed)[:, None] + torch.arange(l, device=device)
+    return index, torch.cat(local).float() + (l - 1) / 2
+
+
+class Compressor(nn.Module):
+    """phi: maps each block of l raw vectors (plus a learned intra-block position embedding) to one vector.
+
+    blocks [B, Tc, l, H, D] -> [B, Tc, H, D]; the weights are shared by all heads.
+    phi(block) = W2 act(W1 [x_0 + e_0, ..., x_{l-1} + e_{l-1}]), W1: l*D -> hidden, W2: hidden -> D.
+    """
+
+    def __init__(self, block: int, dim: int, hidden: int):
+        super().__init__()
+        self.pos_emb = nn.Parameter(torch.zeros(block, dim))  # e: [l, D]
+        self.mlp = nn.Sequential(nn.Linear(block * dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        x = blocks + self.pos_emb[:, None, :]  # [B, Tc, l, H, D]
+        x = x.transpose(2, 3).flatten(3)  # [B, Tc, H, l*D]
+        return self.mlp(x)
+
+
+class NativeSparseAttention(nn.Module):
+    """NSA attention layer: x [B, T, hidden_size] -> [B, T, hidden_size].
+
+    o_t = g_cmp * Attn(q_t, K_cmp, V_cmp) + g_slc * Attn(q_t, K_slc, V_slc) + g_swa * Attn(q_t, K_swa, V_swa)
+    (the exact branches are in SPEC.md), with
+      q = RoPE(x W_q) at the token positions t;
+      per branch b, raw keys/values x W_k^b, x W_v^b (one shared pair for all three if share_kv=True);
+      K_slc, K_swa = RoPE(raw keys) at positions t;
+      K_cmp[i] = RoPE(phi_k(raw cmp keys of block i, un-rotated), i*d + (l - 1) / 2), V_cmp[i] = phi_v(values);
+      gates g = sigmoid(x W_g + b_g) [B, T, num_heads, 3], order (cmp, slc, swa);
+      output projection num_heads*v_head_dim -> hidden_size.
+
+    Position of the compressed keys. phi reads UN-rotated keys, so a block's summary does not depend
+    on where the block sits (shift-invariant: the same content gives the same summary at any offset);
+    the learned intra-block embedding tells phi where each key sits inside the block. The summary is
+    then rotated as a single key at the block's centre, i*d + (l - 1) / 2 (fractional when l is even).
+    q_t . K_cmp[i] then depends on position only through t - centre, exactly as q_t . k_u does for a
+    raw key at u, so compressed and raw scores speak the same relative-position language, and the
+    block scores that drive the top-n selection are comparable across blocks.
+
+    Packed variable-length input: x [1, total, hidden] with cu_seqlens (int32 [N + 1]); positions
+    restart at 0 in every sequence and every sequence gets its own compressed tokens.
+    backend is passed to nsa.nsa_attention (None: fastest available).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 v_head_dim: int | None = None, config: NSAConfig = NSAConfig(), share_kv: bool = False,
+                 rope_base: float = 10000.0, backend: str | None = None):
+        super().__init__()
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("v_head_dim", v_head_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for the rotary embedding, got {head_dim}")
+        if not isinstance(config, NSAConfig):
+            raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
+        if not rope_base > 0:
+            raise ValueError(f"rope_base must be positive, got {rope_base!r}")
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim, self.v_head_dim = head_dim, v_head_dim
+        self.config, self.share_kv, self.rope_base, self.backend = config, share_kv, rope_base, backend
+
+        self.num_kv_sets = 1 if share_kv else len(BRANCHES)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        # all key/value projections in one matmul: [num_kv_sets, num_kv_heads, head_dim + v_head_dim] outputs
+        self.kv_proj = nn.Linear(hidden_size, self.num_kv_sets * num_kv_heads * (head_dim + v_head_dim), bias=False)
+        l = config.cmp_block
+        self.compress_k = Compressor(l, head_dim, 4 * head_dim)
+        self.compress_v = Compressor(l, v_head_dim, 4 * v_head_dim)
+        self.gate_proj = nn.Linear(hidden_size, num_heads * len(BRANCHES))
+        self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=False)
+
+    def _check_input(self, x, cu_seqlens) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"x must be a [batch, tokens, hidden_size] tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x.shape[-1] must be hidden_size={self.hidden_size}, got shape {tuple(x.shape)}")
+        if cu_seqlens is not None and x.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens, x must be packed as [1, total, hidden_size], got shape {tuple(x.shape)}")
+
+    def nsa_inputs(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The eight inputs of nsa.nsa_attention computed from x [B, T, hidden_size]:
+
+        q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv], k_slc, v_slc, k_swa, v_swa
+        [B, T, Hkv, Dk or Dv], gates [B, T, Hq, 3] (packed [1, total, ...] with cu_seqlens).
+        """
+        self._check_input(x, cu_seqlens)
+        B, T, _ = x.shape
+        Hkv, Dk, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
+        if cu_seqlens is None:
+            positions, seq_lens = torch.arange(T, device=x.device), [T]
+        else:
+            positions, seq_lens = positions_from_cu_seqlens(cu_seqlens), cu_seqlens.diff().tolist()
+
+        q = apply_rope(self.q_proj(x).view(B, T, self.num_heads, Dk), positions, self.rope_base)
+        kv = self.kv_proj(x).view(B, T, self.num_kv_sets, Hkv, Dk + Dv)
+        keys, values = kv.split((Dk, Dv), dim=-1)  # [B, T, num_kv_sets, Hkv, D]
+        k_cmp, k_slc, k_swa = keys.unbind(2) if not self.share_kv else (keys[:, :, 0],) * 3
+        v_cmp, v_slc, v_swa = values.unbind(2) if not self.share_kv else (values[:, :, 0],) * 3
+
+        # compression: gather each block [i*d, i*d + l) of un-rotated keys/values, summarize, rotate at the centre
+        index, centre = cmp_block_index(seq_lens, self.config, x.device)
+        k_cmp = apply_rope(self.compress_k(k_cmp[:, index]), centre, self.rope_base)  # [B, Tc, Hkv, Dk]
+        v_cmp = self.compress_v(v_cmp[:, index])  # [B, Tc, Hkv, Dv]
+
+        k_slc = apply_rope(k_slc, positions, self.rope_base)
+        k_swa = k_slc if self.share_kv else apply_rope(k_swa, positions, self.rope_base)
+        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, len(BRANCHES))
+        return q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, hidden_size] (or [1, total, hidden_size] packed, with cu_seqlens int32 [N + 1]) -> same shape."""
+        o = nsa_attention(*self.nsa_inputs(x, cu_seqlens), self.config,
+                          cu_seqlens=cu_seqlens, backend=self.backend)  # [B, T, Hq, Dv]
+        return self.o_proj(o.flatten(2))  # [B, T, Hq*Dv] -> [B, T, hidden_size]
