@@ -13,7 +13,7 @@ from nsa import NSAConfig
 from nsa.ops import reference as ref
 
 CFG_A = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=3, window=24)
-CFG_B = NSAConfig(cmp_block=8, cmp_stride=8, slc_block=24, num_selected=4, window=40)  # l = d, l' not a power of 2
+CFG_B = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, window=40)
 
 
 def make_inputs(B, T, Hkv, G, Dk, Dv, config, dtype=torch.float32, seq_lens=None, device="cpu", seed=0):
