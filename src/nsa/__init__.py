@@ -1,7 +1,8 @@
 """Native Sparse Attention (arXiv 2502.11089): compressed, selected and sliding-window attention, gated."""
 from .config import NSAConfig
 from .layer import NativeSparseAttention
+from .model import LanguageModel, ModelConfig
 from .ops import nsa_attention, select_blocks
 
-__all__ = ["NSAConfig", "nsa_attention", "select_blocks", "NativeSparseAttention"]
+__all__ = ["NSAConfig", "nsa_attention", "select_blocks", "NativeSparseAttention", "LanguageModel", "ModelConfig"]
 __version__ = "0.1.0"
