@@ -40,6 +40,11 @@ import triton
 import triton.language as tl
 
 MAX_HEAD_DIM = 256
+# Rows (query, head pairs) per program: the query-major kernels (forward, dq) take ceil(TILE_ROWS / G)
+# consecutive queries, whose block union grows when neighbours disagree, so 16 (the tl.dot minimum);
+# the kv-major kernel gathers queries that all selected its block, so a larger tile wastes nothing.
+TILE_ROWS = 16
+KV_TILE_ROWS = 32
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -48,7 +53,7 @@ def _pow2(x: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(x))
 
 
-def query_tile(G: int, min_rows: int = 16) -> tuple[int, int]:
+def query_tile(G: int, min_rows: int = TILE_ROWS) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_M): queries per program and padded rows (BLOCK_T * G <= BLOCK_M, a power of two)."""
     block_t = max(1, min_rows // G)
     return block_t, _pow2(block_t * G)
@@ -430,7 +435,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     num_items = item_key.numel()
     pdk = torch.empty(num_items, block_s, block_dk, device=q.device, dtype=torch.float32)
     pdv = torch.empty(num_items, block_s, block_dv, device=q.device, dtype=torch.float32)
-    block_q, block_m = query_tile(G)
+    block_q, block_m = query_tile(G, KV_TILE_ROWS)
     if num_items:
         _bwd_kv_kernel[(num_items,)](q, k, v, do, lse, delta, qlist, item_key, lo, hi, pdk, pdv, cu_seqlens,
                                      qk_scale, scale, T, HQ, HKV, DK, DV, num_blocks, G=G, SLC_BLOCK=block_size,
