@@ -345,7 +345,7 @@ def launch_params(head_dim_k: int, head_dim_v: int) -> dict:
     wide = max(dk, dv) > 128
     return dict(
         fwd=dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2 if wide else 3),
-        dkdv=dict(BLOCK_M=32 if wide else 64, BLOCK_N=64, num_warps=8, num_stages=2),
+        dkdv=dict(BLOCK_M=32 if wide else 64, BLOCK_N=32 if wide else 64, num_warps=4 if wide else 8, num_stages=2),
         dq=dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=2),
         delta=dict(BLOCK_M=64, num_warps=4),
         BLOCK_DK=dk, BLOCK_DV=dv,
@@ -414,10 +414,14 @@ def banded_attention_fwd(q, k, v, scale, *, key_stride, key_span, window=None,
 
 
 def _dkdv_splits(programs: int, G: int, device: torch.device) -> int:
-    """Query-head splits of the dk/dv grid: the smallest divisor s of G giving about two programs per SM."""
+    """Query-head splits of the dk/dv grid: the smallest divisor s of G giving about four programs per SM.
+
+    Few key blocks (the compressed branch: Tc = T / d keys) would otherwise leave SMs idle, and the work
+    per key block is uneven (early compressed tokens are seen by every later query).
+    """
     if device.type != "cuda":
         return 1
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return next((s for s in range(1, G + 1) if G % s == 0 and programs * s >= target), G)
 
 
