@@ -1,0 +1,111 @@
+"""Byte-level data: tokenizer, a text corpus split train/validation by file, and a random window sampler.
+
+The default corpus is the Python standard library's own .py files (found at run time, so nothing is
+downloaded), capped at DEFAULT_MAX_BYTES. Files are taken in a fixed pseudo-random order and every
+VAL_EVERY-th one goes to validation, so the split is by file and the same on every run.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MAX_BYTES = 4_000_000
+VAL_EVERY = 10  # file k (in the shuffled order) is a validation file when k % VAL_EVERY == 0
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def encode(text: str) -> torch.Tensor:
+    """str -> uint8 [N], its UTF-8 bytes."""
+    return _as_tensor(text.encode("utf-8"))
+
+
+def decode(tokens) -> str:
+    """uint8/long tensor or list of ints in [0, 256) -> str (invalid UTF-8 shown as U+FFFD)."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.tolist()
+    return bytes(tokens).decode("utf-8", errors="replace")
+
+
+@dataclass
+class Corpus:
+    train: torch.Tensor  # uint8 [N_train]
+    val: torch.Tensor  # uint8 [N_val]
+    source: str  # where it came from, for printing
+
+
+def _walk(root: Path, suffix: str | None) -> list[Path]:
+    """Files under root (hidden and SKIP_DIRS folders left out), sorted, optionally only those ending in suffix."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")]
+        found += [Path(folder, f) for f in files if not f.startswith(".") and (suffix is None or f.endswith(suffix))]
+    return sorted(found)
+
+
+def _read_text(path: Path) -> bytes | None:
+    """The file's bytes if it is UTF-8 text (no NUL byte), else None."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return data
+
+
+def load_corpus(path: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:
+    """Loads a byte corpus: the stdlib's .py files (path None), one text file, or every text file under a folder.
+
+    Several files: split by file (see the module docstring), reading stops once max_bytes are loaded.
+    One file: its first 90% of bytes train, the last 10% validate (capped at max_bytes too).
+    """
+    if path is None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files, source = _walk(root, ".py"), f"Python stdlib .py files under {root}"
+    else:
+        root = Path(path)
+        if not root.exists():
+            raise FileNotFoundError(f"--data: {root} does not exist")
+        files, source = (_walk(root, None), f"text files under {root}") if root.is_dir() else ([root], str(root))
+
+    random.Random(0).shuffle(files)
+    texts, total = [], 0
+    for f in files:
+        if total >= max_bytes:
+            break
+        data = _read_text(f)
+        if data:
+            texts.append(data)
+            total += len(data)
+    if not texts:
+        raise ValueError(f"no UTF-8 text found in {source}")
+
+    if len(texts) == 1:
+        data = texts[0][:max_bytes]
+        cut = int(len(data) * 0.9)
+        train, val = data[:cut], data[cut:]
+    else:
+        train = b"".join(t for k, t in enumerate(texts) if k % VAL_EVERY)
+        val = b"".join(t for k, t in enumerate(texts) if k % VAL_EVERY == 0)
+    return Corpus(_as_tensor(train), _as_tensor(val), f"{source} ({len(texts)} file{'s' * (len(texts) != 1)})")
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None = None,
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of data (uint8 [N]): inputs x and next-byte targets y, long [batch_size, seq_len]."""
+    if len(data) <= seq_len:
+        raise ValueError(f"seq_len ({seq_len}) must be shorter than the data ({len(data)} bytes); "
+                         "use a smaller --seq-len or more data")
+    starts = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)
+    window = data[starts[:, None] + torch.arange(seq_len + 1)].long()  # [B, seq_len + 1]
+    return window[:, :-1].to(device), window[:, 1:].to(device)
