@@ -122,3 +122,14 @@ def test_packed_sequences():
 @pytest.mark.parametrize("Hq, Hkv, D", [(16, 1, 128), (8, 2, 64), (6, 2, 192)])
 def test_gpu_bfloat16(config, Hq, Hkv, D):
     compare(config, 1, 8192, Hq, Hkv, D, torch.bfloat16, tol=2e-2, min_exact=0.97)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_fewer_slots_than_forced_blocks_keeps_the_local_ones(n):
+    """With n < 3 the choice is fixed by SPEC's priority (J(t), then J(t) - 1, then 0): no ties to excuse."""
+    config = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=n, window=8)
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    q = torch.randn(1, 70, 2, 16, generator=g, device=DEVICE)
+    k_cmp = torch.randn(1, config.num_cmp_tokens(70), 1, 16, generator=g, device=DEVICE)
+    ids = run_triton(q, k_cmp, config, 0.25)
+    assert torch.equal(ids.long(), reference.select_blocks(q, k_cmp, config, 0.25))

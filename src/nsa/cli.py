@@ -30,7 +30,7 @@ class DemoPreset:
 CPU_PRESET = DemoPreset(
     ModelConfig(n_layer=2, n_embd=128, n_head=4, n_kv_head=1,
                 nsa=NSAConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=4, window=64)),
-    TrainConfig(steps=240, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=20, eval_every=20),
+    TrainConfig(steps=280, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=20, eval_every=20),
     sample_len=120)
 # GPU: a longer context and a bigger model; the attention backend is picked automatically (Triton on CUDA).
 GPU_PRESET = DemoPreset(

@@ -445,5 +445,5 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     dv = torch.zeros_like(v)
     _bwd_kv_reduce_kernel[(nb * HKV * num_blocks,)](pdk, pdv, key_items, dk, dv, cu_seqlens, T, HKV, DK, DV, num_blocks,
                                                     SLC_BLOCK=block_size, BLOCK_S=block_s, BLOCK_DK=block_dk,
-                                                    BLOCK_DV=block_dv, IS_VARLEN=varlen, DOT_PREC=meta["DOT_PREC"])
+                                                    BLOCK_DV=block_dv, IS_VARLEN=varlen)
     return dq, dk, dv

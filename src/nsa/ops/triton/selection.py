@@ -124,8 +124,11 @@ def _select_kernel(Q, KC, LSE, OUT, CU_Q, CU_K,
 
         j = j0 + tl.arange(0, CHUNK)[None, :]
         candidate = j <= last[:, None]
-        forced = candidate & ((j == 0) | (j == last[:, None]) | (j == last[:, None] - 1))
-        score = tl.where(forced, float("inf"), tl.where(candidate, score, float("-inf")))
+        # Forced blocks outrank every score, in the order J(t), J(t) - 1, 0 (which matters only if n < 3).
+        score = tl.where(candidate, score, float("-inf"))
+        score = tl.where(j == 0, 1.5e38, score)
+        score = tl.where(j == last[:, None] - 1, 3.0e38, score)
+        score = tl.where(j == last[:, None], float("inf"), score)
         top_s, top_id = _merge_top(top_s, top_id, score, j0, CHUNK, N_PAD)
 
     # Ascending ids; empty slots (score -inf: fewer candidates than n) sort last and become -1.
@@ -137,7 +140,7 @@ def _select_kernel(Q, KC, LSE, OUT, CU_Q, CU_K,
     tl.store(out, ids, mask=(t < T_seq)[:, None] & (slots < N_SELECT))
 
 
-def _launch_params(G: int, blocks_per_chunk_tokens: int) -> dict:
+def _launch_params(G: int, blocks_per_chunk_tokens: int, block_dk: int) -> dict:
     """Tile shape: about 128 score rows (heads x queries) on the GPU, fewer when a chunk holds many tokens.
 
     blocks_per_chunk_tokens: r = l' / d, compressed tokens per selection block.
@@ -147,9 +150,12 @@ def _launch_params(G: int, blocks_per_chunk_tokens: int) -> dict:
     if interpreting():
         return dict(BLOCK_T=16, HEADS=min(heads_pow2, 2), CHUNK=2, num_warps=1, num_stages=1)
     chunk = 16  # tl.dot needs >= 16 on every dim
-    rows = max(16, min(128, 16384 // (chunk * blocks_per_chunk_tokens)))
+    # 128 rows for head dims up to 128; fewer for wider heads, whose q and k tiles fill shared memory
+    rows = max(16, min(128 * 128 // max(block_dk, 128), 16384 // (chunk * blocks_per_chunk_tokens)))
     heads = min(heads_pow2, rows // 16)
-    return dict(BLOCK_T=rows // heads, HEADS=heads, CHUNK=chunk, num_warps=4 if rows <= 64 else 8, num_stages=2)
+    # double-buffer the key tile [chunk * r, block_dk] only while two copies fit beside the q tile
+    stages = 2 if chunk * blocks_per_chunk_tokens * block_dk <= 32768 else 1
+    return dict(BLOCK_T=rows // heads, HEADS=heads, CHUNK=chunk, num_warps=4 if rows <= 64 else 8, num_stages=stages)
 
 
 def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
@@ -176,7 +182,7 @@ def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
     out = torch.empty(B, T, Hkv, n, device=q.device, dtype=torch.int32)
     if T == 0:
         return out
-    p = _launch_params(Hq // Hkv, config.slc_block // config.cmp_stride)
+    p = _launch_params(Hq // Hkv, config.slc_block // config.cmp_stride, triton.next_power_of_2(Dk))
     grid = (triton.cdiv(max_t, p["BLOCK_T"]), Hkv, cu_seqlens_q.numel() - 1 if varlen else B)
     _select_kernel[grid](
         q, k_cmp, lse_cmp, out, cu_seqlens_q, cu_seqlens_k,
