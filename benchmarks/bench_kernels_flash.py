@@ -4,7 +4,7 @@
    branches against the float64 reference branches of ops/reference.py (relative max error), and the
    selection against reference.select_blocks (fraction of identical rows).
 2. Timing (triton.testing.do_bench, median ms) at Hq = 64, Hkv = 4, D = 128, bfloat16, for T in --T:
-   forward, backward (atomic dq and deterministic) of the compressed and window branches, and the
+   forward and backward of the compressed and window branches, and the
    selection. TFLOP/s count only the visible query-key pairs: forward 2 * pairs * (Dk + Dv) per head,
    backward 2 * pairs * (3 Dk + 2 Dv) (recompute s, dp, dv, dk, dq).
 
@@ -97,14 +97,13 @@ def bench(config, T, Hq=64, Hkv=4, D=128):
         runs = {
             "fwd": (lambda: banded_attention_fwd(q, k, v, scale, **kw), 2 * flops),
             "bwd": (lambda: banded_attention_bwd(do, q, k, v, o, lse, scale, **kw), 5 * flops),
-            "bwd det": (lambda: banded_attention_bwd(do, q, k, v, o, lse, scale, **kw, deterministic=True), 5 * flops),
         }
         for name, (fn, f) in runs.items():
             ms = triton.testing.do_bench(fn, return_mode="median")
-            print(f"  T={T:6d} {branch} {name:8s} {ms:9.3f} ms  {f / ms * 1e-9:7.1f} TFLOP/s")
+            print(f"  T={T:6d} {branch} {name:3s} {ms:9.3f} ms  {f / ms * 1e-9:7.1f} TFLOP/s")
         if branch == "cmp":
             ms = triton.testing.do_bench(lambda: select_blocks_fwd(q, k, lse, config, scale), return_mode="median")
-            print(f"  T={T:6d} selection     {ms:9.3f} ms  ({flops / ms * 1e-9:.1f} TFLOP/s of q.k_cmp)")
+            print(f"  T={T:6d} selection {ms:9.3f} ms  ({flops / ms * 1e-9:.1f} TFLOP/s of q.k_cmp)")
         del k, v, o, lse
         torch.cuda.empty_cache()
 

@@ -94,15 +94,13 @@ def branch_fns(x, config, scale):
     def slc_fwd():
         return selected_attention_fwd(q, ks, vs, ids, scale, config.slc_block)
 
-    def slc_fwd_bwd(deterministic):
+    def slc_fwd_bwd():
         o, lse = slc_fwd()
-        return selected_attention_bwd(do, q, ks, vs, o, lse, ids, scale, config.slc_block, deterministic=deterministic)
+        return selected_attention_bwd(do, q, ks, vs, o, lse, ids, scale, config.slc_block)
 
     return {"compressed": banded(kc, vc, cmp_band),
             "selection": (lambda: select_blocks_fwd(q, kc, lse_cmp, config, scale), None),
-            "selected": (slc_fwd, lambda: slc_fwd_bwd(torch.are_deterministic_algorithms_enabled())),
-            # the other backward of the selected branch, for comparison: kv-major when the op uses atomics
-            "selected_other_bwd": (None, lambda: slc_fwd_bwd(not torch.are_deterministic_algorithms_enabled())),
+            "selected": (slc_fwd, slc_fwd_bwd),
             "window": banded(kw, vw, swa_band)}
 
 
@@ -172,7 +170,7 @@ def run_shape(shape, T, config, warmup, rep):
            "sdpa_cudnn": sdpa_fns(x, SDPBackend.CUDNN_ATTENTION)}
     out = {"shape": shape, "T": T, **dims, "kernels": {}}
     for name, (fwd, fwd_bwd) in fns.items():
-        key = "full" if name.startswith("sdpa") else name.replace("_other_bwd", "")
+        key = "full" if name.startswith("sdpa") else name
         flops_fwd = 2 * Hq * pairs[key] * (D + D) * (0.5 if name == "selection" else 1.0)  # selection: q.k only
         rec = {}
         for mode, fn, flops in (("fwd", fwd, flops_fwd), ("fwd_bwd", fwd_bwd, 3.5 * flops_fwd)):
@@ -192,7 +190,7 @@ def _ms(r, name, mode):
 
 
 def print_table(results):
-    cols = ["nsa", "compressed", "selection", "selected", "selected_other_bwd", "window", "sdpa_flash", "sdpa_cudnn"]
+    cols = ["nsa", "compressed", "selection", "selected", "window", "sdpa_flash", "sdpa_cudnn"]
     print("\n| shape | T | mode | " + " | ".join(cols) + " | vs flash | vs cuDNN | NSA peak MiB |")
     print("|" + "---|" * (len(cols) + 6))
     for r in results:
@@ -243,12 +241,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="torch.use_deterministic_algorithms(True): backward kernels without float atomics")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_op.py needs a CUDA device")
-    torch.use_deterministic_algorithms(args.deterministic)
     config = NSAConfig()
     if not args.no_check:
         check_correctness(config)
@@ -259,8 +254,7 @@ def main():
             results.append(run_shape(shape, T, config, args.warmup, args.rep))
     print_table(results)
     os.makedirs(args.out, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, config=dataclasses.asdict(config),
-                deterministic=torch.are_deterministic_algorithms_enabled())
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, config=dataclasses.asdict(config))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     plot(results, os.path.join(args.out, "speedup.png"))

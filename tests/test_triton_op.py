@@ -122,18 +122,14 @@ def test_op_varlen():
     check_op(make_inputs(1, sum(seq_lens), 2, 2, 16, 16, CFG_A, seq_lens=seq_lens), CFG_A, seq_lens)
 
 
-def test_op_deterministic_mode_is_bitwise_reproducible():
+def test_op_backward_is_bitwise_reproducible():
+    """No float atomics anywhere: two runs give the same bits, without torch.use_deterministic_algorithms."""
     x = make_inputs(1, 70, 1, 4, 16, 16, CFG_A, seed=5)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = []
-        for _ in range(2):
-            xg = {k: v.clone().requires_grad_() for k, v in x.items()}
-            o = nsa.nsa_attention(*(xg[n] for n in NAMES), CFG_A, backend="triton")
-            runs.append(torch.autograd.grad(o, [xg[n] for n in NAMES], torch.ones_like(o)))
-    finally:
-        torch.use_deterministic_algorithms(was)
+    runs = []
+    for _ in range(2):
+        xg = {k: v.clone().requires_grad_() for k, v in x.items()}
+        o = nsa.nsa_attention(*(xg[n] for n in NAMES), CFG_A, backend="triton")
+        runs.append(torch.autograd.grad(o, [xg[n] for n in NAMES], torch.ones_like(o)))
     for name, a, b in zip(NAMES, *runs):
         assert torch.equal(a, b), name
 

@@ -1,5 +1,5 @@
 """The Triton selected-attention branch (ops/triton/selected.py) against a float64 PyTorch
-computation given the same block ids: forward, backward (atomic and deterministic), varlen."""
+computation given the same block ids: forward, backward (bitwise reproducible), varlen."""
 import pytest
 import torch
 
@@ -91,10 +91,9 @@ def test_forward_backward(case):
     assert o.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == (B, Hkv * G, T)
     assert_close(o, ro, 1e-5, "o")
     assert_close(lse, rlse, 1e-5, "lse")
-    for det in (False, True):
-        dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, ids, scale, block, deterministic=det)
-        for name, x, r in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
-            assert_close(x, r, 1e-4, f"{name} (deterministic={det})")
+    dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, ids, scale, block)
+    for name, x, r in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert_close(x, r, 1e-4, name)
 
 
 def test_float16():
@@ -119,21 +118,20 @@ def test_varlen_and_empty_rows():
     assert torch.isneginf(lse[0, 2:4, 5]).all() and (o[0, 5, 2:4] == 0).all()
     assert_close(o, ro, 1e-5, "o")
     assert_close(lse.nan_to_num(neginf=0.0), rlse.nan_to_num(neginf=0.0), 1e-5, "lse")
-    for det in (False, True):
-        grads = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, cu_seqlens=cu, deterministic=det)
-        for name, x, r in zip(("dq", "dk", "dv"), grads, (rdq, rdk, rdv)):
-            assert_close(x, r, 1e-4, f"{name} (deterministic={det})")
+    grads = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, cu_seqlens=cu)
+    for name, x, r in zip(("dq", "dk", "dv"), grads, (rdq, rdk, rdv)):
+        assert_close(x, r, 1e-4, name)
 
 
-def test_deterministic_is_bitwise_reproducible():
+def test_backward_is_bitwise_reproducible():
     B, T, Hkv, G, Dk, Dv, n, block = 1, 64, 1, 4, 16, 16, 3, 8
     q, k, v, do, ids = make_case(B, T, Hkv, G, Dk, Dv, n, block, torch.float32, seed=3)
     o, lse = selected_attention_fwd(q, k, v, ids, 0.25, block)
     # a small chunk splits the long lists (block 0 is chosen by every query) over several work items
-    first = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, deterministic=True, chunk=16)
-    again = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, deterministic=True, chunk=16)
-    atomic = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, deterministic=False)
-    for a, b, c in zip(first, again, atomic):
+    first = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, chunk=16)
+    again = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, chunk=16)
+    whole = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block)  # one item per block
+    for a, b, c in zip(first, again, whole):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 

@@ -12,10 +12,11 @@ the block ids (nothing of size T x T or T x Tc). Backward: one fused kernel give
 dgates[..., c] = sum_d do * o_c and the branch output gradients do_c = g_c * do; then each branch's
 backward; dq is the sum of the three branches' dq.
 
-Deterministic mode: when torch.are_deterministic_algorithms_enabled() is True, every backward
-kernel avoids float atomics, so gradients are bitwise reproducible run to run. The selected branch
-always does (its kv-block-major backward is the faster one); the banded branches otherwise add dq
-with float32 atomics inside their dk/dv kernel (low bits vary run to run).
+Determinism: the backward uses no float atomics (every gradient tile has one writer that sums in a
+fixed order), so gradients are bitwise reproducible run to run, always, whatever
+torch.are_deterministic_algorithms_enabled() says. On an H100 this was also the faster design: the
+atomic variants (dq added from the banded dk/dv kernels, dk/dv added from the selected branch's
+query-major walk) measured slower; the numbers are in BENCHMARKS.md.
 
 Limits (ValueError / TypeError naming them): CUDA tensors unless TRITON_INTERPRET=1; float16,
 bfloat16 or float32 (use backend="reference" for float64); head dims up to 256.
@@ -163,17 +164,12 @@ class _NSAFunction(torch.autograd.Function):
         from .flash import banded_attention_bwd
         (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, o_cmp, o_slc, o_swa,
          lse_cmp, lse_slc, lse_swa, block_ids) = ctx.saved_tensors
-        scale, det = ctx.scale, torch.are_deterministic_algorithms_enabled()
-        # The selected branch always takes its kv-block-major backward: on an H100 (BENCHMARKS.md) it ran
-        # 5.5-7.5x faster than the atomic one, whose adds all collide on block 0 and the local blocks.
+        scale = ctx.scale
         dgates, do_cmp, do_slc, do_swa = gate_backward(do.contiguous(), gates, o_cmp, o_slc, o_swa)
-        dq_cmp, dk_cmp, dv_cmp = banded_attention_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale,
-                                                      deterministic=det, **ctx.cmp_band)
+        dq_cmp, dk_cmp, dv_cmp = banded_attention_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, **ctx.cmp_band)
         dq_slc, dk_slc, dv_slc = selected_attention_bwd(do_slc, q, k_slc, v_slc, o_slc, lse_slc, block_ids, scale,
-                                                        ctx.config.slc_block, cu_seqlens=ctx.cu,
-                                                        max_seqlen=ctx.max_len, deterministic=True)
-        dq_swa, dk_swa, dv_swa = banded_attention_bwd(do_swa, q, k_swa, v_swa, o_swa, lse_swa, scale,
-                                                      deterministic=det, **ctx.swa_band)
+                                                        ctx.config.slc_block, cu_seqlens=ctx.cu, max_seqlen=ctx.max_len)
+        dq_swa, dk_swa, dv_swa = banded_attention_bwd(do_swa, q, k_swa, v_swa, o_swa, lse_swa, scale, **ctx.swa_band)
         dq = dq_cmp.add_(dq_slc).add_(dq_swa)
         return (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dgates) + (None,) * 5
 

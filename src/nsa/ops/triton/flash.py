@@ -11,8 +11,10 @@ compressed branch O(T * Tc / 2). Blocks that every row of the tile sees entirely
 Kernels (FlashAttention-2; exp2 with log2(e) folded into the scale; statistics in float32):
   _fwd_kernel      grid (query blocks, Hq, batch)             -> o, lse
   _delta_kernel    grid (query blocks, Hq, batch)             -> delta = rowsum(do * o)
-  _dkdv_kernel     grid (key blocks, Hkv * splits, batch)     -> dk, dv (and dq by atomics if asked)
-  _dq_kernel       grid (query blocks, Hq, batch)             -> dq (deterministic)
+  _dkdv_kernel     grid (key blocks, Hkv * splits, batch)     -> dk, dv
+  _dq_kernel       grid (query blocks, Hq, batch)             -> dq
+Every gradient has a single writer program that sums in a fixed order: no float atomics, so the backward
+is bitwise reproducible (and on an H100 faster than adding dq atomically from the dk/dv kernel).
 GQA: query head h reads key/value head h // G. A dk/dv program owns one key block of one key/value
 head and loops over the query heads of its group (split over `splits` programs when there are too
 few key blocks to fill the GPU; the partial sums are then added in float32 outside the kernel).
@@ -182,16 +184,15 @@ def _delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, str
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
-                T, Tk, u, lo, hi, qk_scale, scale,
+def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
+                T, Tk, u, lo, hi, qk_scale,
                 KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+                MASK: tl.constexpr, PRECISION: tl.constexpr):
     """Adds the query blocks [lo, hi) of one head to dk, dv of the key tile u (transposed scores [BLOCK_N, BLOCK_M]).
 
-    p^T = 2^(s^T - lse); dv += p^T do; ds^T = p^T * (v do^T - delta); dk += ds^T q (scale applied by the caller);
-    with ATOMIC_DQ also dq[t] += scale * ds k, added atomically into the float32 DQ.
+    p^T = 2^(s^T - lse); dv += p^T do; ds^T = p^T * (v do^T - delta); dk += ds^T q (scale applied by the caller).
     """
     cols_k = tl.arange(0, BLOCK_DK)
     cols_v = tl.arange(0, BLOCK_DV)
@@ -209,24 +210,19 @@ def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot,
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION) * scale
-            ptrs = DQh + t.to(tl.int64)[:, None] * stride_dqt + cols_k[None, :]
-            tl.atomic_add(ptrs, dq, mask=(t < T)[:, None] & (cols_k < DK)[None, :])
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT, CU_Q, CU_K,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K,
                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
-                 stride_dqb, stride_dqt, stride_dqh, stride_dks, stride_dkb, stride_dkt, stride_dkh,
+                 stride_dks, stride_dkb, stride_dkt, stride_dkh,
                  stride_dvs, stride_dvb, stride_dvt, stride_dvh,
                  T, Tk, Hq, G, SPLITS, qk_scale, scale,
                  KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """dk, dv of BLOCK_N keys of one key/value head, summed over the query heads [split*G/SPLITS, (split+1)*G/SPLITS)
     of its group and over the query blocks that can see them.
 
@@ -252,19 +248,18 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT, CU_Q, CU_K,
     for h in range(kvh * G + split * heads, kvh * G + (split + 1) * heads):
         Qh = Q + batch * stride_qb + q0 * stride_qt + h * stride_qh
         DOh = DO + batch * stride_dob + q0 * stride_dot + h * stride_doh
-        DQh = DQ + batch * stride_dqb + q0 * stride_dqt + h * stride_dqh
         LSEh = LSE + (batch * Hq + h) * T + q0
         DELTAh = DELTA + (batch * Hq + h) * T + q0
         # Query blocks [lo, full_lo) and [full_hi, hi) take the mask; the middle does not.
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
-                             T_seq, Tk_seq, u, lo, full_lo, qk_scale, scale, KEY_STRIDE, KEY_SPAN, WINDOW,
-                             DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, ATOMIC_DQ, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
-                             T_seq, Tk_seq, u, full_lo, full_hi, qk_scale, scale, KEY_STRIDE, KEY_SPAN, WINDOW,
-                             DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, False, ATOMIC_DQ, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
-                             T_seq, Tk_seq, u, full_hi, hi, qk_scale, scale, KEY_STRIDE, KEY_SPAN, WINDOW,
-                             DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, ATOMIC_DQ, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
+                             T_seq, Tk_seq, u, lo, full_lo, qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW,
+                             DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
+                             T_seq, Tk_seq, u, full_lo, full_hi, qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW,
+                             DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, False, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
+                             T_seq, Tk_seq, u, full_hi, hi, qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW,
+                             DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, PRECISION)
     _store_tile(DK_OUT + split * stride_dks + batch * stride_dkb + k0 * stride_dkt + kvh * stride_dkh,
                 dk * scale, u, Tk_seq, stride_dkt, cols_k, DK)
     _store_tile(DV_OUT + split * stride_dvs + batch * stride_dvb + k0 * stride_dvt + kvh * stride_dvh,
@@ -426,14 +421,12 @@ def _dkdv_splits(programs: int, G: int, device: torch.device) -> int:
 
 
 def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, window=None,
-                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, deterministic=False,
-                         head_splits=None):
-    """Banded attention backward: (dq, dk, dv) in the dtypes of q, k, v.
+                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, head_splits=None):
+    """Banded attention backward: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
     do, o [B, T, Hq, Dv] and lse [B, Hq, T] as returned by banded_attention_fwd; other arguments as there.
-    deterministic=False adds dq with float32 atomics inside the dk/dv kernel; True runs a separate
-    query-major dq kernel (bitwise reproducible). head_splits (default: chosen for the GPU) splits each
-    group's query heads over that many dk/dv programs; it must divide Hq // Hkv.
+    dk, dv come from a key-major kernel, dq from a separate query-major one. head_splits (default: chosen
+    for the GPU) splits each group's query heads over that many dk/dv programs; it must divide Hq // Hkv.
     """
     check_kernel_dtype(q, k, v, do)
     q, k, v, o, do = (last_dim_contiguous(x) for x in (q, k, v, o, do))
@@ -460,18 +453,18 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     splits = head_splits or _dkdv_splits(programs, G, q.device)
     if G % splits:
         raise ValueError(f"head_splits ({splits}) must divide the group size {G}")
-    dq = torch.zeros(B, T, Hq, Dk, device=q.device, dtype=torch.float32) if not deterministic else torch.empty_like(q)
     part_dtype = torch.float32 if splits > 1 else None
     dk = torch.zeros(splits, B, Tk, Hkv, Dk, device=q.device, dtype=part_dtype or k.dtype)
     dv = torch.zeros(splits, B, Tk, Hkv, Dv, device=q.device, dtype=part_dtype or v.dtype)
     qk_scale = scale * LOG2E
     if programs:
         _dkdv_kernel[(triton.cdiv(max_k, kv_cfg["BLOCK_N"]), Hkv * splits, nb)](
-            q, k, v, do, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *dk.stride()[:4], *dv.stride()[:4],
-            T, Tk, Hq, G, splits, qk_scale, scale, ATOMIC_DQ=not deterministic, **meta, **kv_cfg)
-    if deterministic and T:
+            T, Tk, Hq, G, splits, qk_scale, scale, **meta, **kv_cfg)
+    dq = torch.empty_like(q)
+    if T:
         q_cfg = cfg["dq"]
         _dq_kernel[(triton.cdiv(max_t, q_cfg["BLOCK_M"]), Hq, nb)](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
@@ -479,4 +472,4 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
             T, Tk, Hq, G, qk_scale, scale, **meta, **q_cfg)
     dk = dk[0] if splits == 1 else dk.sum(0).to(k.dtype)
     dv = dv[0] if splits == 1 else dv.sum(0).to(v.dtype)
-    return dq.to(q.dtype), dk, dv
+    return dq, dk, dv

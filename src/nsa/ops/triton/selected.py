@@ -17,18 +17,15 @@ BLOCK_T = 1 and this is exactly the paper's kernel (one query, its G heads, n bl
 G, neighbouring queries share most of their blocks (the forced ones at least), so the union stays
 close to n and every KV load serves BLOCK_T * G rows.
 
-Backward, dq: the same query-major walk, recomputing p from the saved lse.
-Backward, dk/dv: a scatter from queries to the blocks they chose. Two modes:
-  * default: the query-major program also adds its dk/dv contributions of each block into float32
-    buffers with atomic adds (one kernel for everything; float atomics make the summation order,
-    hence the low bits, vary run to run).
-  * deterministic=True: no float atomics. The inverse index (for each (sequence, group, block) the
-    ascending list of the queries that selected it) is built with a stable torch.sort; the lists are
-    cut into work items of at most `chunk` queries (so block 0, selected by every query, does not
-    serialize on one program); a kv-block-major kernel gathers each item's queries and writes a
-    float32 partial dk/dv per item; a reduction kernel sums the items of each block in a fixed
-    order. Results are bitwise reproducible; extra memory is the partials, about 1.5-2x the size of
-    dk and dv in float32.
+Backward, dq (and delta): the same query-major walk, recomputing p from the saved lse.
+Backward, dk/dv: a scatter from queries to the blocks they chose, done as a gather with no float
+atomics. The inverse index (for each (sequence, group, block) the ascending list of the queries that
+selected it) is built with a stable torch.sort; the lists are cut into work items of at most `chunk`
+queries (so block 0, selected by every query, does not serialize on one program); a kv-block-major
+kernel gathers each item's queries and writes a float32 partial dk/dv per item; a reduction kernel
+sums the items of each block in a fixed order. Gradients are bitwise reproducible (and on an H100
+faster than adding dk/dv atomically from the query-major walk); extra memory is the partials, about
+1.5-2x the size of dk and dv in float32.
 
 All kernels assume contiguous tensors (the wrappers make them so). Head dims are padded to a power
 of two >= 16 with masks (so Dk = 192 runs as 256); head dims above 256 are rejected.
@@ -175,20 +172,17 @@ def _fwd_kernel(Q, K, V, BID, O, LSE, CU, qk_scale, T, HQ, HKV, DK, DV,
 
 
 @triton.jit
-def _bwd_query_kernel(Q, K, V, BID, O, DO, LSE, DQ, DELTA, DK_ACC, DV_ACC, CU, qk_scale, scale, T, HQ, HKV, DK, DV,
-                      G: tl.constexpr, N_SLOTS: tl.constexpr, SLC_BLOCK: tl.constexpr, NO_BLOCK: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
-                      ATOMIC_DKV: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Query-major backward, grid as the forward. Computes delta = rowsum(do * o) and dq; with
-    ATOMIC_DKV it also adds dk/dv of every visited block into float32 DK_ACC/DV_ACC [B*T, HKV, D],
-    otherwise it stores delta [B, HQ, T] for the kv-major kernel."""
+def _bwd_dq_kernel(Q, K, V, BID, O, DO, LSE, DQ, DELTA, CU, qk_scale, scale, T, HQ, HKV, DK, DV,
+                   G: tl.constexpr, N_SLOTS: tl.constexpr, SLC_BLOCK: tl.constexpr, NO_BLOCK: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Query-major backward, grid as the forward: dq = scale * sum_u ds k over the union of blocks,
+    and delta = rowsum(do * o) stored to DELTA [B, HQ, T] for the kv-major kernel."""
     pid_t, pid_b, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok0, seqlen, lse0 = _sequence(CU, pid_b, T, HQ, IS_VARLEN)
     if pid_t * BLOCK_T >= seqlen:
         return
     t, h, row_ok = _rows(pid_t, g, BLOCK_T, G, BLOCK_M, seqlen)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     dk_mask = row_ok[:, None] & (offs_dk[None, :] < DK)
@@ -200,8 +194,7 @@ def _bwd_query_kernel(Q, K, V, BID, O, DO, LSE, DQ, DELTA, DK_ACC, DV_ACC, CU, q
     delta = tl.sum(do.to(tl.float32) * tl.load(O + o_off, mask=dv_mask, other=0.0).to(tl.float32), axis=1)
     lse = tl.load(LSE + lse0 + h * T + t, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # empty rows: p = 0 below anyway
-    if not ATOMIC_DKV:
-        tl.store(DELTA + lse0 + h * T + t, delta, mask=row_ok)
+    tl.store(DELTA + lse0 + h * T + t, delta, mask=row_ok)
     bid_row = (tok0 + t) * (HKV * N_SLOTS) + g * N_SLOTS
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
@@ -219,14 +212,6 @@ def _bwd_query_kernel(Q, K, V, BID, O, DO, LSE, DQ, DELTA, DK_ACC, DV_ACC, CU, q
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-            if ATOMIC_DKV:
-                kv_off = (tok0 + u)[:, None] * HKV + g
-                dv_blk = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-                dk_blk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC) * scale
-                tl.atomic_add(DV_ACC + kv_off * DV + offs_dv[None, :], dv_blk,
-                              mask=key_ok[:, None] & (offs_dv[None, :] < DV))
-                tl.atomic_add(DK_ACC + kv_off * DK + offs_dk[None, :], dk_blk,
-                              mask=key_ok[:, None] & (offs_dk[None, :] < DK))
         ptr += sel.to(tl.int32)
         nxt = _next_ids(BID, bid_row, ptr, row_ok, N_SLOTS, NO_BLOCK)
         blk = tl.min(nxt, axis=0)
@@ -239,7 +224,7 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITEM_HI, P
                    G: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
                    DOT_PREC: tl.constexpr):
-    """kv-major backward (deterministic mode), grid (work items,). Item i covers the queries
+    """kv-major backward, grid (work items,). Item i covers the queries
     QLIST[ITEM_LO[i] : ITEM_HI[i]] (global token ids, ascending) that selected block
     key = (sequence * HKV + g) * NUM_BLOCKS + j; it writes the item's partial dk/dv of that block
     (BLOCK_S >= SLC_BLOCK rows) to PDK [items, BLOCK_S, BLOCK_DK] / PDV [items, BLOCK_S, BLOCK_DV]."""
@@ -400,12 +385,11 @@ def _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk):
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None,
-                           deterministic=False, chunk=None):
-    """Gradients of selected_attention_fwd: (dq, dk, dv) in the dtypes of q, k, v.
+                           chunk=None):
+    """Gradients of selected_attention_fwd: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
-    deterministic=False: one query-major kernel, dk/dv through float32 atomic adds.
-    deterministic=True: dq query-major, dk/dv kv-major over the inverse index, no float atomics
-    (bitwise reproducible). chunk: queries per kv-major work item (default from the average load)."""
+    dq query-major, dk/dv kv-major over the inverse index, no float atomics.
+    chunk: queries per kv-major work item (default from the average load)."""
     q, k, v, o, do, block_ids = (x.contiguous() for x in (q, k, v, o, do, block_ids.to(torch.int32)))
     lse = lse.contiguous()
     nb, T, max_len = _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen)
@@ -417,16 +401,9 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     dq = torch.empty_like(q)
     grid = (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV)
     qk_scale = scale * LOG2E
-    if not deterministic:
-        dk_acc = torch.zeros(B, T, HKV, DK, device=q.device, dtype=torch.float32)
-        dv_acc = torch.zeros(B, T, HKV, DV, device=q.device, dtype=torch.float32)
-        _bwd_query_kernel[grid](q, k, v, block_ids, o, do, lse, dq, None, dk_acc, dv_acc, cu_seqlens, qk_scale, scale,
-                                T, HQ, HKV, DK, DV, IS_VARLEN=varlen, ATOMIC_DKV=True, **meta)
-        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
-
     delta = torch.zeros(B, HQ, T, device=q.device, dtype=torch.float32)
-    _bwd_query_kernel[grid](q, k, v, block_ids, o, do, lse, dq, delta, None, None, cu_seqlens, qk_scale, scale,
-                            T, HQ, HKV, DK, DV, IS_VARLEN=varlen, ATOMIC_DKV=False, **meta)
+    _bwd_dq_kernel[grid](q, k, v, block_ids, o, do, lse, dq, delta, cu_seqlens, qk_scale, scale,
+                         T, HQ, HKV, DK, DV, IS_VARLEN=varlen, **meta)
     num_blocks = triton.cdiv(max_len, block_size)
     if chunk is None:  # about twice the average queries per block: most blocks take one item
         chunk = max(256, 2 * block_ids.shape[3] * block_size)
