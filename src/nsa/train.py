@@ -2,6 +2,7 @@
 
 Several models can be trained in lockstep: at every step they all see the very same batch, and they
 are all evaluated on the same fixed validation windows, so their loss curves compare like for like.
+On CUDA the forward passes run under bfloat16 autocast (weights and optimizer state stay float32).
 """
 from __future__ import annotations
 
@@ -66,11 +67,18 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def autocast(device: str | torch.device) -> torch.autocast:
+    """bfloat16 autocast on CUDA (tensor cores), a no-op elsewhere."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Mean loss of model over the given (x, y) batches."""
     model.eval()
-    loss = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+    with autocast(batches[0][0].device):
+        loss = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
     model.train()
     return loss
 
@@ -102,7 +110,8 @@ def train(models: dict[str, nn.Module], corpus: Corpus, cfg: TrainConfig, device
             opt = optimizers[name]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            loss = model(x, y)[1]
+            with autocast(device):
+                loss = model(x, y)[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
