@@ -100,6 +100,8 @@ def test_bad_input_raises():
         layer(torch.randn(1, 40, HIDDEN + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="cu_seqlens"):
         layer(torch.randn(2, 40, HIDDEN, dtype=torch.float64), cu_seqlens=torch.tensor([0, 40], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(torch.randn(1, 40, HIDDEN, dtype=torch.float64), cu_seqlens=torch.tensor([0, 30], dtype=torch.int32))
 
 
 def test_optimizer_steps_lower_the_loss():

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import NSAConfig
 from .ops import nsa_attention
+from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens
 
 BRANCHES = ("cmp", "slc", "swa")
@@ -35,7 +35,9 @@ class Compressor(nn.Module):
     """phi: maps each block of l raw vectors (plus a learned intra-block position embedding) to one vector.
 
     blocks [B, Tc, l, H, D] -> [B, Tc, H, D]; the weights are shared by all heads.
-    phi(block) = W2 act(W1 [x_0 + e_0, ..., x_{l-1} + e_{l-1}]), W1: l*D -> hidden, W2: hidden -> D.
+    phi(block) = W2 gelu(W1 [x_0 + e_0, ..., x_{l-1} + e_{l-1}] + b1) + b2, W1: l*D -> hidden, W2: hidden -> D.
+    Note: with a linear first layer, e only adds the constant W1 e (W1 already tells the l slots
+    apart); it is kept as the paper formulates phi and so that a different first layer can use it.
     """
 
     def __init__(self, block: int, dim: int, hidden: int):
@@ -63,8 +65,9 @@ class NativeSparseAttention(nn.Module):
 
     Position of the compressed keys. phi reads UN-rotated keys, so a block's summary does not depend
     on where the block sits (shift-invariant: the same content gives the same summary at any offset);
-    the learned intra-block embedding tells phi where each key sits inside the block. The summary is
-    then rotated as a single key at the block's centre, i*d + (l - 1) / 2 (fractional when l is even).
+    phi sees the block's keys in order (plus the learned intra-block embedding), so it knows where each
+    key sits inside the block. The summary is then rotated as a single key at the block's centre,
+    i*d + (l - 1) / 2 (fractional when l is even).
     q_t . K_cmp[i] then depends on position only through t - centre, exactly as q_t . k_u does for a
     raw key at u, so compressed and raw scores speak the same relative-position language, and the
     block scores that drive the top-n selection are comparable across blocks.
@@ -99,20 +102,22 @@ class NativeSparseAttention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         # all key/value projections in one matmul: [num_kv_sets, num_kv_heads, head_dim + v_head_dim] outputs
         self.kv_proj = nn.Linear(hidden_size, self.num_kv_sets * num_kv_heads * (head_dim + v_head_dim), bias=False)
-        l = config.cmp_block
+        l = config.cmp_block  # phi's hidden width: 4x the head dim, like a transformer MLP
         self.compress_k = Compressor(l, head_dim, 4 * head_dim)
         self.compress_v = Compressor(l, v_head_dim, 4 * v_head_dim)
         self.gate_proj = nn.Linear(hidden_size, num_heads * len(BRANCHES))
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=False)
 
-    def _check_input(self, x, cu_seqlens) -> None:
+    def _check_input(self, x, cu_seqlens) -> list[int]:
+        """Validates x (and cu_seqlens); returns the sequence lengths ([T] when not packed)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"x must be a [batch, tokens, hidden_size] tensor, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"x.shape[-1] must be hidden_size={self.hidden_size}, got shape {tuple(x.shape)}")
-        if cu_seqlens is not None and x.shape[0] != 1:
-            raise ValueError(f"with cu_seqlens, x must be packed as [1, total, hidden_size], got shape {tuple(x.shape)}")
+        if cu_seqlens is None:
+            return [x.shape[1]]
+        return check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0], x.device)
 
     def nsa_inputs(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The eight inputs of nsa.nsa_attention computed from x [B, T, hidden_size]:
@@ -120,13 +125,10 @@ class NativeSparseAttention(nn.Module):
         q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv], k_slc, v_slc, k_swa, v_swa
         [B, T, Hkv, Dk or Dv], gates [B, T, Hq, 3] (packed [1, total, ...] with cu_seqlens).
         """
-        self._check_input(x, cu_seqlens)
+        seq_lens = self._check_input(x, cu_seqlens)
         B, T, _ = x.shape
         Hkv, Dk, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
-        if cu_seqlens is None:
-            positions, seq_lens = torch.arange(T, device=x.device), [T]
-        else:
-            positions, seq_lens = positions_from_cu_seqlens(cu_seqlens), cu_seqlens.diff().tolist()
+        positions = torch.arange(T, device=x.device) if cu_seqlens is None else positions_from_cu_seqlens(cu_seqlens)
 
         q = apply_rope(self.q_proj(x).view(B, T, self.num_heads, Dk), positions, self.rope_base)
         kv = self.kv_proj(x).view(B, T, self.num_kv_sets, Hkv, Dk + Dv)
