@@ -1,8 +1,10 @@
-"""`nsa demo` end to end on a tiny text file, and the data loading it relies on."""
+"""`nsa demo` end to end on a tiny text file, and the data loading and schedule it relies on."""
+import pytest
 import torch
 
 from nsa.cli import main
 from nsa.data import decode, encode, get_batch, load_corpus
+from nsa.train import TrainConfig, lr_at
 
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}  # é\n" for i in range(120))
 
@@ -56,3 +58,11 @@ def test_get_batch_targets_are_the_next_bytes():
     assert torch.equal(x[:, 1:], y[:, :-1])
     for row_x, row_y in zip(x, y):  # every window is a stretch of the data
         assert bytes(torch.cat([row_x, row_y[-1:]]).tolist()) in TEXT.encode()
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)  # linear warmup
+    assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(99, cfg) == pytest.approx(1e-4)  # cosine down to 10%
+    assert lr_at(10, cfg) > lr_at(50, cfg) > lr_at(90, cfg)
+    assert lr_at(99, TrainConfig(steps=100, lr=1e-3, warmup_steps=10, schedule="constant")) == 1e-3
