@@ -59,7 +59,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim, self.rope_base = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.rope_base
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.rope_base = cfg.rope_base
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
@@ -141,7 +142,10 @@ class LanguageModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx long [B, T] (or [1, total] packed with cu_seqlens) -> (logits [B, T, vocab], mean cross-entropy or None)."""
+        """idx long [B, T] (or [1, total] packed, with cu_seqlens) -> (logits [B, T, vocab], loss).
+
+        loss: mean cross-entropy against targets long [B, T], None without targets.
+        """
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cu_seqlens=cu_seqlens)
