@@ -14,7 +14,8 @@ import torch
 
 from ..config import NSAConfig
 from . import reference
-from .checks import check_attention_inputs, check_scale, check_select_inputs
+from .checks import (check_attention_inputs, check_decode_inputs, check_decode_lengths, check_scale,
+                     check_select_inputs)
 
 BACKENDS = ("reference", "triton")
 
@@ -84,3 +85,24 @@ def select_blocks(q, k_cmp, config: NSAConfig = NSAConfig(), *, scale=None, cu_s
         from .triton import select_blocks as triton_select_blocks
         return triton_select_blocks(q, k_cmp, config, scale, cu_seqlens=cu_seqlens, seq_lens=seq_lens)
     return reference.select_blocks(q, k_cmp, config, scale, seq_lens=seq_lens)
+
+
+def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens,
+                         config: NSAConfig = NSAConfig(), *, scale=None, backend=None):
+    """One decoding step: the S newest tokens of each batch row attend through a KV cache.
+
+    q [B, S, Hq, Dk], gates [B, S, Hq, 3] for the new tokens (S = 1, or a few for speculative decoding);
+    cache buffers k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, Dk or Dv] and k_cmp, v_cmp
+    [B, capacity_cmp, Hkv, Dk or Dv]; seq_lens int32 [B]: raw tokens row b holds, the S new ones included
+    (already written to the buffers), so its queries sit at positions seq_lens[b] - S .. seq_lens[b] - 1.
+    Row b's compressed tokens are its first num_cmp_tokens(seq_lens[b]) slots of k_cmp / v_cmp.
+    Returns o [B, S, Hq, Dv]: the same as nsa_attention over the whole sequence, at those positions.
+    """
+    check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config)
+    scale = check_scale(scale, q.shape[-1])
+    if _resolve_backend(backend, q.device) == "triton":
+        from .triton.decode import nsa_decode_attention as triton_decode
+        return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config, scale)
+    lens = seq_lens.tolist()
+    check_decode_lengths(lens, q.shape[1], k_slc.shape[1], k_cmp.shape[1], config)
+    return reference.nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, lens, config, scale)

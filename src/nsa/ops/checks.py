@@ -117,3 +117,51 @@ def check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, c
     _expect("gates", gates, 2, Hq, "query heads, as in q")
     _expect("gates", gates, 3, 3, "the gates of (cmp, slc, swa)")
     return lens
+
+
+def check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config) -> None:
+    """Shapes, dtypes and devices of a decoding step (values of seq_lens are checked where they are read)."""
+    check_config(config)
+    tensors = {"q": q, "k_cmp": k_cmp, "v_cmp": v_cmp, "k_slc": k_slc, "v_slc": v_slc, "k_swa": k_swa,
+               "v_swa": v_swa, "gates": gates}
+    for name, x in tensors.items():
+        _check_tensor(name, x, 4)
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; all inputs must share one dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must be on one device")
+        _expect(name, x, 0, q.shape[0], "batch, as in q")
+    B, S, Hq, Dk = q.shape
+    Hkv, Dv = k_cmp.shape[2], v_cmp.shape[3]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the key/value heads of k_cmp ({Hkv})")
+    _expect("gates", gates, 1, S, "new tokens, as in q")
+    _expect("gates", gates, 2, Hq, "query heads, as in q")
+    _expect("gates", gates, 3, 3, "the gates of (cmp, slc, swa)")
+    _expect("v_cmp", v_cmp, 1, k_cmp.shape[1], "compressed capacity, as in k_cmp")
+    for name in ("v_cmp", "k_slc", "v_slc", "k_swa", "v_swa"):
+        _expect(name, tensors[name], 2, Hkv, "key/value heads, as in k_cmp")
+    for name in ("k_cmp", "k_slc", "k_swa"):
+        _expect(name, tensors[name], 3, Dk, "Dk, as in q")
+    for name in ("v_slc", "v_swa"):
+        _expect(name, tensors[name], 3, Dv, "Dv, as in v_cmp")
+    for name in ("v_slc", "k_swa", "v_swa"):
+        _expect(name, tensors[name], 1, k_slc.shape[1], "cache capacity, as in k_slc")
+    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype != torch.int32 or seq_lens.shape != (B,):
+        raise TypeError(f"seq_lens must be an int32 tensor of shape [{B}] (tokens held by each batch row), got "
+                        f"{seq_lens.dtype if isinstance(seq_lens, torch.Tensor) else type(seq_lens).__name__} "
+                        f"{tuple(seq_lens.shape) if isinstance(seq_lens, torch.Tensor) else ''}")
+    if seq_lens.device != q.device:
+        raise ValueError(f"seq_lens is on {seq_lens.device} but q is on {q.device}")
+
+
+def check_decode_lengths(seq_lens: list[int], new_tokens: int, capacity: int, cmp_capacity: int,
+                         config: NSAConfig) -> None:
+    """Each row holds its new tokens and fits its buffers (a host-side check: it reads seq_lens)."""
+    for b, n in enumerate(seq_lens):
+        if not new_tokens <= n <= capacity:
+            raise ValueError(f"seq_lens[{b}] = {n} must be between the new tokens ({new_tokens}) and the cache "
+                             f"capacity ({capacity})")
+        if config.num_cmp_tokens(n) > cmp_capacity:
+            raise ValueError(f"seq_lens[{b}] = {n} needs {config.num_cmp_tokens(n)} compressed tokens but k_cmp "
+                             f"holds {cmp_capacity}")

@@ -110,20 +110,25 @@ def _chunks(T: int, device):
         yield torch.arange(start, min(T, start + QUERY_CHUNK), device=device)
 
 
-def _attention_dense(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale):
-    """nsa_attention for one batch of equal-length sequences, [B, T, H, D] in, [B, T, Hq, Dv] out."""
+def _attention_dense(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, start=0):
+    """nsa_attention for one batch of equal-length sequences, [B, T, H, D] in, [B, T, Hq, Dv] out.
+
+    The T queries sit at positions start .. start + T - 1 of the L >= start + T raw keys (start > 0
+    when decoding: the queries are the newest tokens of a longer cached sequence).
+    """
     B, T, Hq, Dk = q.shape
+    L = k_slc.shape[1]
     Hkv = k_cmp.shape[2]
     ct = _compute_dtype(q.dtype)
     qh = _heads_first(q.to(ct)).unflatten(1, (Hkv, Hq // Hkv))  # [B, Hkv, G, T, Dk]
     gh = _heads_first(gates.to(ct)).unflatten(1, (Hkv, Hq // Hkv))  # [B, Hkv, G, T, 3]
     kc, vc, ks, vs, kw, vw = (_heads_first(x.to(ct)) for x in (k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa))
     outs = []
-    for t in _chunks(T, q.device):
-        qc, gc = qh[:, :, :, t], gh[:, :, :, t]
+    for idx in _chunks(T, q.device):
+        qc, gc, t = qh[:, :, :, idx], gh[:, :, :, idx], idx + start
         p_cmp, o_cmp = _cmp_attention(qc, kc, vc, t, config, scale)
         with torch.no_grad():  # the selection is discrete: no gradient flows through it
-            ids = _select(p_cmp.detach(), t, T, config)
+            ids = _select(p_cmp.detach(), t, L, config)
         o_slc = _slc_attention(qc, ks, vs, ids, t, config, scale)
         o_swa = _swa_attention(qc, kw, vw, t, config, scale)
         outs.append(gc[..., 0:1] * o_cmp + gc[..., 1:2] * o_slc + gc[..., 2:3] * o_swa)
@@ -174,3 +179,22 @@ def select_blocks(q, k_cmp, config, scale, seq_lens=None):
     ids = [_select_dense(qs, kc, config, scale)
            for (qs,), (kc,) in _split_packed(seq_lens, cmp_lens, (q,), (k_cmp,))]
     return torch.cat(ids, dim=1)
+
+
+def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config, scale):
+    """Reference decoding step: the S newest tokens of each cached row attend to everything before them.
+
+    q [B, S, Hq, Dk], gates [B, S, Hq, 3]; cache buffers k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, D]
+    and k_cmp, v_cmp [B, capacity_cmp, Hkv, D]; row b holds seq_lens[b] raw tokens (the S new ones
+    included, so its queries sit at positions seq_lens[b] - S .. seq_lens[b] - 1) and their
+    num_cmp_tokens(seq_lens[b]) compressed tokens; the rest of each buffer is ignored.
+    Returns o [B, S, Hq, Dv], equal to nsa_attention's rows at those positions.
+    """
+    S = q.shape[1]
+    outs = []
+    for b, L in enumerate(seq_lens):
+        Tc = config.num_cmp_tokens(L)
+        row = [x[b:b + 1, :L] for x in (k_slc, v_slc, k_swa, v_swa)]
+        outs.append(_attention_dense(q[b:b + 1], k_cmp[b:b + 1, :Tc], v_cmp[b:b + 1, :Tc], *row, gates[b:b + 1],
+                                     config, scale, start=L - S))
+    return torch.cat(outs)
