@@ -19,16 +19,11 @@ import triton
 
 from nsa import NSAConfig
 from nsa.ops import reference
-from nsa.ops.triton.flash import banded_attention_bwd, banded_attention_fwd
+from nsa.ops.triton.flash import banded_attention_bwd, banded_attention_fwd, branch_band
 from nsa.ops.triton.selection import select_blocks_fwd
 
 BRANCHES = ("cmp", "swa")
 
-
-def band(branch, config):
-    if branch == "cmp":
-        return dict(key_stride=config.cmp_stride, key_span=config.cmp_block, window=None)
-    return dict(key_stride=1, key_span=1, window=config.window)
 
 
 def num_keys(branch, config, T):
@@ -71,8 +66,8 @@ def check(config, T=2048, Hq=16, Hkv=2, D=128):
     for branch in BRANCHES:
         Tk = num_keys(branch, config, T)
         k, v, do = rand(1, Tk, Hkv, D), rand(1, Tk, Hkv, D), rand(1, T, Hq, D)
-        o, lse = banded_attention_fwd(q, k, v, scale, **band(branch, config))
-        grads = banded_attention_bwd(do, q, k, v, o, lse, scale, **band(branch, config))
+        o, lse = banded_attention_fwd(q, k, v, scale, **branch_band(branch, config))
+        grads = banded_attention_bwd(do, q, k, v, o, lse, scale, **branch_band(branch, config))
         q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
         ref = reference_branch(q64, k64, v64, branch, config, scale)
         ref.backward(do.double())
@@ -91,7 +86,7 @@ def bench(config, T, Hq=64, Hkv=4, D=128):
     for branch in BRANCHES:
         Tk = num_keys(branch, config, T)
         k, v = rand(1, Tk, Hkv, D), rand(1, Tk, Hkv, D)
-        kw = band(branch, config)
+        kw = branch_band(branch, config)
         o, lse = banded_attention_fwd(q, k, v, scale, **kw)
         flops = 2 * visible_pairs(branch, config, T) * Hq * D
         runs = {

@@ -71,13 +71,12 @@ def bench(fn, warmup, rep):
 
 def branch_fns(x, config, scale):
     """name -> (forward fn, forward+backward fn or None) of each branch alone."""
-    from nsa.ops.triton.flash import banded_attention_bwd, banded_attention_fwd
+    from nsa.ops.triton.flash import banded_attention_bwd, banded_attention_fwd, branch_band
     from nsa.ops.triton.selected import selected_attention_bwd, selected_attention_fwd
     from nsa.ops.triton.selection import select_blocks_fwd
 
     q, kc, vc, ks, vs, kw, vw = (x[n].detach() for n in NAMES[:7])
-    cmp_band = dict(key_stride=config.cmp_stride, key_span=config.cmp_block)
-    swa_band = dict(key_stride=1, key_span=1, window=config.window)
+    cmp_band, swa_band = branch_band("cmp", config), branch_band("swa", config)
     o_cmp, lse_cmp = banded_attention_fwd(q, kc, vc, scale, **cmp_band)
     ids = select_blocks_fwd(q, kc, lse_cmp, config, scale)
     do = torch.randn_like(o_cmp)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nsa import NSAConfig
-from nsa.ops.triton.flash import banded_attention_bwd, banded_attention_fwd
+from nsa.ops.triton.flash import banded_attention_bwd, banded_attention_fwd, branch_band
 
 # log2(0) = -inf for rows that see nothing is intended; the interpreter's NumPy warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
@@ -15,12 +15,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 CPU_CFG = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=3, window=24)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def band(branch, config):
-    """Keyword arguments of the banded kernels for a branch of NSA."""
-    if branch == "cmp":
-        return dict(key_stride=config.cmp_stride, key_span=config.cmp_block, window=None)
-    return dict(key_stride=1, key_span=1, window=config.window)
 
 
 def num_keys(branch, config, T):
@@ -98,7 +92,7 @@ def check_against_dense(q, k, v, do, scale, band_kw, tol, *, packed=None, head_s
 def test_matches_dense(branch, G):
     T, Hq = 77, 4
     q, k, v, do = make_inputs(2, T, num_keys(branch, CPU_CFG, T), Hq, Hq // G, 32, 16, torch.float32, seed=G)
-    check_against_dense(q, k, v, do, 0.2, band(branch, CPU_CFG), 1e-4)
+    check_against_dense(q, k, v, do, 0.2, branch_band(branch, CPU_CFG), 1e-4)
 
 
 @pytest.mark.parametrize("branch", ["cmp", "swa"])
@@ -106,13 +100,13 @@ def test_packed_sequences(branch):
     lens = [37, 9, 30]  # the middle one is shorter than l = 16: no compressed token
     key_lens = [num_keys(branch, CPU_CFG, n) for n in lens]
     q, k, v, do = make_inputs(1, sum(lens), sum(key_lens), 2, 1, 16, 32, torch.float32, seed=3)
-    check_against_dense(q, k, v, do, 0.25, band(branch, CPU_CFG), 1e-4, packed=(lens, key_lens))
+    check_against_dense(q, k, v, do, 0.25, branch_band(branch, CPU_CFG), 1e-4, packed=(lens, key_lens))
 
 
 def test_shorter_than_a_compressed_block():
     """T < l: no compressed token, every row sees nothing -> o = 0, lse = -inf, zero gradients, no NaN."""
     q, k, v, do = make_inputs(2, 11, 0, 2, 1, 16, 16, torch.float32)
-    o, lse, dq, dk, dv = check_against_dense(q, k, v, do, 0.25, band("cmp", CPU_CFG), 1e-4)
+    o, lse, dq, dk, dv = check_against_dense(q, k, v, do, 0.25, branch_band("cmp", CPU_CFG), 1e-4)
     assert (o == 0).all() and (lse == float("-inf")).all() and (dq == 0).all()
     assert dk.shape == (2, 0, 1, 16) and dv.shape == (2, 0, 1, 16)
 
@@ -122,13 +116,13 @@ def test_window_extremes(window):
     """w = 1 (each query sees itself), a window off a block boundary, and w > T (plain causal attention)."""
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=3, window=window)
     q, k, v, do = make_inputs(1, 41, 41, 2, 2, 16, 16, torch.float32, seed=window)
-    check_against_dense(q, k, v, do, 0.3, band("swa", cfg), 1e-4)
+    check_against_dense(q, k, v, do, 0.3, branch_band("swa", cfg), 1e-4)
 
 
 def test_head_splits_are_bitwise_reproducible():
     """dk/dv summed over split query heads, and dq from its own kernel: same bits on every run."""
     q, k, v, do = make_inputs(1, 45, num_keys("cmp", CPU_CFG, 45), 4, 1, 16, 16, torch.float32, seed=7)
-    runs = [check_against_dense(q, k, v, do, 0.3, band("cmp", CPU_CFG), 1e-4, head_splits=2)
+    runs = [check_against_dense(q, k, v, do, 0.3, branch_band("cmp", CPU_CFG), 1e-4, head_splits=2)
             for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -136,7 +130,7 @@ def test_head_splits_are_bitwise_reproducible():
 
 def test_float16():
     q, k, v, do = make_inputs(1, 50, 50, 2, 1, 32, 32, torch.float16, seed=5)
-    check_against_dense(q, k, v, do, 32 ** -0.5, band("swa", CPU_CFG), 2e-2)
+    check_against_dense(q, k, v, do, 32 ** -0.5, branch_band("swa", CPU_CFG), 2e-2)
 
 
 def test_rejects_bad_arguments():
@@ -155,7 +149,7 @@ def test_gpu_bfloat16(branch, dims):
     T = 8192
     Dk, Dv = dims
     q, k, v, do = make_inputs(1, T, num_keys(branch, cfg, T), 4, 2, Dk, Dv, torch.bfloat16)
-    check_against_dense(q, k, v, do, Dk ** -0.5, band(branch, cfg), 3e-2)
+    check_against_dense(q, k, v, do, Dk ** -0.5, branch_band(branch, cfg), 3e-2)
 
 
 @pytest.mark.gpu
@@ -165,7 +159,7 @@ def test_gpu_packed_is_bitwise_reproducible(branch):
     lens = [3000, 20, 1500, 4000]
     key_lens = [num_keys(branch, cfg, n) for n in lens]
     q, k, v, do = make_inputs(1, sum(lens), sum(key_lens), 4, 1, 128, 128, torch.bfloat16)
-    runs = [check_against_dense(q, k, v, do, 128 ** -0.5, band(branch, cfg), 3e-2, packed=(lens, key_lens))
+    runs = [check_against_dense(q, k, v, do, 128 ** -0.5, branch_band(branch, cfg), 3e-2, packed=(lens, key_lens))
             for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)

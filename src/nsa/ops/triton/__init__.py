@@ -138,14 +138,12 @@ def gate_backward(do, gates, o_cmp, o_slc, o_swa):
 class _NSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, cu, cu_cmp, max_len):
-        from .flash import banded_attention_fwd
+        from .flash import banded_attention_fwd, branch_band
         from .selection import select_blocks_fwd
         q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates = (
             x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates))
-        cmp_band = dict(key_stride=config.cmp_stride, key_span=config.cmp_block, cu_seqlens_q=cu, cu_seqlens_k=cu_cmp,
-                        max_seqlen_q=max_len)
-        swa_band = dict(key_stride=1, key_span=1, window=config.window, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                        max_seqlen_q=max_len)
+        cmp_band = dict(branch_band("cmp", config), cu_seqlens_q=cu, cu_seqlens_k=cu_cmp, max_seqlen_q=max_len)
+        swa_band = dict(branch_band("swa", config), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len)
         o_cmp, lse_cmp = banded_attention_fwd(q, k_cmp, v_cmp, scale, **cmp_band)
         block_ids = select_blocks_fwd(q, k_cmp, lse_cmp, config, scale, cu_seqlens_q=cu, cu_seqlens_k=cu_cmp,
                                       max_seqlen_q=max_len)

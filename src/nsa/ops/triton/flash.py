@@ -376,6 +376,19 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def branch_band(branch: str, config) -> dict:
+    """Band keywords (key_stride, key_span, window) of NSA's "cmp" or "swa" branch for the banded kernels.
+
+    Compressed token i ends at raw position i*d + l - 1 and stays visible; raw key u ends at u and
+    stays visible for w positions.
+    """
+    if branch == "cmp":
+        return dict(key_stride=config.cmp_stride, key_span=config.cmp_block, window=None)
+    if branch == "swa":
+        return dict(key_stride=1, key_span=1, window=config.window)
+    raise ValueError(f"branch must be 'cmp' or 'swa', got {branch!r}")
+
+
 def banded_attention_fwd(q, k, v, scale, *, key_stride, key_span, window=None,
                          cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None):
     """Banded attention forward.
