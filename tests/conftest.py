@@ -12,19 +12,27 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # Triton 3.6's interpreter holds scalars as 1-element numpy arrays and turns them into Python ints
-    # with int(array), which NumPy >= 2.4 refuses: `range(lo, hi)` with run-time bounds fails inside
-    # kernels. Re-register tensor.__index__ through .item() (a no-op change on older NumPy).
-    import triton.runtime.interpreter as _interpreter
 
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
+def _let_interpreter_index_with_numpy_2_4() -> None:
+    """Triton 3.6's interpreter holds scalars as 1-element numpy arrays and turns them into Python ints
+    with int(array), which NumPy >= 2.4 refuses: `range(lo, hi)` with run-time bounds fails inside
+    kernels. Re-register tensor.__index__ through .item() (a no-op change on older NumPy; skipped on
+    Triton versions without this hook)."""
+    import triton.runtime.interpreter as interpreter
 
-    def _patch_lang_tensor_index(tensor, scope):
-        _patch_lang_tensor(tensor, scope)
+    patch_lang_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_lang_tensor is None:
+        return
+
+    def patch_with_index(tensor, scope):
+        patch_lang_tensor(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
-    _interpreter._patch_lang_tensor = _patch_lang_tensor_index
+    interpreter._patch_lang_tensor = patch_with_index
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _let_interpreter_index_with_numpy_2_4()
 
 
 def pytest_collection_modifyitems(config, items):
