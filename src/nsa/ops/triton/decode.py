@@ -1,0 +1,467 @@
+"""NSA decoding step in Triton: the S newest tokens of each batch row attend through a KV cache.
+
+Same math as nsa_attention (SPEC.md) at positions t = L - S .. L - 1 of a row holding L = seq_lens[b]
+raw tokens. Built for q_len = 1 (S = 1) and a few tokens for speculative decoding.
+
+Work layout. Every kernel works on the G * S rows (query, head) of one GQA group, row r = s * G + i
+being query s and head h = g * G + i (padded to >= 16 rows for tl.dot, tiled by BLOCK_R rows when
+G * S is large). Long key ranges are split over several programs (flash-decoding): each program
+writes a partial softmax state (m, l, acc) in float32, m in log2 units,
+    m = max_u s_u,   l = sum_u 2^(s_u - m),   acc = sum_u 2^(s_u - m) v_u,
+and a combine merges the splits: o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, M = max_p m_p.
+
+Launches (4, every grid and buffer shape static: they depend on B, S, heads, capacities and the config,
+never on seq_lens, so a step can be captured in a CUDA graph; nothing is read back to the host):
+  1. _cmp_kernel     grid (CMP_SPLITS * row tiles, Hkv, B)
+       compressed attention over the row's Tc(L) compressed tokens, split over tiles of BLOCK_C tokens
+       -> partial (m, l, acc) of o_cmp; and, for the selection, each tile's p_cmp pooled onto the
+       selection blocks it covers: pooled[r, j] = sum_i d * W[i, j] * 2^(s_ri - mt_r) with mt_r the
+       tile's row max (stored beside), W[i, j] = |[i*d, i*d + l) ∩ [j*l', (j+1)*l')| / d.
+       A tile owns NBJ whole selection blocks and also reads the H = l/d - 1 compressed tokens before
+       them (they overlap its first block), so every block score has a single writer and no carry.
+  2. _select_kernel  grid (S, Hkv, B)
+       lse_cmp of each head (merging the splits' (m, l)), the group score of every candidate block
+       P[j] ~ sum_h pooled[h, j] * 2^(mt_h - lse_h) (up to the constant 1/d), forced blocks J(t),
+       J(t) - 1, 0 first, n rounds of argmax -> block ids [B, Hkv, S, n] int32, ascending then -1.
+  3. _sparse_kernel  grid ((SLC_SPLITS + SWA_SPLITS) * row tiles, Hkv, B)
+       the first SLC_SPLITS programs share the S * n selected blocks (each distinct block loaded once
+       for all rows, masked per row by its query's selection and u <= t); the others share the window
+       tiles covering [L - S - w + 1, L) -> partial (m, l, acc) of o_slc and o_swa.
+  4. _combine_kernel grid (row tiles, Hkv, B)
+       merges the splits of each branch and gates them: o = g0 * o_cmp + g1 * o_slc + g2 * o_swa.
+
+Programs whose share of the keys lies past their row's length loop zero times and store an empty
+state (m = -inf, l = 0), which the merges ignore; cache slots past seq_lens[b] are never read.
+Extra memory: the partials, O(B * Hq * S * splits * Dv) float32, and the pooled scores,
+O(B * Hq * S * capacity / l') float32. Inference only: no autograd (inputs that require grad under
+grad mode are rejected).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ...config import NSAConfig
+from . import _check_backend_inputs
+from .utils import LOG2E, dot_precision, interpreting, keys_upto, visible
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared jit helpers
+
+
+@triton.jit
+def _group_rows(r0, g, S, G, ROWS, L, BLOCK_R: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_R of a group: (r, query index s, head h, position t = L - S + s, row_ok)."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    s = r // G
+    return r, s, g * G + r % G, L - S + s, r < ROWS
+
+
+@triton.jit
+def _row_offsets(b, s, h, stride_b, stride_s, stride_h):
+    """Offsets of x[b, s, h, :] in a [B, S, H, D] tensor, int64."""
+    return b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _load_tokens(base, u, ok, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x[u, :D] of a token-strided matrix at base: [len(u), BLOCK_D], zeros where not ok."""
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = base + u.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _tile_probs(s, mask):
+    """p = 2^(s - mt) on mask (0 elsewhere) and the row max mt over mask (-inf for an empty row)."""
+    s = tl.where(mask, s, float("-inf"))
+    mt = tl.max(s, 1)
+    p = tl.exp2(s - tl.where(mt == float("-inf"), 0.0, mt)[:, None])
+    return p, mt
+
+
+@triton.jit
+def _accumulate(m_i, l_i, acc, p, mt, v, PRECISION: tl.constexpr):
+    """Online softmax: adds a tile with probabilities p relative to its row max mt to (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, mt)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay empty, not NaN
+    alpha = tl.exp2(m_i - m_ref)
+    beta = tl.exp2(mt - m_ref)
+    l_i = l_i * alpha + beta * tl.sum(p, 1)
+    acc = acc * alpha[:, None] + beta[:, None] * tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend(m_i, l_i, acc, q, K, V, stride_kt, stride_vt, u, key_ok, mask, qk_scale,
+            DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Adds keys u (loaded where key_ok; row r sees key u where mask[r, u]) to the softmax state."""
+    k = _load_tokens(K, u, key_ok, stride_kt, DK, BLOCK_DK)
+    v = _load_tokens(V, u, key_ok, stride_vt, DV, BLOCK_DV)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2(e) * scale * q.k
+    p, mt = _tile_probs(s, mask)
+    return _accumulate(m_i, l_i, acc, p, mt, v, PRECISION)
+
+
+@triton.jit
+def _store_partial(M, L, ACC, split, base, r, row_ok, m_i, l_i, acc, ROWS, SPLITS_TOTAL,
+                   DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Partial state of split `split`: M, L [B, Hkv, SPLITS_TOTAL, ROWS], ACC [..., ROWS, DV] (acc only if l > 0)."""
+    idx = (base * SPLITS_TOTAL + split) * ROWS + r
+    tl.store(M + idx, m_i, mask=row_ok)
+    tl.store(L + idx, l_i, mask=row_ok)
+    cols = tl.arange(0, BLOCK_DV)
+    tl.store(ACC + idx[:, None] * DV + cols[None, :], acc, mask=(row_ok & (l_i > 0))[:, None] & (cols < DV)[None, :])
+
+
+@triton.jit
+def _merge(M, L, ACC, base, lo, hi, r, row_ok, ROWS, SPLITS_TOTAL,
+           DV: tl.constexpr, BLOCK_DV: tl.constexpr, WITH_ACC: tl.constexpr):
+    """Merges splits [lo, hi) of rows r -> (o [len(r), BLOCK_DV] (zeros unless WITH_ACC), lse in log2 units).
+
+    Rows with no key in any split get o = 0 and lse = -inf.
+    """
+    m_max = tl.full(r.shape, float("-inf"), tl.float32)
+    for split in range(lo, hi):
+        m_max = tl.maximum(m_max, tl.load(M + (base * SPLITS_TOTAL + split) * ROWS + r, mask=row_ok,
+                                          other=float("-inf")))
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_sum = tl.zeros(r.shape, tl.float32)
+    acc = tl.zeros([r.shape[0], BLOCK_DV], tl.float32)
+    cols = tl.arange(0, BLOCK_DV)
+    for split in range(lo, hi):
+        idx = (base * SPLITS_TOTAL + split) * ROWS + r
+        w = tl.exp2(tl.load(M + idx, mask=row_ok, other=float("-inf")) - m_ref)
+        l_sum += w * tl.load(L + idx, mask=row_ok, other=0.0)
+        if WITH_ACC:
+            part = tl.load(ACC + idx[:, None] * DV + cols[None, :], mask=(w > 0)[:, None] & (cols < DV)[None, :],
+                           other=0.0)
+            acc += w[:, None] * part
+    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    return o, m_ref + tl.log2(l_sum)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Compressed attention + pooled block scores
+
+
+@triton.jit
+def _pool_weights(CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                  HALO: tl.constexpr, NBJ: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr):
+    """d * W[i, j] for the a-th token of a tile and its b-th block: [BLOCK_C, BLOCK_J], zero for b >= NBJ.
+
+    A tile's tokens start HALO tokens before its first block, so token a starts at raw offset (a - HALO) * d
+    from that block's start; the tile is the same for every tile. The overlaps are integers: exact in any
+    dot precision.
+    """
+    start = (tl.arange(0, BLOCK_C)[:, None] - HALO) * CMP_STRIDE
+    block = tl.arange(0, BLOCK_J)[None, :]
+    overlap = tl.minimum(start + CMP_BLOCK, (block + 1) * SLC_BLOCK) - tl.maximum(start, block * SLC_BLOCK)
+    return tl.where(block < NBJ, tl.maximum(overlap, 0), 0).to(tl.float32)
+
+
+@triton.jit
+def _cmp_kernel(Q, KC, VC, SEQ_LENS, M, L, ACC, POOL, TMAX,
+                stride_qb, stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                S, G, Hkv, ROWS, SPLITS_TOTAL, NB_CAP, TILES_CAP, qk_scale,
+                CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                PRECISION: tl.constexpr, POOL_PRECISION: tl.constexpr):
+    """Split `split` of the compressed branch for BLOCK_R rows of group g of batch row b.
+
+    Q [B, S, Hq, DK]; KC, VC [B, capacity_cmp, Hkv, DK / DV]; POOL [B, Hkv, ROWS, NB_CAP] and
+    TMAX [B, Hkv, ROWS, TILES_CAP] float32: pooled scores of block j and row max of tile k.
+    """
+    split, r0 = tl.program_id(0) % SPLITS, tl.program_id(0) // SPLITS * BLOCK_R
+    g, b = tl.program_id(1), tl.program_id(2)
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
+    HALO: tl.constexpr = CMP_BLOCK // CMP_STRIDE - 1  # earlier tokens reaching into a block
+    NBJ: tl.constexpr = (BLOCK_C - HALO) // R  # whole blocks per tile
+    seq_len = tl.load(SEQ_LENS + b)
+    r, s, h, t, row_ok = _group_rows(r0, g, S, G, ROWS, seq_len, BLOCK_R)
+    q = tl.load(Q + _row_offsets(b, s, h, stride_qb, stride_qs, stride_qh)[:, None] + tl.arange(0, BLOCK_DK)[None, :],
+                mask=row_ok[:, None] & (tl.arange(0, BLOCK_DK) < DK)[None, :], other=0.0)
+    Kg = KC + b.to(tl.int64) * stride_kb + g * stride_kh
+    Vg = VC + b.to(tl.int64) * stride_vb + g * stride_vh
+    group = b.to(tl.int64) * Hkv + g
+    pool_rows = POOL + (group * ROWS + r)[:, None] * NB_CAP
+    w = _pool_weights(CMP_STRIDE, CMP_BLOCK, SLC_BLOCK, HALO, NBJ, BLOCK_C, BLOCK_J)
+    a = tl.arange(0, BLOCK_C)
+    own = (a >= HALO) & (a < HALO + NBJ * R)  # tokens of the tile's own blocks: attended once, here
+    b_col = tl.arange(0, BLOCK_J)
+
+    num_cmp = keys_upto(seq_len - 1, CMP_STRIDE, CMP_BLOCK)  # Tc(L)
+    num_tiles = tl.cdiv(tl.cdiv(seq_len, SLC_BLOCK), NBJ)  # tiles covering the blocks 0 .. J(L - 1)
+    per_split = tl.cdiv(num_tiles, SPLITS)
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for k in range(split * per_split, tl.minimum(split * per_split + per_split, num_tiles)):
+        i = k * (NBJ * R) - HALO + a  # compressed tokens of tile k
+        key_ok = (i >= 0) & (i < num_cmp)
+        kt = _load_tokens(Kg, i, key_ok, stride_kt, DK, BLOCK_DK)
+        scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
+        vis = visible(t[:, None], i[None, :], CMP_STRIDE, CMP_BLOCK, 0) & key_ok[None, :] & row_ok[:, None]
+        p, mt = _tile_probs(scores, vis)
+        # Block scores of blocks k * NBJ + b, relative to the tile's row max mt.
+        pooled = tl.dot(p, w, input_precision=POOL_PRECISION)
+        tl.store(pool_rows + k * NBJ + b_col[None, :], pooled, mask=row_ok[:, None] & (b_col < NBJ)[None, :])
+        tl.store(TMAX + (group * ROWS + r) * TILES_CAP + k, mt, mask=row_ok)
+        # Attention over the tile's own tokens (the halo belongs to the previous tile).
+        vt = _load_tokens(Vg, i, key_ok & own, stride_vt, DV, BLOCK_DV)
+        m_i, l_i, acc = _accumulate(m_i, l_i, acc, tl.where(own[None, :], p, 0.0), mt, vt, PRECISION)
+    _store_partial(M, L, ACC, split, group, r, row_ok, m_i, l_i, acc, ROWS, SPLITS_TOTAL, DV, BLOCK_DV)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Top-n selection
+
+
+@triton.jit
+def _select_kernel(M, L, ACC, POOL, TMAX, IDS, SEQ_LENS, S, G, Hkv, ROWS, SPLITS_TOTAL, NB_CAP, TILES_CAP,
+                   CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                   CMP_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
+                   NB_PAD: tl.constexpr, G_PAD: tl.constexpr):
+    """Block ids of query s of group g of batch row b: IDS [B, Hkv, S, N_SELECT] int32, ascending then -1."""
+    s, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    NBJ: tl.constexpr = (BLOCK_C - (CMP_BLOCK // CMP_STRIDE - 1)) // R
+    seq_len = tl.load(SEQ_LENS + b)
+    t = seq_len - S + s
+    last = t // SLC_BLOCK  # J(t)
+    group = b.to(tl.int64) * Hkv + g
+    heads = tl.arange(0, G_PAD)
+    _, lse = _merge(M, L, ACC, group, 0, CMP_SPLITS, s * G + heads, heads < G, ROWS, SPLITS_TOTAL, 1, 16, False)
+    j = tl.arange(0, NB_PAD)
+    candidate = j <= last
+    # P[j] = sum_h p_slc[h, j] = (1 / d) sum_h pooled[h, j] * 2^(mt[h, tile of j] - lse_h); the 1/d is dropped.
+    score = tl.zeros([NB_PAD], tl.float32)
+    for i in range(G):
+        row = group * ROWS + s * G + i
+        lse_h = tl.sum(tl.where(heads == i, lse, 0.0))
+        mt = tl.load(TMAX + row * TILES_CAP + j // NBJ, mask=candidate, other=float("-inf"))
+        pooled = tl.load(POOL + row * NB_CAP + j, mask=candidate, other=0.0)
+        score += tl.where(mt > float("-inf"), pooled * tl.exp2(mt - lse_h), 0.0)
+    # Forced blocks outrank every score, in the order J(t), J(t) - 1, 0 (which matters only if n < 3).
+    score = tl.where(candidate, score, float("-inf"))
+    score = tl.where(candidate & (j == 0), 1.5e38, score)
+    score = tl.where(candidate & (j == last - 1), 3.0e38, score)
+    score = tl.where(candidate & (j == last), float("inf"), score)
+    # n rounds of argmax; slots left when the candidates run out (-inf) keep `big`, then become -1.
+    big = 2147483647
+    slots = tl.arange(0, N_PAD)
+    ids = tl.full([N_PAD], big, tl.int32)
+    for slot in tl.static_range(N_SELECT):
+        best = tl.max(score, 0)
+        at = tl.argmax(score, 0)
+        ids = tl.where(slots == slot, tl.where(best > float("-inf"), at, big), ids)
+        score = tl.where(j == at, float("-inf"), score)
+    ids = tl.sort(ids, 0)
+    tl.store(IDS + (group * S + s) * N_SELECT + slots, tl.where(ids == big, -1, ids), mask=slots < N_SELECT)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Selected and window attention
+
+
+@triton.jit
+def _sparse_kernel(Q, KS, VS, KW, VW, IDS, SEQ_LENS, M, L, ACC,
+                   stride_qb, stride_qs, stride_qh,
+                   stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
+                   stride_kwb, stride_kwt, stride_kwh, stride_vwb, stride_vwt, stride_vwh,
+                   S, G, Hkv, ROWS, SPLITS_TOTAL, qk_scale,
+                   SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
+                   S_PAD: tl.constexpr, CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr,
+                   SWA_SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
+                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Split `split` of the selected branch (split < SLC_SPLITS) or of the window branch (the others).
+
+    Selected: items (s', slot) = p, p + SLC_SPLITS, ... of the S * n slots of IDS; a block is attended
+    at its first occurrence (smallest s') only, by every row whose query selected it (u <= t).
+    Window: tiles k = p, p + SWA_SPLITS, ... of BLOCK_W tokens from L - S - w + 1 (u in (t - w, t]).
+    """
+    SPLITS: tl.constexpr = SLC_SPLITS + SWA_SPLITS
+    split, r0 = tl.program_id(0) % SPLITS, tl.program_id(0) // SPLITS * BLOCK_R
+    g, b = tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(SEQ_LENS + b)
+    r, s, h, t, row_ok = _group_rows(r0, g, S, G, ROWS, seq_len, BLOCK_R)
+    q = tl.load(Q + _row_offsets(b, s, h, stride_qb, stride_qs, stride_qh)[:, None] + tl.arange(0, BLOCK_DK)[None, :],
+                mask=row_ok[:, None] & (tl.arange(0, BLOCK_DK) < DK)[None, :], other=0.0)
+    group = b.to(tl.int64) * Hkv + g
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    if split < SLC_SPLITS:
+        slots = tl.arange(0, N_PAD)
+        ids_group = IDS + group * S * N_SELECT
+        queries = tl.arange(0, S_PAD)
+        all_ids = tl.load(ids_group + queries[:, None] * N_SELECT + slots[None, :],
+                          mask=(queries < S)[:, None] & (slots < N_SELECT)[None, :], other=-1)  # [S_PAD, N_PAD]
+        row_ids = tl.load(ids_group + s[:, None] * N_SELECT + slots[None, :],
+                          mask=row_ok[:, None] & (slots < N_SELECT)[None, :], other=-1)  # [BLOCK_R, N_PAD]
+        Kg = KS + b.to(tl.int64) * stride_ksb + g * stride_ksh
+        Vg = VS + b.to(tl.int64) * stride_vsb + g * stride_vsh
+        offs = tl.arange(0, BLOCK_L)
+        for item in range(split, S * N_SELECT, SLC_SPLITS):
+            blk = tl.load(ids_group + item)
+            earlier = tl.sum(tl.where((all_ids == blk) & (queries < item // N_SELECT)[:, None], 1, 0))
+            if (blk >= 0) & (earlier == 0):
+                u = blk * SLC_BLOCK + offs
+                chose = tl.sum(tl.where(row_ids == blk, 1, 0), 1) > 0
+                mask = chose[:, None] & (offs < SLC_BLOCK)[None, :] & (u[None, :] <= t[:, None])
+                m_i, l_i, acc = _attend(m_i, l_i, acc, q, Kg, Vg, stride_kst, stride_vst, u, offs < SLC_BLOCK, mask,
+                                        qk_scale, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
+    else:
+        Kg = KW + b.to(tl.int64) * stride_kwb + g * stride_kwh
+        Vg = VW + b.to(tl.int64) * stride_vwb + g * stride_vwh
+        lo = tl.maximum(seq_len - S - WINDOW + 1, 0)  # first key the earliest query sees
+        for k in range(split - SLC_SPLITS, tl.cdiv(seq_len - lo, BLOCK_W), SWA_SPLITS):
+            u = lo + k * BLOCK_W + tl.arange(0, BLOCK_W)
+            mask = visible(t[:, None], u[None, :], 1, 1, WINDOW) & row_ok[:, None]
+            m_i, l_i, acc = _attend(m_i, l_i, acc, q, Kg, Vg, stride_kwt, stride_vwt, u, u < seq_len, mask,
+                                    qk_scale, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
+    _store_partial(M, L, ACC, CMP_SPLITS + split, group, r, row_ok, m_i, l_i, acc, ROWS, SPLITS_TOTAL, DV, BLOCK_DV)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Combine and gate
+
+
+@triton.jit
+def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride_ob, stride_os, stride_oh,
+                    S, G, Hkv, ROWS, SPLITS_TOTAL,
+                    CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """o = g0 * o_cmp + g1 * o_slc + g2 * o_swa for BLOCK_R rows; each o_c merges its branch's splits."""
+    r0, g, b = tl.program_id(0) * BLOCK_R, tl.program_id(1), tl.program_id(2)
+    r, s, h, _, row_ok = _group_rows(r0, g, S, G, ROWS, 0, BLOCK_R)
+    group = b.to(tl.int64) * Hkv + g
+    o_cmp, _ = _merge(M, L, ACC, group, 0, CMP_SPLITS, r, row_ok, ROWS, SPLITS_TOTAL, DV, BLOCK_DV, True)
+    o_slc, _ = _merge(M, L, ACC, group, CMP_SPLITS, CMP_SPLITS + SLC_SPLITS, r, row_ok, ROWS, SPLITS_TOTAL,
+                      DV, BLOCK_DV, True)
+    o_swa, _ = _merge(M, L, ACC, group, CMP_SPLITS + SLC_SPLITS, SPLITS_TOTAL, r, row_ok, ROWS, SPLITS_TOTAL,
+                      DV, BLOCK_DV, True)
+    gate = GATES + _row_offsets(b, s, h, stride_gb, stride_gs, stride_gh)
+    g0 = tl.load(gate, mask=row_ok).to(tl.float32)[:, None]
+    g1 = tl.load(gate + 1, mask=row_ok).to(tl.float32)[:, None]
+    g2 = tl.load(gate + 2, mask=row_ok).to(tl.float32)[:, None]
+    o = g0 * o_cmp + g1 * o_slc + g2 * o_swa
+    cols = tl.arange(0, BLOCK_DV)
+    ptrs = O + _row_offsets(b, s, h, stride_ob, stride_os, stride_oh)[:, None] + cols[None, :]
+    tl.store(ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (cols < DV)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+
+
+def _pow2(x: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(x))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs per key-splitting launch to aim for: two per SM (8 in the interpreter, so tests cross splits)."""
+    if interpreting() or device.type != "cuda":
+        return 8
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _splits(want: int, most: int) -> int:
+    return max(1, min(want, most))
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config: NSAConfig, scale,
+                         *, return_block_ids: bool = False):
+    """One NSA decoding step (inputs validated by ops/checks.py: check_decode_inputs).
+
+    q [B, S, Hq, Dk], gates [B, S, Hq, 3]; k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, Dk / Dv];
+    k_cmp, v_cmp [B, capacity_cmp, Hkv, Dk / Dv]; seq_lens int32 [B] on q's device, S <= seq_lens[b] <=
+    capacity (not checked: checking would read seq_lens on the host). The last dims must be contiguous
+    (other strides are free). Returns o [B, S, Hq, Dv] in q's dtype; with return_block_ids also the
+    selection, int32 [B, S, Hkv, n] (ids ascending, then -1).
+    """
+    _check_backend_inputs(q, (q.shape[-1], v_cmp.shape[-1]))
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)):
+        raise RuntimeError("the Triton decoding step is inference only (no backward): run it under torch.no_grad() "
+                           "or torch.inference_mode()")
+    tensors = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
+    if any(x.stride(-1) != 1 for x in tensors):
+        raise ValueError("the Triton decoding step needs tensors whose last dim is contiguous")
+    B, S, Hq, Dk = q.shape
+    Hkv, Dv = k_cmp.shape[2], v_cmp.shape[3]
+    G, rows = Hq // Hkv, S * Hq // Hkv
+    d, l, lp, n = config.cmp_stride, config.cmp_block, config.slc_block, config.num_selected
+    dev = q.device
+    block_dk, block_dv = _pow2(Dk), _pow2(Dv)
+    gpu = not interpreting()
+
+    # Tiles (the interpreter's are small so that the tests cross tile and split boundaries).
+    block_r = min(_pow2(rows), (64 if block_dk <= 128 else 32) if gpu else 16)
+    row_tiles = triton.cdiv(rows, block_r)
+    per_block, halo = lp // d, l // d - 1
+    block_c = max(64 if gpu else 16, triton.next_power_of_2(per_block + halo))
+    nbj = (block_c - halo) // per_block  # whole selection blocks per compressed tile
+    block_j = _pow2(nbj)
+    block_l = _pow2(lp)
+    block_w = 64 if gpu else 16
+    nb_cap = triton.cdiv(k_slc.shape[1], lp)
+    tiles_cap = triton.cdiv(nb_cap, nbj)
+
+    # Splits: enough programs to fill the GPU with one sequence; at least two items per selected/window split.
+    want = triton.cdiv(target_programs(dev), B * Hkv * row_tiles)
+    cmp_splits = _splits(want, tiles_cap)
+    slc_splits = _splits(want, triton.cdiv(S * n, 2))
+    swa_splits = _splits(want, triton.cdiv(triton.cdiv(config.window + S - 1, block_w), 2))
+    total = cmp_splits + slc_splits + swa_splits
+
+    f32 = dict(device=dev, dtype=torch.float32)
+    m_part, l_part = torch.empty(B, Hkv, total, rows, **f32), torch.empty(B, Hkv, total, rows, **f32)
+    acc_part = torch.empty(B, Hkv, total, rows, Dv, **f32)
+    pooled = torch.empty(B, Hkv, rows, nb_cap, **f32)
+    tile_max = torch.empty(B, Hkv, rows, tiles_cap, **f32)
+    ids = torch.empty(B, Hkv, S, n, device=dev, dtype=torch.int32)
+    o = torch.empty(B, S, Hq, Dv, device=dev, dtype=q.dtype)
+    qk_scale = scale * LOG2E
+    precision = dot_precision(q.dtype)
+    common = dict(DK=Dk, DV=Dv, BLOCK_R=block_r, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+    partials = (m_part, l_part, acc_part)
+
+    _cmp_kernel[(cmp_splits * row_tiles, Hkv, B)](
+        q, k_cmp, v_cmp, seq_lens, *partials, pooled, tile_max, *_strides(q), *_strides(k_cmp), *_strides(v_cmp),
+        S, G, Hkv, rows, total, nb_cap, tiles_cap, qk_scale,
+        CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, SPLITS=cmp_splits, BLOCK_C=block_c, BLOCK_J=block_j,
+        PRECISION=precision, POOL_PRECISION="ieee" if q.dtype == torch.float32 else "tf32x3", **common)
+    _select_kernel[(S, Hkv, B)](
+        *partials, pooled, tile_max, ids, seq_lens, S, G, Hkv, rows, total, nb_cap, tiles_cap,
+        CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, CMP_SPLITS=cmp_splits, BLOCK_C=block_c, N_SELECT=n,
+        N_PAD=triton.next_power_of_2(n), NB_PAD=triton.next_power_of_2(nb_cap), G_PAD=triton.next_power_of_2(G),
+        num_warps=4 if nb_cap <= 1024 else 8)
+    _sparse_kernel[((slc_splits + swa_splits) * row_tiles, Hkv, B)](
+        q, k_slc, v_slc, k_swa, v_swa, ids, seq_lens, *partials, *_strides(q),
+        *_strides(k_slc), *_strides(v_slc), *_strides(k_swa), *_strides(v_swa), S, G, Hkv, rows, total, qk_scale,
+        SLC_BLOCK=lp, WINDOW=config.window, N_SELECT=n, N_PAD=triton.next_power_of_2(n),
+        S_PAD=triton.next_power_of_2(S), CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SWA_SPLITS=swa_splits,
+        BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common)
+    _combine_kernel[(row_tiles, Hkv, B)](
+        *partials, gates, o, *_strides(gates), *_strides(o), S, G, Hkv, rows, total,
+        CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, DV=Dv, BLOCK_R=block_r, BLOCK_DV=block_dv)
+    if return_block_ids:
+        return o, ids.transpose(1, 2)
+    return o

@@ -1,0 +1,143 @@
+"""Triton decoding step (ops/triton/decode.py) against the reference decoding step.
+
+Cache buffers hold random large values past each row's length (they must never be read). Selections
+are compared exactly: inputs are random, so near-ties are unlikely at these sizes and the seeds are fixed.
+"""
+import pytest
+import torch
+
+import nsa
+from nsa.ops import nsa_decode_attention
+from nsa.ops.triton import decode
+from test_decode_reference import cache_from
+from test_reference import make_inputs
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # -inf - -inf, log2(0) in the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIG_A = nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3, window=12)
+CONFIG_B = nsa.NSAConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=4, window=24)
+NAMES = ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa")
+
+
+def decode_case(lens, S, Hq, Hkv, Dk, Dv, config, dtype, capacity, seed=0, device=DEVICE):
+    """(args of nsa_decode_attention in float64 and in dtype, reference block ids [B, S, Hkv, n]).
+
+    Row b holds lens[b] tokens; the float64 args carry exactly the dtype's values.
+    """
+    x = make_inputs(len(lens), max(lens), Hq, Hkv, Dk, Dv, config, seed=seed)
+    x = {k: v.to(dtype).double() for k, v in x.items()}
+    cache = cache_from(x, lens, capacity, config.num_cmp_tokens(capacity), config)
+    q = torch.stack([x["q"][b, n - S:n] for b, n in enumerate(lens)])
+    gates = torch.stack([x["gates"][b, n - S:n] for b, n in enumerate(lens)])
+    args64 = [q] + [cache[k] for k in NAMES] + [gates]
+    args64 = [a.to(dtype).double().to(device) for a in args64]
+    ids = [nsa.select_blocks(x["q"][b:b + 1, :n], x["k_cmp"][b:b + 1, :config.num_cmp_tokens(n)], config,
+                             backend="reference")[0, n - S:n] for b, n in enumerate(lens)]
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return args64, [a.to(dtype) for a in args64], seq_lens, torch.stack(ids).int().to(device)
+
+
+CASES = [  # (config, lens, capacity): a full row, a middle one, one shorter than l (no compressed token), one of S
+    (CONFIG_A, [70, 37, 7], 80),
+    (CONFIG_B, [150, 61, 15], 160),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("G", [1, 4, 16])
+@pytest.mark.parametrize("S", [1, 3])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_decode_matches_reference(case, S, G, dtype):
+    config, lens, capacity = CASES[case]
+    Hkv = 2 if G < 16 else 1
+    lens = lens + [S]
+    args64, args, seq_lens, ids_ref = decode_case(lens, S, G * Hkv, Hkv, 24, 16, config, dtype, capacity,
+                                                  seed=case * 100 + S * 10 + G)
+    ref = nsa_decode_attention(*args64[:-1], args64[-1], seq_lens, config, backend="reference")
+    o, ids = decode.nsa_decode_attention(*args, seq_lens, config, 24 ** -0.5, return_block_ids=True)
+    assert o.dtype == dtype and o.shape == ref.shape
+    assert torch.equal(ids, ids_ref)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(o.double(), ref, rtol=tol, atol=tol)
+
+
+def test_decode_dispatch_and_single_split(monkeypatch):
+    """The public entry runs these kernels with backend='triton'; one program per group (no split) gives the same."""
+    args64, args, seq_lens, _ = decode_case([70, 37, 1], 1, 4, 2, 16, 16, CONFIG_A, torch.float32, 80)
+    o = nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton")
+    monkeypatch.setattr(decode, "target_programs", lambda device: 1)
+    torch.testing.assert_close(decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 16 ** -0.5), o,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decode_no_host_sync(monkeypatch):
+    """Nothing is read back to the host: .item() and .tolist() are never called."""
+    _, args, seq_lens, _ = decode_case([40, 9], 2, 4, 1, 16, 16, CONFIG_A, torch.float32, 48)
+
+    def refuse(*_, **__):
+        raise AssertionError("host sync")
+
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25)
+
+
+def test_decode_rejects_grad():
+    _, args, seq_lens, _ = decode_case([20], 1, 2, 1, 16, 16, CONFIG_A, torch.float32, 24)
+    args[0].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25)
+    with torch.no_grad():
+        decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: long context in bfloat16, CUDA graphs
+
+
+def _agreeing_rows(ids, ids_ref, min_fraction):
+    """Rows (b, s) whose selections equal the reference's for every group; most of them must."""
+    same = (ids == ids_ref).all(-1).all(-1)
+    assert same.float().mean() >= min_fraction
+    return same
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", [4, 16])
+def test_decode_long_context_bf16(G):
+    config = nsa.NSAConfig()
+    Hkv = 2
+    lens = [8192, 5000]
+    args64, args, seq_lens, ids_ref = decode_case(lens, 1, G * Hkv, Hkv, 128, 128, config, torch.bfloat16, 8192)
+    ref = nsa_decode_attention(*args, seq_lens, config, backend="reference").float()
+    o, ids = decode.nsa_decode_attention(*args, seq_lens, config, 128 ** -0.5, return_block_ids=True)
+    same = _agreeing_rows(ids, ids_ref, 0.5)
+    torch.testing.assert_close(o.float()[same], ref[same], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_replay():
+    """Captured once, replayed with new queries and lengths: the same output as an eager call."""
+    config = nsa.NSAConfig()
+    _, args, seq_lens, _ = decode_case([3000, 1200], 1, 16, 2, 128, 128, config, torch.bfloat16, 4096)
+    q, *cache, gates = args
+    static_q, static_gates, static_lens = q.clone(), gates.clone(), seq_lens.clone()
+    scale = 128 ** -0.5
+
+    def step():
+        return decode.nsa_decode_attention(static_q, *cache, static_gates, static_lens, config, scale)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_o = step()
+    for lens in ([3000, 1200], [2048, 4096], [64, 1]):
+        static_q.copy_(torch.randn_like(q))
+        static_gates.copy_(torch.rand_like(gates))
+        static_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.testing.assert_close(static_o, step(), rtol=0, atol=0)
