@@ -14,6 +14,8 @@ from nsa.ops import reference as ref
 
 CFG_A = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=3, window=24)
 CFG_B = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=4, window=40)
+CFG_C = NSAConfig(cmp_block=64, cmp_stride=64, slc_block=128, num_selected=2, window=30)  # d = l = 64, n < 3
+CONFIG_NAMES = {CFG_A: "A", CFG_B: "B", CFG_C: "C", NSAConfig(): "default"}
 
 
 def make_inputs(B, T, Hkv, G, Dk, Dv, config, dtype=torch.float32, seq_lens=None, device="cpu", seed=0):
@@ -107,11 +109,15 @@ CASES = [  # B, T, Hkv, G, Dk, Dv, config
     (1, 61, 1, 16, 16, 16, CFG_A),
     (2, 13, 2, 1, 16, 16, CFG_A),  # T < l: no compressed tokens
     (1, 93, 2, 4, 16, 32, CFG_B),
+    (1, 45, 1, 8, 16, 16, CFG_B),
+    (1, 40, 1, 32, 16, 16, CFG_B),
+    (1, 300, 1, 2, 16, 16, CFG_C),
+    (1, 150, 1, 2, 16, 16, NSAConfig()),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}Hkv{}G{}Dk{}Dv{}-{}".format(
-    *c[:6], "A" if c[6] is CFG_A else "B"))
+    *c[:6], CONFIG_NAMES[c[6]]))
 def test_op_matches_reference(case):
     B, T, Hkv, G, Dk, Dv, config = case
     check_op(make_inputs(B, T, Hkv, G, Dk, Dv, config), config)
