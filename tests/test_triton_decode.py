@@ -61,6 +61,18 @@ def test_decode_matches_reference(case, S, G, dtype):
     torch.testing.assert_close(o.double(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("config", [
+    nsa.NSAConfig(cmp_block=12, cmp_stride=4, slc_block=24, num_selected=3, window=10),  # l', l/d not powers of 2
+    nsa.NSAConfig(cmp_block=8, cmp_stride=8, slc_block=16, num_selected=2, window=5),  # l = d, n < 3
+])
+def test_decode_other_configs(config):
+    args64, args, seq_lens, ids_ref = decode_case([90, 41, 11, 3], 3, 8, 2, 16, 24, config, torch.float32, 96)
+    ref = nsa_decode_attention(*args64[:-1], args64[-1], seq_lens, config, backend="reference")
+    o, ids = decode.nsa_decode_attention(*args, seq_lens, config, 0.25, return_block_ids=True)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_dispatch_and_single_split(monkeypatch):
     """The public entry runs these kernels with backend='triton'; one program per group (no split) gives the same."""
     args64, args, seq_lens, _ = decode_case([70, 37, 1], 1, 4, 2, 16, 16, CONFIG_A, torch.float32, 80)

@@ -25,8 +25,9 @@ never on seq_lens, so a step can be captured in a CUDA graph; nothing is read ba
        J(t) - 1, 0 first, n rounds of argmax -> block ids [B, Hkv, S, n] int32, ascending then -1.
   3. _sparse_kernel  grid ((SLC_SPLITS + SWA_SPLITS) * row tiles, Hkv, B)
        the first SLC_SPLITS programs share the S * n selected blocks (each distinct block loaded once
-       for all rows, masked per row by its query's selection and u <= t); the others share the window
-       tiles covering [L - S - w + 1, L) -> partial (m, l, acc) of o_slc and o_swa.
+       for all rows, masked per row by its query's selection and u <= t, in tiles of BLOCK_L tokens);
+       the others share the window tiles covering [L - S - w + 1, L) -> partial (m, l, acc) of o_slc
+       and o_swa.
   4. _combine_kernel grid (row tiles, Hkv, B)
        merges the splits of each branch and gates them: o = g0 * o_cmp + g1 * o_slc + g2 * o_swa.
 
@@ -314,11 +315,13 @@ def _sparse_kernel(Q, KS, VS, KW, VW, IDS, SEQ_LENS, M, L, ACC,
             blk = tl.load(ids_group + item)
             earlier = tl.sum(tl.where((all_ids == blk) & (queries < item // N_SELECT)[:, None], 1, 0))
             if (blk >= 0) & (earlier == 0):
-                u = blk * SLC_BLOCK + offs
                 chose = tl.sum(tl.where(row_ids == blk, 1, 0), 1) > 0
-                mask = chose[:, None] & (offs < SLC_BLOCK)[None, :] & (u[None, :] <= t[:, None])
-                m_i, l_i, acc = _attend(m_i, l_i, acc, q, Kg, Vg, stride_kst, stride_vst, u, offs < SLC_BLOCK, mask,
-                                        qk_scale, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
+                for start in tl.static_range(0, SLC_BLOCK, BLOCK_L):  # the block in tiles of BLOCK_L tokens
+                    in_block = start + offs < SLC_BLOCK
+                    u = blk * SLC_BLOCK + start + offs
+                    mask = chose[:, None] & in_block[None, :] & (u[None, :] <= t[:, None])
+                    m_i, l_i, acc = _attend(m_i, l_i, acc, q, Kg, Vg, stride_kst, stride_vst, u, in_block, mask,
+                                            qk_scale, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
     else:
         Kg = KW + b.to(tl.int64) * stride_kwb + g * stride_kwh
         Vg = VW + b.to(tl.int64) * stride_vwb + g * stride_vwh
@@ -419,16 +422,16 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     block_c = max(64 if gpu else 16, triton.next_power_of_2(per_block + halo))
     nbj = (block_c - halo) // per_block  # whole selection blocks per compressed tile
     block_j = _pow2(nbj)
-    block_l = _pow2(lp)
+    block_l = min(_pow2(lp), 64 if gpu else 16)
     block_w = 64 if gpu else 16
     nb_cap = triton.cdiv(k_slc.shape[1], lp)
     tiles_cap = triton.cdiv(nb_cap, nbj)
 
-    # Splits: enough programs to fill the GPU with one sequence; at least two items per selected/window split.
+    # Splits: enough programs to fill the GPU even with one sequence, at most one tile (block) per program.
     want = triton.cdiv(target_programs(dev), B * Hkv * row_tiles)
     cmp_splits = _splits(want, tiles_cap)
-    slc_splits = _splits(want, triton.cdiv(S * n, 2))
-    swa_splits = _splits(want, triton.cdiv(triton.cdiv(config.window + S - 1, block_w), 2))
+    slc_splits = _splits(want, S * n)
+    swa_splits = _splits(want, triton.cdiv(config.window + S - 1, block_w))
     total = cmp_splits + slc_splits + swa_splits
 
     f32 = dict(device=dev, dtype=torch.float32)
