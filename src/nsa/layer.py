@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from .config import NSAConfig
-from .ops import nsa_attention
+from .cache import NSACache
+from .ops import nsa_attention, nsa_decode_attention
 from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens
 
@@ -17,18 +18,18 @@ def cmp_block_index(seq_lens: list[int], config: NSAConfig, device=None) -> tupl
 
     Sequence s (length L_s, starting at offset o_s in the packed tensor) has Tc_s compressed tokens
     (0 if L_s < l, else (L_s - l) // d + 1); its token i covers raw tokens [i*d, i*d + l).
-    Returns index long [sum Tc_s, l] (packed raw-token indices) and centre float [sum Tc_s]
-    (i*d + (l - 1) / 2, the block's centre position inside its own sequence).
+    Returns index long [sum Tc_s, l] (packed raw-token indices) and ids long [sum Tc_s] (each token's i
+    inside its own sequence).
     """
     l, d = config.cmp_block, config.cmp_stride
-    local, packed, offset = [], [], 0
+    ids, packed, offset = [], [], 0
     for n in seq_lens:
-        start = torch.arange(config.num_cmp_tokens(n), device=device) * d  # i*d inside the sequence
-        local.append(start)
-        packed.append(start + offset)
+        i = torch.arange(config.num_cmp_tokens(n), device=device)
+        ids.append(i)
+        packed.append(i * d + offset)  # block start in the packed tensor
         offset += n
     index = torch.cat(packed)[:, None] + torch.arange(l, device=device)
-    return index, torch.cat(local).float() + (l - 1) / 2
+    return index, torch.cat(ids)
 
 
 class Compressor(nn.Module):
@@ -119,35 +120,98 @@ class NativeSparseAttention(nn.Module):
             return [x.shape[1]]
         return check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0], x.device)
 
+    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The per-token part of the inputs: x [B, T, hidden_size] at positions [T] or [B, T] ->
+        q [B, T, Hq, Dk] (rotated), the raw cmp-branch keys/values [B, T, Hkv, Dk or Dv] (un-rotated: phi's
+        input), k_slc, v_slc, k_swa, v_swa [B, T, Hkv, Dk or Dv] (keys rotated), gates [B, T, Hq, 3]."""
+        B, T, _ = x.shape
+        Hkv, Dk, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
+        q = apply_rope(self.q_proj(x).view(B, T, self.num_heads, Dk), positions, self.rope_base)
+        kv = self.kv_proj(x).view(B, T, self.num_kv_sets, Hkv, Dk + Dv)
+        keys, values = kv.split((Dk, Dv), dim=-1)  # [B, T, num_kv_sets, Hkv, D]
+        k_cmp, k_slc, k_swa = keys.unbind(2) if not self.share_kv else (keys[:, :, 0],) * 3
+        v_cmp, v_slc, v_swa = values.unbind(2) if not self.share_kv else (values[:, :, 0],) * 3
+        k_slc = apply_rope(k_slc, positions, self.rope_base)
+        k_swa = k_slc if self.share_kv else apply_rope(k_swa, positions, self.rope_base)
+        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, len(BRANCHES))
+        return q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates
+
+    def _compress(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Compressed tokens from raw un-rotated blocks [B, N, l, Hkv, Dk or Dv] with indices ids long [N]:
+        k_cmp = RoPE(phi_k(block), i*d + (l - 1) / 2) [B, N, Hkv, Dk], v_cmp = phi_v(block) [B, N, Hkv, Dv]."""
+        centre = ids.double() * self.config.cmp_stride + (self.config.cmp_block - 1) / 2
+        return apply_rope(self.compress_k(k_blocks), centre, self.rope_base), self.compress_v(v_blocks)
+
+    def _whole_sequence(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[tuple, tuple]:
+        """(the eight nsa_attention inputs, (raw cmp-branch keys, values)) of whole sequences x."""
+        seq_lens = self._check_input(x, cu_seqlens)
+        positions = torch.arange(x.shape[1], device=x.device) if cu_seqlens is None else \
+            positions_from_cu_seqlens(cu_seqlens)
+        q, k_raw, v_raw, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
+        # compression: gather each block [i*d, i*d + l) of un-rotated keys/values, summarize, rotate at the centre
+        index, ids = cmp_block_index(seq_lens, self.config, x.device)
+        k_cmp, v_cmp = self._compress(k_raw[:, index], v_raw[:, index], ids)  # [B, Tc, Hkv, D]
+        return (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates), (k_raw, v_raw)
+
     def nsa_inputs(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The eight inputs of nsa.nsa_attention computed from x [B, T, hidden_size]:
 
         q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv], k_slc, v_slc, k_swa, v_swa
         [B, T, Hkv, Dk or Dv], gates [B, T, Hq, 3] (packed [1, total, ...] with cu_seqlens).
         """
-        seq_lens = self._check_input(x, cu_seqlens)
-        B, T, _ = x.shape
-        Hkv, Dk, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
-        positions = torch.arange(T, device=x.device) if cu_seqlens is None else positions_from_cu_seqlens(cu_seqlens)
-
-        q = apply_rope(self.q_proj(x).view(B, T, self.num_heads, Dk), positions, self.rope_base)
-        kv = self.kv_proj(x).view(B, T, self.num_kv_sets, Hkv, Dk + Dv)
-        keys, values = kv.split((Dk, Dv), dim=-1)  # [B, T, num_kv_sets, Hkv, D]
-        k_cmp, k_slc, k_swa = keys.unbind(2) if not self.share_kv else (keys[:, :, 0],) * 3
-        v_cmp, v_slc, v_swa = values.unbind(2) if not self.share_kv else (values[:, :, 0],) * 3
-
-        # compression: gather each block [i*d, i*d + l) of un-rotated keys/values, summarize, rotate at the centre
-        index, centre = cmp_block_index(seq_lens, self.config, x.device)
-        k_cmp = apply_rope(self.compress_k(k_cmp[:, index]), centre, self.rope_base)  # [B, Tc, Hkv, Dk]
-        v_cmp = self.compress_v(v_cmp[:, index])  # [B, Tc, Hkv, Dv]
-
-        k_slc = apply_rope(k_slc, positions, self.rope_base)
-        k_swa = k_slc if self.share_kv else apply_rope(k_swa, positions, self.rope_base)
-        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, len(BRANCHES))
-        return q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates
+        return self._whole_sequence(x, cu_seqlens)[0]
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, hidden_size] (or [1, total, hidden_size] packed, with cu_seqlens int32 [N + 1]) -> same shape."""
         o = nsa_attention(*self.nsa_inputs(x, cu_seqlens), self.config,
                           cu_seqlens=cu_seqlens, backend=self.backend)  # [B, T, Hq, Dv]
         return self.o_proj(o.flatten(2))  # [B, T, Hq*Dv] -> [B, T, hidden_size]
+
+    def _raw(self, k_slc, v_slc, k_swa, v_swa) -> dict[str, torch.Tensor]:
+        """The raw selection/window keys and values the cache stores (one pair when share_kv)."""
+        if self.share_kv:
+            return dict(k_slc=k_slc, v_slc=v_slc)
+        return dict(k_slc=k_slc, v_slc=v_slc, k_swa=k_swa, v_swa=v_swa)
+
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, NSACache):
+            raise TypeError(f"cache must be an nsa.cache.NSACache (NSACache.create(layer, ...)), got {type(cache).__name__}")
+        made_for = (cache.config, cache.share_kv, tuple(cache.k_slc.shape[2:]), cache.v_slc.shape[3])
+        if made_for != (self.config, self.share_kv, (self.num_kv_heads, self.head_dim), self.v_head_dim):
+            raise ValueError("the cache was created for a layer with another config, share_kv or head shape; "
+                             "create it with NSACache.create(layer, ...)")
+
+    def prefill(self, x: torch.Tensor, cache: NSACache, lengths: list[int] | None = None) -> torch.Tensor:
+        """Starts every cache row over with a prompt: x [B, T, hidden_size], right-padded when lengths (row b's
+        prompt length, 0 <= lengths[b] <= T; default T for all) is given. Returns the outputs [B, T, hidden_size]
+        (the padding positions t >= lengths[b] are meaningless). Runs the whole-sequence op, like forward():
+        causality makes each row's first lengths[b] outputs, keys and compressed tokens independent of its padding.
+        """
+        self._check_cache(cache)
+        self._check_input(x, None)
+        seq_lens = cache.begin_prefill(x, lengths)
+        (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates), (k_raw, v_raw) = self._whole_sequence(x, None)
+        cache.fill(seq_lens, **self._raw(k_slc, v_slc, k_swa, v_swa))
+        cache.fill_cmp(seq_lens, k_raw, v_raw, k_cmp, v_cmp)
+        o = nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, self.config, backend=self.backend)
+        return self.o_proj(o.flatten(2))
+
+    def step(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
+        """Appends S new tokens to every cache row: x [B, S, hidden_size] (S >= 1; row b's sit at positions
+        cache.lengths[b] .. + S - 1) -> their outputs [B, S, hidden_size], equal to the whole-sequence forward's.
+
+        Writes their keys/values, makes every compressed token whose last raw token has now arrived (phi on
+        the raw un-rotated blocks, RoPE at the block centre, as in nsa_inputs), then runs nsa_decode_attention.
+        """
+        self._check_cache(cache)
+        self._check_input(x, None)
+        cache.check_new(x, x.shape[1])
+        positions = cache.next_positions(x.shape[1])  # [B, S]
+        q, k_raw, v_raw, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
+        cache.write(positions, **self._raw(k_slc, v_slc, k_swa, v_swa))
+        rows, slots, k_blocks, v_blocks = cache.pending_blocks(k_raw, v_raw)  # [N], [N, l, Hkv, D]
+        k_cmp, v_cmp = self._compress(k_blocks[None], v_blocks[None], slots)
+        cache.append(positions, k_raw, v_raw, rows, slots, k_cmp[0], v_cmp[0])
+        o = nsa_decode_attention(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa,
+                                 gates, cache.lengths, self.config, backend=self.backend)  # [B, S, Hq, Dv]
+        return self.o_proj(o.flatten(2))

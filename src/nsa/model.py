@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import KVCache, LayerCache, ModelCache, NSACache
 from .config import NSAConfig
 from .layer import NativeSparseAttention
 from .rope import apply_rope, positions_from_cu_seqlens
@@ -65,22 +66,51 @@ class CausalSelfAttention(nn.Module):
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, T, C] at positions [T] or [B, T] -> q [B, T, Hq, D], k [B, T, Hkv, D] (both rotated), v."""
         B, T, _ = x.shape
-        D, G = self.head_dim, self.n_head // self.n_kv_head
-        q = self.q_proj(x).view(B, T, self.n_head, D)
-        k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, D).unbind(2)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
+        return apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base), v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [B, S, Hq, D] over k, v [B, L, Hkv, D] with mask bool (True: visible) broadcastable to
+        [B, Hq, S, L], or None for the causal mask with S = L -> [B, S, C]."""
+        B, S = q.shape[:2]
+        G = self.n_head // self.n_kv_head
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # GQA: head h reads kv head h // G
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        T = x.shape[1]
         if cu_seqlens is None:
             positions, mask = torch.arange(T, device=x.device), None
         else:
             positions = positions_from_cu_seqlens(cu_seqlens)
             seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=x.device), cu_seqlens.diff().long())
             mask = (seq[:, None] == seq[None, :]).tril()  # [total, total]: same sequence and u <= t
-        q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # GQA: head h reads kv head h // G
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_head * D))
+        return self._attend(*self._qkv(x, positions), mask)
+
+    def prefill(self, x: torch.Tensor, cache: KVCache, lengths: list[int] | None = None) -> torch.Tensor:
+        """Starts the cache over with prompts x [B, T, C] (right-padded to T, lengths as in
+        NativeSparseAttention.prefill) -> outputs [B, T, C]."""
+        seq_lens = cache.begin_prefill(x, lengths)
+        q, k, v = self._qkv(x, torch.arange(x.shape[1], device=x.device))
+        cache.fill(seq_lens, k=k, v=v)
+        return self._attend(q, k, v, None)
+
+    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Appends S new tokens x [B, S, C] to every cache row -> their outputs [B, S, C]."""
+        cache.check_new(x, x.shape[1])
+        positions = cache.next_positions(x.shape[1])  # [B, S]
+        q, k, v = self._qkv(x, positions)
+        cache.write(positions, k=k, v=v)
+        cache.advance(x.shape[1])
+        L = max(cache.seq_lens)
+        visible = torch.arange(L, device=x.device) <= positions[:, None, :, None]  # [B, 1, S, L]: key u <= query p
+        return self._attend(q, cache.k[:, :L], cache.v[:, :L], visible)
 
 
 class SwiGLU(nn.Module):
@@ -108,8 +138,17 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.n_embd)
         self.mlp = SwiGLU(cfg.n_embd, cfg.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cu_seqlens=cu_seqlens)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: LayerCache | None = None,
+                lengths: list[int] | None = None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]. With a cache (this layer's): prefill when it is empty, else a decoding step."""
+        h = self.attn_norm(x)
+        if cache is None:
+            h = self.attn(h, cu_seqlens=cu_seqlens)
+        elif cache.is_empty:
+            h = self.attn.prefill(h, cache, lengths)
+        else:
+            h = self.attn.step(h, cache)
+        x = x + h
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -140,38 +179,85 @@ class LanguageModel(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
+                  max_trim: int | None = None) -> ModelCache:
+        """Empty caches for every layer, each row holding up to `capacity` tokens (NSACache for NSA layers,
+        KVCache for full attention; dtype/device as in LayerCache.defaults; max_trim: NSA only, see NSACache)."""
+        nsa = self.cfg.attention == "nsa"
+        return ModelCache([NSACache.create(b.attn, batch_size, capacity, dtype, device, max_trim) if nsa else
+                           KVCache.create(b.attn, batch_size, capacity, dtype, device) for b in self.blocks])
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                cache: ModelCache | None = None, lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx long [B, T] (or [1, total] packed, with cu_seqlens) -> (logits [B, T, vocab], loss).
 
         loss: mean cross-entropy against targets long [B, T], None without targets.
+        With a cache, idx holds new tokens: an empty cache is prefilled with the prompts idx (right-padded,
+        row b's length lengths[b], default T), a non-empty one advances every row by T tokens.
         """
+        if cache is not None and lengths is not None and not cache.is_empty:
+            raise ValueError("lengths is for prefill into an empty cache; a decoding step advances every row by T")
         x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x, cu_seqlens=cu_seqlens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache.layers[i], lengths=lengths)
         logits = self.lm_head(self.norm(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Appends max_new_tokens sampled tokens to idx [B, T] -> [B, T + max_new_tokens].
+    def prefill(self, idx: torch.Tensor, cache: ModelCache, chunk_size: int | None = None) -> torch.Tensor:
+        """Starts the cache over with prompts idx long [B, T] -> logits [B, T, vocab].
 
-        No KV cache: every step re-runs the whole sequence. temperature 0 is greedy; top_p keeps the
-        smallest set of tokens whose probability reaches top_p (nucleus sampling).
+        The first chunk_size tokens go through the whole-sequence attention, every further chunk of
+        chunk_size tokens through one decoding step of S = chunk_size (exact either way); None: one chunk.
+        Prompts of different lengths: forward(idx, cache=cache, lengths=...) on an empty cache.
         """
+        cache.reset()
+        chunk = chunk_size or idx.shape[1]
+        return torch.cat([self(idx[:, s:s + chunk], cache=cache)[0] for s in range(0, idx.shape[1], chunk)], dim=1)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float | None = None,
+                 stop_tokens: list[int] | None = None, callback=None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Appends up to max_new_tokens tokens to the prompts idx long [B, T] -> [B, T + n], n <= max_new_tokens.
+
+        temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature), restricted
+        by top_p to the smallest set of tokens whose probability reaches top_p (nucleus sampling).
+        stop_tokens: a row ends with the first one it emits; afterwards it repeats that token (so cut each row
+        after its first stop token) and generation ends early once every row has ended (n < max_new_tokens).
+        callback(tokens long [B]) is called with each step's new tokens, as soon as they are chosen.
+        use_cache: prefill a KV cache with the prompt, then feed one token per step (ModelCache); False
+        re-runs the whole sequence every step. Both give the same tokens (up to float rounding in near-ties).
+        """
+        B = idx.shape[0]
+        cache = self.new_cache(B, idx.shape[1] + max_new_tokens, device=idx.device) if use_cache else None
+        stop = torch.tensor(list(stop_tokens or []), dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        ended_with = torch.zeros(B, dtype=torch.long, device=idx.device)  # the stop token that ended each row
+        new = idx  # the tokens not yet fed to the model
         for _ in range(max_new_tokens):
-            logits = self(idx)[0][:, -1].float()  # [B, vocab]
-            if temperature == 0:
-                next_idx = logits.argmax(dim=-1, keepdim=True)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                if top_p is not None:
-                    sorted_probs, order = probs.sort(dim=-1, descending=True)
-                    # drop a token when the tokens more likely than it already reach top_p
-                    drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-                    probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-                next_idx = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat((idx, next_idx), dim=1)
+            logits = (self(new, cache=cache) if use_cache else self(idx))[0][:, -1].float()  # [B, vocab]
+            next_idx = torch.where(done, ended_with, sample(logits, temperature, top_p, generator))
+            ends = torch.isin(next_idx, stop) & ~done
+            ended_with, done = torch.where(ends, next_idx, ended_with), done | ends
+            idx, new = torch.cat((idx, next_idx[:, None]), dim=1), next_idx[:, None]
+            if callback is not None:
+                callback(next_idx)
+            if done.all():
+                break
         return idx
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens long [B] from logits [B, vocab]: argmax if temperature == 0, else a draw from
+    softmax(logits / temperature) restricted to the top_p nucleus."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p is not None:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens more likely than it already reach top_p
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

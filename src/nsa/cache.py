@@ -1,0 +1,291 @@
+"""KV caches for decoding: preallocated per-layer buffers that grow by writing, never by copying.
+
+NSACache (one per NativeSparseAttention layer) holds what SPEC.md's decoding section needs:
+  k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, D]: the raw keys (rotated) / values of the selection and
+      window branches (with share_kv one pair, returned for both branches);
+  k_cmp, v_cmp [B, cmp_capacity, Hkv, D]: the compressed keys (rotated at their block centre) / values,
+      cmp_capacity = num_cmp_tokens(capacity); compressed token i sits in slot i;
+  ring_k, ring_v [B, R, Hkv, D]: the last R raw, UN-rotated keys/values of the compression branch, raw
+      position p in slot p % R, R = l - 1 + max_trim. Compressed token i is made by phi from raw tokens
+      [i*d, i*d + l) as soon as raw token i*d + l - 1 arrives, so only the tokens of blocks still under
+      construction (at most the last l - 1) are ever needed again; the extra max_trim slots let trim()
+      roll back up to max_trim tokens and still rebuild those blocks.
+  lengths int32 [B] (on the cache's device): raw tokens held by each row; row b's valid data is slots
+      [0, lengths[b]) of the raw buffers and [0, num_cmp_tokens(lengths[b])) of k_cmp / v_cmp; whatever
+      lies beyond is ignored (so trim() only has to lower lengths). A host copy (seq_lens) mirrors it so
+      that capacity checks never wait on the device.
+KVCache (one per full-attention layer) holds k, v [B, capacity, Hkv, D] and lengths the same way.
+ModelCache is the list of a model's layer caches, with the same reset / trim / nbytes.
+
+The caches only store (detached values: decoding is inference only); the layers compute what goes in
+(NativeSparseAttention.prefill / .step, CausalSelfAttention.prefill / .step).
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import NSAConfig
+
+
+class LayerCache:
+    """Rows of raw-token buffers [B, capacity, Hkv, D] plus their lengths; the part every cache shares.
+
+    Subclasses name their raw buffers in RAW (attribute names); their other buffers are covered by nbytes.
+    """
+
+    RAW: tuple[str, ...] = ()
+
+    def __init__(self, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
+                 dtype: torch.dtype, device):
+        for name, value in (("batch_size", batch_size), ("capacity", capacity)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.batch_size, self.capacity, self.dtype = batch_size, capacity, dtype
+        self.device = torch.device(device)
+        for name in self.RAW:
+            dim = head_dim if name.startswith("k") else v_head_dim
+            setattr(self, name, self._buffer(capacity, num_kv_heads, dim))
+        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        self.seq_lens = [0] * batch_size  # host mirror of lengths
+
+    @staticmethod
+    def defaults(layer, dtype, device) -> tuple[torch.dtype, torch.device]:
+        """dtype/device of a layer's cache: given, else the autocast dtype when autocast is on, else the weights'."""
+        weight = layer.q_proj.weight
+        device = torch.device(device or weight.device)
+        if dtype is None:
+            autocasting = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocasting else weight.dtype
+        return dtype, device
+
+    def begin_prefill(self, x: torch.Tensor, lengths) -> list[int]:
+        """Empties the cache for prompts x [B, T, ...] (right-padded) of lengths (B ints in [0, T]; None: all T),
+        checks they fit, and returns the lengths as a list."""
+        B, T = x.shape[:2]
+        seq_lens = [T] * B if lengths is None else [int(n) for n in lengths]
+        if len(seq_lens) != B or not all(0 <= n <= T for n in seq_lens):
+            raise ValueError(f"lengths must hold {B} prompt lengths between 0 and {T}, got {lengths!r}")
+        self.reset()
+        self.check_new(x, T)
+        return seq_lens
+
+    def _buffer(self, tokens: int, heads: int, dim: int) -> torch.Tensor:
+        return torch.zeros(self.batch_size, tokens, heads, dim, dtype=self.dtype, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer the cache holds (lengths included)."""
+        return sum(t.nbytes for t in {id(t): t for t in vars(self).values() if isinstance(t, torch.Tensor)}.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return max(self.seq_lens) == 0
+
+    def check_new(self, x: torch.Tensor, new_tokens: int) -> None:
+        """x [B, S, ...] may append S = new_tokens tokens to every row: batch, device and capacity agree."""
+        if x.shape[0] != self.batch_size:
+            raise ValueError(f"the input has batch {x.shape[0]} but the cache was created for batch {self.batch_size}")
+        if x.device != self.device:
+            raise ValueError(f"the input is on {x.device} but the cache is on {self.device}")
+        longest = max(self.seq_lens)
+        if longest + new_tokens > self.capacity:
+            raise ValueError(f"cache capacity ({self.capacity} tokens) exceeded: a row holding {longest} tokens "
+                             f"needs {longest + new_tokens} for {new_tokens} new ones; create the cache with "
+                             f"capacity >= {longest + new_tokens}")
+
+    def check_dtype(self, x: torch.Tensor) -> None:
+        if x.dtype != self.dtype:
+            raise TypeError(f"the layer produces keys/values of dtype {x.dtype} but the cache holds {self.dtype}; "
+                            f"create the cache with dtype={x.dtype}")
+
+    def next_positions(self, new_tokens: int) -> torch.Tensor:
+        """long [B, S]: the positions (and slots) of S new tokens, lengths[b] .. lengths[b] + S - 1."""
+        return self.lengths.long()[:, None] + torch.arange(new_tokens, device=self.device)
+
+    def write(self, positions: torch.Tensor, **new: torch.Tensor) -> None:
+        """Writes new tokens new[name] [B, S, Hkv, D] into raw buffer `name` at positions long [B, S]
+        (from next_positions). Does not advance lengths: advance() does, once everything is written."""
+        rows = torch.arange(self.batch_size, device=self.device)[:, None]
+        for name, value in new.items():
+            self.check_dtype(value)
+            getattr(self, name)[rows, positions] = value.detach()
+
+    def fill(self, seq_lens: list[int], **full: torch.Tensor) -> None:
+        """Replaces the contents with the first seq_lens[b] tokens of each row of full[name] [B, T, Hkv, D]."""
+        for name, value in full.items():
+            self.check_dtype(value)
+            getattr(self, name)[:, :value.shape[1]] = value.detach()  # slots past seq_lens[b] are ignored
+        self.set_lengths(seq_lens)
+
+    def advance(self, new_tokens: int) -> None:
+        self.set_lengths([n + new_tokens for n in self.seq_lens])
+
+    def set_lengths(self, seq_lens: list[int]) -> None:
+        self.seq_lens = list(seq_lens)
+        self.lengths.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+
+    def reset(self, rows: list[int] | None = None) -> None:
+        """Empties the given rows (all by default); the buffers are kept for reuse."""
+        rows = range(self.batch_size) if rows is None else rows
+        self.set_lengths([0 if b in rows else n for b, n in enumerate(self.seq_lens)])
+
+    def trim(self, new_len: int | list[int]) -> None:
+        """Rolls every row back to new_len tokens (an int for all rows, or one per row), e.g. to drop
+        rejected speculative tokens; rows already shorter are left alone. Stepping again from there equals
+        never having stepped past new_len."""
+        new = [new_len] * self.batch_size if isinstance(new_len, int) else list(new_len)
+        if len(new) != self.batch_size or any(not isinstance(n, int) or n < 0 for n in new):
+            raise ValueError(f"new_len must be a non-negative int or {self.batch_size} of them, got {new_len!r}")
+        self.set_lengths([min(n, old) for n, old in zip(new, self.seq_lens)])
+
+
+class KVCache(LayerCache):
+    """Full-attention cache: k (rotated), v [B, capacity, Hkv, D] and lengths.
+
+    nbytes = B * capacity * Hkv * (Dk + Dv) * element_size + 4 * B.
+    """
+
+    RAW = ("k", "v")
+
+    @classmethod
+    def create(cls, layer, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """Empty cache for `layer` (a CausalSelfAttention); dtype/device as in LayerCache.defaults."""
+        return cls(batch_size, capacity, layer.n_kv_head, layer.head_dim, layer.head_dim,
+                   *cls.defaults(layer, dtype, device))
+
+
+class NSACache(LayerCache):
+    """Cache of one NativeSparseAttention layer (see the module docstring for the buffers).
+
+    nbytes = B * element_size * Hkv * (Dk + Dv) * (S * capacity + num_cmp_tokens(capacity) + l - 1 + max_trim)
+             + 4 * B,  with S = 1 if share_kv else 2 (raw sets of the selection and window branches).
+    E.g. the paper's config (l = 32, d = 16), Hkv = 4, D = 128, bf16, share_kv=False, 128k tokens, B = 1:
+    2 * 4 * 256 * (2 * 131072 + 8191 + 63) bytes = 554 MB, of which the compressed tokens are 3%.
+    """
+
+    def __init__(self, config: NSAConfig, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
+                 v_head_dim: int, share_kv: bool, dtype: torch.dtype, device, max_trim: int | None = None):
+        self.RAW = ("k_slc", "v_slc") if share_kv else ("k_slc", "v_slc", "k_swa", "v_swa")
+        super().__init__(batch_size, capacity, num_kv_heads, head_dim, v_head_dim, dtype, device)
+        max_trim = config.cmp_block if max_trim is None else max_trim
+        if not isinstance(max_trim, int) or isinstance(max_trim, bool) or max_trim < 0:
+            raise ValueError(f"max_trim must be a non-negative int, got {max_trim!r}")
+        self.config, self.share_kv, self.max_trim = config, share_kv, max_trim
+        self.cmp_capacity = config.num_cmp_tokens(capacity)
+        self.k_cmp = self._buffer(self.cmp_capacity, num_kv_heads, head_dim)
+        self.v_cmp = self._buffer(self.cmp_capacity, num_kv_heads, v_head_dim)
+        self.ring_size = config.cmp_block - 1 + max_trim
+        self.ring_k = self._buffer(self.ring_size, num_kv_heads, head_dim)
+        self.ring_v = self._buffer(self.ring_size, num_kv_heads, v_head_dim)
+        if share_kv:  # one raw set serves both branches (nbytes counts it once)
+            self.k_swa, self.v_swa = self.k_slc, self.v_slc
+
+    @classmethod
+    def create(cls, layer, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
+               max_trim: int | None = None) -> NSACache:
+        """Empty cache for `layer` (a NativeSparseAttention) holding up to `capacity` tokens per row.
+
+        dtype/device: given, else the autocast dtype when autocast is on, else the layer's weights'.
+        max_trim: how many tokens trim() may roll back (default cmp_block).
+        """
+        return cls(layer.config, batch_size, capacity, layer.num_kv_heads, layer.head_dim, layer.v_head_dim,
+                   layer.share_kv, *cls.defaults(layer, dtype, device), max_trim)
+
+    def _next_block_start(self, n: int) -> int:
+        """First raw position a row of n tokens will need again: the start of its next compressed block."""
+        return min(self.config.num_cmp_tokens(n) * self.config.cmp_stride, n)
+
+    def pending_blocks(self, raw_k: torch.Tensor, raw_v: torch.Tensor):
+        """The compressed tokens that S new raw cmp-branch tokens raw_k, raw_v [B, S, Hkv, D] complete.
+
+        Compressed token i of row b (length L_b) is complete once raw token i*d + l - 1 < L_b + S: the new
+        ones are i in [num_cmp_tokens(L_b), num_cmp_tokens(L_b + S)). Returns (rows, slots) long [N] and
+        their raw blocks k_blocks [N, l, Hkv, Dk], v_blocks [N, l, Hkv, Dv] (un-rotated, in order).
+        """
+        cfg, R = self.config, self.ring_size
+        l, d, S = cfg.cmp_block, cfg.cmp_stride, raw_k.shape[1]
+        rows, slots, starts = [], [], []
+        for b, n in enumerate(self.seq_lens):
+            for i in range(cfg.num_cmp_tokens(n), cfg.num_cmp_tokens(n + S)):
+                rows.append(b)
+                slots.append(i)
+                starts.append(i * d - (n - R))  # block start inside the context below
+        rows, slots, starts = (torch.tensor(v, dtype=torch.long, device=self.device) for v in (rows, slots, starts))
+        # context of row b: raw positions L_b - R .. L_b + S - 1 (the ring unrolled, then the new tokens)
+        ring_pos = self.lengths.long()[:, None] - R + torch.arange(R, device=self.device)  # [B, R]
+        index = (ring_pos % R)[:, :, None, None]
+        blocks = []
+        for ring, new in ((self.ring_k, raw_k), (self.ring_v, raw_v)):
+            context = torch.cat((ring.gather(1, index.expand(-1, -1, *ring.shape[2:])), new), dim=1)
+            blocks.append(context[rows[:, None], starts[:, None] + torch.arange(l, device=self.device)])
+        return rows, slots, blocks[0], blocks[1]
+
+    def append(self, positions: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.Tensor, rows: torch.Tensor,
+               slots: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> None:
+        """Stores the new tokens' raw cmp-branch keys/values [B, S, Hkv, D] (at positions long [B, S])
+        in the ring and the compressed tokens k_cmp, v_cmp [N, Hkv, D] in slots [N] of rows [N]; then advances
+        lengths by S (the raw selection/window tokens were written by write())."""
+        keep = min(raw_k.shape[1], self.ring_size)  # only the last R raw tokens can be needed again
+        batch = torch.arange(self.batch_size, device=self.device)[:, None]
+        ring_slots = positions[:, -keep:] % self.ring_size
+        self.ring_k[batch, ring_slots] = raw_k[:, -keep:].detach()
+        self.ring_v[batch, ring_slots] = raw_v[:, -keep:].detach()
+        self.check_dtype(k_cmp)
+        self.k_cmp[rows, slots] = k_cmp.detach()
+        self.v_cmp[rows, slots] = v_cmp.detach()
+        self.advance(raw_k.shape[1])
+
+    def fill_cmp(self, seq_lens: list[int], raw_k: torch.Tensor, raw_v: torch.Tensor, k_cmp: torch.Tensor,
+                 v_cmp: torch.Tensor) -> None:
+        """Prefill's part: whole-prompt raw cmp-branch keys/values [B, T, Hkv, D] (the ring keeps each row's last
+        R) and compressed tokens [B, num_cmp_tokens(T), Hkv, D] (row b keeps its first num_cmp_tokens(seq_lens[b]))."""
+        self.check_dtype(k_cmp)
+        self.k_cmp[:, :k_cmp.shape[1]] = k_cmp.detach()
+        self.v_cmp[:, :v_cmp.shape[1]] = v_cmp.detach()
+        for b, n in enumerate(seq_lens):
+            positions = torch.arange(max(0, n - self.ring_size), n, device=self.device)
+            self.ring_k[b, positions % self.ring_size] = raw_k[b, positions].detach()
+            self.ring_v[b, positions % self.ring_size] = raw_v[b, positions].detach()
+
+    def trim(self, new_len: int | list[int]) -> None:
+        """LayerCache.trim; the compressed tokens made from trimmed tokens drop out with the lengths.
+
+        Raises ValueError when a row would roll back further than the raw compression ring reaches (max_trim).
+        """
+        old = list(self.seq_lens)
+        super().trim(new_len)
+        for b, (n, m) in enumerate(zip(old, self.seq_lens)):
+            if m and n - self.ring_size > self._next_block_start(m):
+                self.set_lengths(old)
+                raise ValueError(f"trim: row {b} would roll back {n - m} tokens but this cache keeps raw compression "
+                                 f"tokens for at most {self.max_trim}; create it with max_trim >= {n - m}")
+
+
+class ModelCache:
+    """The caches of a model's layers, in order; reset / trim / nbytes act on all of them."""
+
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """int32 [B]: tokens each row holds (the same in every layer)."""
+        return self.layers[0].lengths
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return self.layers[0].seq_lens
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)
+
+    def reset(self, rows: list[int] | None = None) -> None:
+        for c in self.layers:
+            c.reset(rows)
+
+    def trim(self, new_len: int | list[int]) -> None:
+        for c in self.layers:
+            c.trim(new_len)
