@@ -416,7 +416,7 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     gpu = not interpreting()
 
     # Tiles (the interpreter's are small so that the tests cross tile and split boundaries).
-    block_r = min(_pow2(rows), (64 if block_dk <= 128 else 32) if gpu else 16)
+    block_r = min(_pow2(rows), (64 if max(block_dk, block_dv) <= 128 else 32) if gpu else 16)
     row_tiles = triton.cdiv(rows, block_r)
     per_block, halo = lp // d, l // d - 1
     block_c = max(64 if gpu else 16, triton.next_power_of_2(per_block + halo))
@@ -443,7 +443,10 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     o = torch.empty(B, S, Hq, Dv, device=dev, dtype=q.dtype)
     qk_scale = scale * LOG2E
     precision = dot_precision(q.dtype)
-    common = dict(DK=Dk, DV=Dv, BLOCK_R=block_r, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+    # Software pipelining keeps num_stages copies of the key/value tiles in shared memory (227 KB on an H100).
+    kv_tile_bytes = max(block_c, block_l, block_w) * (block_dk + block_dv) * q.element_size()
+    common = dict(DK=Dk, DV=Dv, BLOCK_R=block_r, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                  num_stages=3 if kv_tile_bytes < 65536 else 2)
     partials = (m_part, l_part, acc_part)
 
     _cmp_kernel[(cmp_splits * row_tiles, Hkv, B)](
