@@ -25,7 +25,7 @@ def decode_case(lens, S, Hq, Hkv, Dk, Dv, config, dtype, capacity, seed=0, devic
     Row b holds lens[b] tokens; the float64 args carry exactly the dtype's values.
     """
     x = make_inputs(len(lens), max(lens), Hq, Hkv, Dk, Dv, config, seed=seed)
-    x = {k: v.to(dtype).double() for k, v in x.items()}
+    x = {k: v.to(device=device, dtype=dtype).double() for k, v in x.items()}
     cache = cache_from(x, lens, capacity, config.num_cmp_tokens(capacity), config)
     q = torch.stack([x["q"][b, n - S:n] for b, n in enumerate(lens)])
     gates = torch.stack([x["gates"][b, n - S:n] for b, n in enumerate(lens)])

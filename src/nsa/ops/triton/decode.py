@@ -31,6 +31,11 @@ never on seq_lens, so a step can be captured in a CUDA graph; nothing is read ba
   4. _combine_kernel grid (row tiles, Hkv, B)
        merges the splits of each branch and gates them: o = g0 * o_cmp + g1 * o_slc + g2 * o_swa.
 
+Bytes read per step, per batch row and KV head (2-byte dtype, D = Dk + Dv): the compressed cache once,
+2 * D * Tc(L) (plus l/d - 1 halo keys per BLOCK_C), the distinct selected blocks, at most 2 * D * n * l'
+per query, and the window, 2 * D * (w + S - 1); then float32 scratch: pooled scores 2 x 4 * G * S * L / l'
+and partials 2 x 4 * G * S * Dv * splits. q, gates and o are negligible.
+
 Programs whose share of the keys lies past their row's length loop zero times and store an empty
 state (m = -inf, l = 0), which the merges ignore; cache slots past seq_lens[b] are never read.
 Extra memory: the partials, O(B * Hq * S * splits * Dv) float32, and the pooled scores,
