@@ -279,6 +279,10 @@ class ModelCache:
         return self.layers[0].seq_lens
 
     @property
+    def is_empty(self) -> bool:
+        return self.layers[0].is_empty
+
+    @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
 

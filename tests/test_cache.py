@@ -1,0 +1,166 @@
+"""KV cache: the layer fed one token at a time, or in chunks, equals the whole-sequence forward at every position."""
+import random
+
+import pytest
+import torch
+
+import nsa
+from nsa import NativeSparseAttention, NSAConfig
+from nsa.cache import KVCache, ModelCache, NSACache
+
+# T = 70 crosses compressed tokens (every 4 from position 7), selection blocks of 16 and the window of 12
+CFG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3, window=12)
+HIDDEN, T = 32, 70
+
+
+def make_layer(share_kv=False, seed=0):
+    torch.manual_seed(seed)
+    layer = NativeSparseAttention(HIDDEN, 4, 2, 8, 6, config=CFG, share_kv=share_kv, backend="reference").double()
+    for p in layer.parameters():  # random values everywhere (zero-initialized embeddings included)
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+def randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def feed(layer, x, cache, chunks):
+    """Prefills x[:, :chunks[0]], then steps the next chunks; returns all outputs [B, sum(chunks), hidden]."""
+    ys, start = [layer.prefill(x[:, :chunks[0]], cache)], chunks[0]
+    for S in chunks[1:]:
+        ys.append(layer.step(x[:, start:start + S], cache))
+        start += S
+    return torch.cat(ys, dim=1)
+
+
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_one_token_at_a_time_equals_forward(share_kv):
+    layer = make_layer(share_kv)
+    x = randn(2, T, HIDDEN)
+    full = layer(x)
+    _, k_cmp, v_cmp = layer.nsa_inputs(x)[:3]
+    cache = NSACache.create(layer, 2, T)
+    ys = [layer.prefill(x[:, :1], cache)]
+    for t in range(1, T):
+        ys.append(layer.step(x[:, t:t + 1], cache))
+        # compressed token i is in the cache exactly once raw token i*d + l - 1 has arrived
+        Tc = CFG.num_cmp_tokens(t + 1)
+        torch.testing.assert_close(cache.k_cmp[:, :Tc], k_cmp[:, :Tc], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cache.v_cmp[:, :Tc], v_cmp[:, :Tc], rtol=1e-12, atol=1e-12)
+    assert cache.seq_lens == [T, T] and cache.lengths.tolist() == [T, T]
+    torch.testing.assert_close(torch.cat(ys, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_chunks_equal_forward(seed):
+    rng = random.Random(seed)
+    chunks = [rng.randint(1, 20)]
+    while sum(chunks) < T:
+        chunks.append(min(rng.randint(1, 20), T - sum(chunks)))
+    layer = make_layer(seed=seed)
+    x = randn(2, T, HIDDEN, seed=seed)
+    cache = NSACache.create(layer, 2, T + 5, max_trim=0)  # steps never need the ring beyond l - 1 tokens
+    torch.testing.assert_close(feed(layer, x, cache, chunks), layer(x), rtol=1e-10, atol=1e-10)
+
+
+def test_rows_of_different_lengths_decode_independently():
+    layer = make_layer()
+    lens, steps = [45, 23, 3], 12
+    rows = [randn(1, n + steps, HIDDEN, seed=b) for b, n in enumerate(lens)]
+    prompts = torch.zeros(3, max(lens), HIDDEN, dtype=torch.float64) + 7.0  # padding: must not matter
+    for b, n in enumerate(lens):
+        prompts[b, :n] = rows[b][0, :n]
+    cache = NSACache.create(layer, 3, max(lens) + steps)
+    y_prompt = layer.prefill(prompts, cache, lengths=lens)
+    assert cache.seq_lens == lens
+    y_steps = torch.cat([layer.step(torch.cat([r[:, n + s:n + s + 1] for r, n in zip(rows, lens)]), cache)
+                         for s in range(steps)], dim=1)
+    for b, n in enumerate(lens):
+        alone = layer(rows[b])[0]  # row b run by itself
+        torch.testing.assert_close(y_prompt[b, :n], alone[:n], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(y_steps[b], alone[n:], rtol=1e-10, atol=1e-10)
+
+
+def test_trim_then_restep_equals_never_having_stepped():
+    layer = make_layer()
+    x, draft = randn(2, 60, HIDDEN), randn(2, 6, HIDDEN, seed=9)
+    cache, fresh = NSACache.create(layer, 2, 80), NSACache.create(layer, 2, 80)
+    layer.prefill(x[:, :38], cache)
+    layer.step(draft, cache)  # 6 speculative tokens: positions 38..43 complete compressed tokens 8, 9 ([32, 40), [36, 44))
+    assert cache.k_cmp.shape[1] > CFG.num_cmp_tokens(44) > CFG.num_cmp_tokens(38)
+    cache.trim(38)  # rejected: the compressed token made from them must go too
+    assert cache.seq_lens == [38, 38]
+    # one token at a time first, so that the op reads the slots of compressed tokens 8, 9 before they are remade
+    y = torch.cat([layer.step(x[:, t:t + 1], cache) for t in range(38, 45)] + [layer.step(x[:, 45:], cache)], dim=1)
+    torch.testing.assert_close(y, feed(layer, x, fresh, [38, 22])[:, 38:], rtol=1e-12, atol=1e-12)
+
+
+def test_trim_limits_and_reset():
+    layer = make_layer()
+    x = randn(1, 60, HIDDEN)
+    cache = NSACache.create(layer, 1, 60, max_trim=4)  # the ring keeps l - 1 + 4 raw compression tokens
+    layer.prefill(x[:, :30], cache)
+    layer.step(x[:, 30:50], cache)
+    with pytest.raises(ValueError, match="max_trim >= 20"):
+        cache.trim(30)
+    assert cache.seq_lens == [50]  # a refused trim changes nothing
+    cache.trim(46)
+    cache.trim(0)  # rolling a row back to empty always works
+    cache.reset()
+    assert cache.is_empty
+    torch.testing.assert_close(layer.prefill(x[:, :10], cache), layer(x[:, :10]))
+
+
+def test_bad_input_raises_clear_errors():
+    layer = make_layer()
+    x = randn(2, 10, HIDDEN)
+    cache = NSACache.create(layer, 2, 12)
+    layer.prefill(x, cache)
+    with pytest.raises(ValueError, match=r"capacity \(12 tokens\).*needs 13"):
+        layer.step(x[:, :3], cache)
+    with pytest.raises(ValueError, match="batch 1 but the cache was created for batch 2"):
+        layer.step(x[:1, :1], cache)
+    with pytest.raises(TypeError, match="dtype torch.float64 but the cache holds torch.float32"):
+        layer.step(x[:, :1], NSACache.create(layer, 2, 12, dtype=torch.float32))
+    with pytest.raises(ValueError, match="another config"):
+        layer.step(x[:, :1], NSACache.create(make_layer(share_kv=True), 2, 12))
+    with pytest.raises(ValueError, match="capacity must be a positive int"):
+        NSACache.create(layer, 2, 0)
+    with pytest.raises(ValueError, match="lengths must hold 2 prompt lengths"):
+        layer.prefill(x, cache, lengths=[3, 11])
+    assert cache.seq_lens == [10, 10]  # nothing was written by the refused calls
+
+
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_nbytes_formula(share_kv):
+    layer = make_layer(share_kv)
+    B, cap, Hkv, Dk, Dv = 3, 100, 2, 8, 6
+    cache = NSACache.create(layer, B, cap, max_trim=5)
+    sets = 1 if share_kv else 2
+    tokens = sets * cap + CFG.num_cmp_tokens(cap) + CFG.cmp_block - 1 + 5
+    assert cache.nbytes == B * 8 * Hkv * (Dk + Dv) * tokens + 4 * B
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_model_cache_rows_of_different_lengths(attention):
+    torch.manual_seed(0)
+    model = nsa.LanguageModel(nsa.ModelConfig(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attention=attention,
+                                              nsa=CFG, backend="reference")).double()
+    lens, steps = [30, 9], 8
+    seqs = [torch.randint(0, 256, (1, n + steps)) for n in lens]
+    prompts = torch.zeros(2, max(lens), dtype=torch.long)
+    for b, n in enumerate(lens):
+        prompts[b, :n] = seqs[b][0, :n]
+    cache = model.new_cache(2, max(lens) + steps)
+    assert isinstance(cache, ModelCache)
+    assert all(isinstance(c, NSACache if attention == "nsa" else KVCache) for c in cache.layers)
+    model(prompts, cache=cache, lengths=lens)
+    logits = torch.cat([model(torch.cat([s[:, n + i:n + i + 1] for s, n in zip(seqs, lens)]), cache=cache)[0]
+                        for i in range(steps)], dim=1)
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(logits[b], model(seqs[b])[0][0, n:], rtol=1e-10, atol=1e-10)
+    cache.trim([36, 15])  # the container rolls every layer back
+    assert all(c.seq_lens == [36, 15] for c in cache.layers)
+    with pytest.raises(ValueError, match="lengths is for prefill"):
+        model(prompts[:, :1], cache=cache, lengths=lens)

@@ -1,0 +1,70 @@
+"""LanguageModel.generate: the same tokens with and without the KV cache; stop tokens, callback, nucleus."""
+import pytest
+import torch
+
+import nsa
+
+CFG = nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3, window=12)
+
+
+def make_model(attention, share_kv=False):
+    torch.manual_seed(0)
+    cfg = nsa.ModelConfig(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attention=attention, nsa=CFG,
+                          share_kv=share_kv, backend="reference")
+    return nsa.LanguageModel(cfg).double()
+
+
+PROMPT = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("attention, share_kv", [("nsa", False), ("nsa", True), ("full", False)])
+def test_same_tokens_with_and_without_cache(attention, share_kv):
+    model = make_model(attention, share_kv)
+    # 60 new tokens cross compressed tokens, selection blocks and the window
+    greedy = model.generate(PROMPT, 60, temperature=0)
+    assert greedy.shape == (3, 70) and torch.equal(greedy[:, :10], PROMPT)
+    assert torch.equal(model.generate(PROMPT, 60, temperature=0, use_cache=False), greedy)
+    sampled = [model.generate(PROMPT, 60, temperature=1.5, top_p=0.95, use_cache=use_cache,
+                              generator=torch.Generator().manual_seed(1)) for use_cache in (True, False)]
+    assert torch.equal(sampled[0], sampled[1])
+    assert not torch.equal(sampled[0], greedy)
+
+
+def test_stop_tokens_end_rows():
+    model = make_model("nsa")
+    free = model.generate(PROMPT, 12, temperature=0)
+    stop = int(free[0, 13])  # row 0 emits it at its 4th new token (maybe earlier too)
+    first = int((free[0, 10:] == stop).nonzero()[0])
+    out = model.generate(PROMPT, 12, temperature=0, stop_tokens=[stop])
+    assert torch.equal(out[0, :11 + first], free[0, :11 + first])
+    assert (out[0, 10 + first:] == stop).all()  # an ended row repeats its stop token
+    for b in (1, 2):  # the other rows go on as before up to their own first stop token
+        hit = (free[b, 10:] == stop).nonzero()
+        end = 10 + (int(hit[0]) + 1 if len(hit) else 12)
+        assert torch.equal(out[b, :end], free[b, :end])
+    # once every row has ended, generation stops early
+    assert model.generate(PROMPT, 12, temperature=0, stop_tokens=range(256)).shape == (3, 11)
+
+
+def test_callback_receives_every_token():
+    model = make_model("nsa")
+    seen = []
+    out = model.generate(PROMPT, 9, generator=torch.Generator().manual_seed(0), callback=lambda t: seen.append(t))
+    assert len(seen) == 9 and torch.equal(torch.stack(seen, dim=1), out[:, 10:])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_tiny_nucleus_is_greedy(use_cache):
+    model = make_model("nsa")
+    greedy = model.generate(PROMPT, 20, temperature=0, use_cache=use_cache)
+    nucleus = model.generate(PROMPT, 20, top_p=1e-9, use_cache=use_cache, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(nucleus, greedy)
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_chunked_prefill_equals_one_pass(attention):
+    model = make_model(attention)
+    idx = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(1))
+    whole = model.prefill(idx, model.new_cache(2, 50))
+    torch.testing.assert_close(model.prefill(idx, model.new_cache(2, 50), chunk_size=16), whole, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(whole, model(idx)[0], rtol=1e-10, atol=1e-10)
