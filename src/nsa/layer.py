@@ -196,9 +196,11 @@ class NativeSparseAttention(nn.Module):
         o = nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, self.config, backend=self.backend)
         return self.o_proj(o.flatten(2))
 
+    @torch.no_grad()
     def step(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
         """Appends S new tokens to every cache row: x [B, S, hidden_size] (S >= 1; row b's sit at positions
         cache.lengths[b] .. + S - 1) -> their outputs [B, S, hidden_size], equal to the whole-sequence forward's.
+        Decoding is inference only: no gradient flows (the cache holds detached values anyway).
 
         Writes their keys/values, makes every compressed token whose last raw token has now arrived (phi on
         the raw un-rotated blocks, RoPE at the block centre, as in nsa_inputs), then runs nsa_decode_attention.
