@@ -77,10 +77,9 @@ class CausalSelfAttention(nn.Module):
         """q [B, S, Hq, D] over k, v [B, L, Hkv, D] with mask bool (True: visible) broadcastable to
         [B, Hq, S, L], or None for the causal mask with S = L -> [B, S, C]."""
         B, S = q.shape[:2]
-        G = self.n_head // self.n_kv_head
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # GQA: head h reads kv head h // G
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)  # GQA: head h reads kv head h // G
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
