@@ -122,8 +122,6 @@ def run_attention(B, L, config, warmup, rep):
             rec["bytes"] = nsa_bytes if name == "nsa" else full_bytes
             rec["gb_s"] = None if rec["ms"] is None else rec["bytes"] / rec["ms"] / 1e6
             out["kernels"][name] = rec
-    del x, args, q, k, v
-    torch.cuda.empty_cache()
     return out
 
 
@@ -207,6 +205,7 @@ def main():
         for L in args.L:
             print(f"attention B={B} L={L} ...", flush=True)
             attention.append(run_attention(B, L, config, args.warmup, args.rep))
+            torch.cuda.empty_cache()  # the step's cache buffers are gone with run_attention's frame
     e2e = []
     if args.prompt:
         for name in ("nsa", "full"):

@@ -8,6 +8,8 @@ backend=None picks "triton" for CUDA tensors when Triton is importable, else "re
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import warnings
 
 import torch
@@ -22,11 +24,7 @@ BACKENDS = ("reference", "triton")
 
 @functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +50,6 @@ def _resolve_backend(backend, device: torch.device) -> str:
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
