@@ -66,3 +66,13 @@ def test_learning_rate_schedule():
     assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(99, cfg) == pytest.approx(1e-4)  # cosine down to 10%
     assert lr_at(10, cfg) > lr_at(50, cfg) > lr_at(90, cfg)
     assert lr_at(99, TrainConfig(steps=100, lr=1e-3, warmup_steps=10, schedule="constant")) == 1e-3
+
+
+def test_demo_reports_where_the_png_really_is(tmp_path, capsys):
+    data = tmp_path / "tiny.txt"
+    data.write_text(TEXT)
+    assert main(["demo", "--steps", "2", "--seq-len", "64", "--batch-size", "2", "--device", "cpu",
+                 "--data", str(data), "--out", str(tmp_path / "curves"), "--sample-len", "4"]) == 0
+    png = tmp_path / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"loss plot saved to {png}" in capsys.readouterr().out

@@ -96,6 +96,8 @@ def demo(steps: int | None = None, seq_len: int | None = None, batch_size: int |
         train_loss = sum(h.train_loss[-10:]) / len(h.train_loss[-10:])
         print(f"  {name:>4}: train {train_loss:.3f}  validation {h.val_loss[-1]:.3f}  (start {h.val_loss[0]:.3f})")
     out = Path(out)
+    if out.suffix.lower() != ".png":  # the plot is a PNG whatever name it is given
+        out = out.with_name(out.name + ".png")
     plot_losses(history, out, f"NSA vs full attention, byte-level LM, T = {train_cfg.seq_len}")
     print(f"loss plot saved to {out.resolve()}")
 
