@@ -64,23 +64,47 @@ def check_config(config) -> NSAConfig:
     return config
 
 
+def _check_like_q(name: str, x, q: torch.Tensor) -> None:
+    """x is a rank-4 float tensor with q's dtype, device and batch."""
+    _check_tensor(name, x, 4)
+    if x.dtype != q.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; all inputs must share one dtype")
+    if x.device != q.device:
+        raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must be on one device")
+    _expect(name, x, 0, q.shape[0], "batch, as in q")
+
+
+def _check_gqa(q: torch.Tensor, k_cmp: torch.Tensor) -> None:
+    Hq, Hkv = q.shape[2], k_cmp.shape[2]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the key/value heads of k_cmp ({Hkv})")
+
+
+def _check_heads_and_dims(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates) -> None:
+    """Every key/value input has k_cmp's heads, keys have q's Dk, values v_cmp's Dv; gates [., ., Hq, 3]."""
+    Hq, Dk = q.shape[2], q.shape[3]
+    Hkv, Dv = k_cmp.shape[2], v_cmp.shape[3]
+    kv = {"v_cmp": v_cmp, "k_slc": k_slc, "v_slc": v_slc, "k_swa": k_swa, "v_swa": v_swa}
+    for name, x in kv.items():
+        _expect(name, x, 2, Hkv, "key/value heads, as in k_cmp")
+    for name in ("k_slc", "k_swa"):
+        _expect(name, kv[name], 3, Dk, "Dk, as in q")
+    for name in ("v_slc", "v_swa"):
+        _expect(name, kv[name], 3, Dv, "Dv, as in v_cmp")
+    _expect("gates", gates, 2, Hq, "query heads, as in q")
+    _expect("gates", gates, 3, 3, "the gates of (cmp, slc, swa)")
+
+
 def check_select_inputs(q, k_cmp, config, cu_seqlens) -> list[int] | None:
     """Checks q [B, T, Hq, Dk] and k_cmp [B, Tc, Hkv, Dk]; returns the sequence lengths when packed."""
     check_config(config)
     _check_tensor("q", q, 4)
-    _check_tensor("k_cmp", k_cmp, 4)
     B, T, Hq, Dk = q.shape
     if T < 1:
         raise ValueError(f"q must hold at least one token, got shape {tuple(q.shape)}")
-    _expect("k_cmp", k_cmp, 0, B, "batch, as in q")
-    Hkv = k_cmp.shape[2]
-    if Hkv < 1 or Hq % Hkv:
-        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the key/value heads of k_cmp ({Hkv})")
+    _check_like_q("k_cmp", k_cmp, q)
+    _check_gqa(q, k_cmp)
     _expect("k_cmp", k_cmp, 3, Dk, "Dk, as in q")
-    if k_cmp.dtype != q.dtype:
-        raise TypeError(f"k_cmp has dtype {k_cmp.dtype} but q has {q.dtype}; all inputs must share one dtype")
-    if k_cmp.device != q.device:
-        raise ValueError(f"k_cmp is on {k_cmp.device} but q is on {q.device}; all inputs must be on one device")
     lens = None
     if cu_seqlens is None:
         expected_tc = config.num_cmp_tokens(T)
@@ -96,57 +120,31 @@ def check_select_inputs(q, k_cmp, config, cu_seqlens) -> list[int] | None:
 def check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, cu_seqlens):
     """Checks the eight inputs of nsa_attention against SPEC.md's shapes; returns the sequence lengths when packed."""
     lens = check_select_inputs(q, k_cmp, config, cu_seqlens)
-    B, T, Hq, Dk = q.shape
-    Tc, Hkv = k_cmp.shape[1], k_cmp.shape[2]
+    T, Tc = q.shape[1], k_cmp.shape[1]
     raw = {"v_cmp": v_cmp, "k_slc": k_slc, "v_slc": v_slc, "k_swa": k_swa, "v_swa": v_swa, "gates": gates}
     for name, x in raw.items():
-        _check_tensor(name, x, 4)
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; all inputs must share one dtype")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must be on one device")
-        _expect(name, x, 0, B, "batch, as in q")
+        _check_like_q(name, x, q)
         _expect(name, x, 1, Tc if name == "v_cmp" else T, "tokens, as in k_cmp" if name == "v_cmp" else "tokens, as in q")
-    for name in ("v_cmp", "k_slc", "v_slc", "k_swa", "v_swa"):
-        _expect(name, raw[name], 2, Hkv, "key/value heads, as in k_cmp")
-    for name in ("k_slc", "k_swa"):
-        _expect(name, raw[name], 3, Dk, "Dk, as in q")
-    Dv = v_cmp.shape[3]
-    for name in ("v_slc", "v_swa"):
-        _expect(name, raw[name], 3, Dv, "Dv, as in v_cmp")
-    _expect("gates", gates, 2, Hq, "query heads, as in q")
-    _expect("gates", gates, 3, 3, "the gates of (cmp, slc, swa)")
+    _check_heads_and_dims(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
     return lens
 
 
 def check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config) -> None:
     """Shapes, dtypes and devices of a decoding step (values of seq_lens are checked where they are read)."""
     check_config(config)
-    tensors = {"q": q, "k_cmp": k_cmp, "v_cmp": v_cmp, "k_slc": k_slc, "v_slc": v_slc, "k_swa": k_swa,
+    _check_tensor("q", q, 4)
+    tensors = {"k_cmp": k_cmp, "v_cmp": v_cmp, "k_slc": k_slc, "v_slc": v_slc, "k_swa": k_swa,
                "v_swa": v_swa, "gates": gates}
     for name, x in tensors.items():
-        _check_tensor(name, x, 4)
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; all inputs must share one dtype")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must be on one device")
-        _expect(name, x, 0, q.shape[0], "batch, as in q")
-    B, S, Hq, Dk = q.shape
-    Hkv, Dv = k_cmp.shape[2], v_cmp.shape[3]
-    if Hkv < 1 or Hq % Hkv:
-        raise ValueError(f"the query heads of q ({Hq}) must be a multiple of the key/value heads of k_cmp ({Hkv})")
-    _expect("gates", gates, 1, S, "new tokens, as in q")
-    _expect("gates", gates, 2, Hq, "query heads, as in q")
-    _expect("gates", gates, 3, 3, "the gates of (cmp, slc, swa)")
+        _check_like_q(name, x, q)
+    _check_gqa(q, k_cmp)
+    _expect("k_cmp", k_cmp, 3, q.shape[3], "Dk, as in q")
+    _check_heads_and_dims(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
+    _expect("gates", gates, 1, q.shape[1], "new tokens, as in q")
     _expect("v_cmp", v_cmp, 1, k_cmp.shape[1], "compressed capacity, as in k_cmp")
-    for name in ("v_cmp", "k_slc", "v_slc", "k_swa", "v_swa"):
-        _expect(name, tensors[name], 2, Hkv, "key/value heads, as in k_cmp")
-    for name in ("k_cmp", "k_slc", "k_swa"):
-        _expect(name, tensors[name], 3, Dk, "Dk, as in q")
-    for name in ("v_slc", "v_swa"):
-        _expect(name, tensors[name], 3, Dv, "Dv, as in v_cmp")
     for name in ("v_slc", "k_swa", "v_swa"):
         _expect(name, tensors[name], 1, k_slc.shape[1], "cache capacity, as in k_slc")
+    B = q.shape[0]
     if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype != torch.int32 or seq_lens.shape != (B,):
         raise TypeError(f"seq_lens must be an int32 tensor of shape [{B}] (tokens held by each batch row), got "
                         f"{seq_lens.dtype if isinstance(seq_lens, torch.Tensor) else type(seq_lens).__name__} "
