@@ -32,6 +32,7 @@ import triton.language as tl
 from ...config import NSAConfig
 from ..checks import cmp_seqlens
 from .selected import MAX_HEAD_DIM, selected_attention_bwd, selected_attention_fwd
+from .utils import pow2_at_least
 
 # flash.py (banded_attention_fwd/bwd) and selection.py (select_blocks_fwd) are imported where they
 # are used, so that importing one kernel module of this package never requires all the others.
@@ -67,7 +68,7 @@ def _packing(config: NSAConfig, seq_lens, device):
 
 
 def _gate_launch(rows: int, dv: int):
-    block_d = max(16, triton.next_power_of_2(dv))
+    block_d = pow2_at_least(dv)
     block_r = max(1, 4096 // block_d)
     return (triton.cdiv(rows, block_r),), dict(BLOCK_R=block_r, BLOCK_D=block_d)
 

@@ -52,7 +52,7 @@ import triton.language as tl
 
 from ...config import NSAConfig
 from . import _check_backend_inputs
-from .utils import LOG2E, dot_precision, interpreting, keys_upto, visible
+from .utils import LOG2E, dot_precision, interpreting, keys_upto, pow2_at_least, visible
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,10 +371,6 @@ def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride
 # Host side
 
 
-def _pow2(x: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(x))
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -417,17 +413,17 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     G, rows = Hq // Hkv, S * Hq // Hkv
     d, l, lp, n = config.cmp_stride, config.cmp_block, config.slc_block, config.num_selected
     dev = q.device
-    block_dk, block_dv = _pow2(Dk), _pow2(Dv)
+    block_dk, block_dv = pow2_at_least(Dk), pow2_at_least(Dv)
     gpu = not interpreting()
 
     # Tiles (the interpreter's are small so that the tests cross tile and split boundaries).
-    block_r = min(_pow2(rows), (64 if max(block_dk, block_dv) <= 128 else 32) if gpu else 16)
+    block_r = min(pow2_at_least(rows), (64 if max(block_dk, block_dv) <= 128 else 32) if gpu else 16)
     row_tiles = triton.cdiv(rows, block_r)
     per_block, halo = lp // d, l // d - 1
     block_c = max(64 if gpu else 16, triton.next_power_of_2(per_block + halo))
     nbj = (block_c - halo) // per_block  # whole selection blocks per compressed tile
-    block_j = _pow2(nbj)
-    block_l = min(_pow2(lp), 64 if gpu else 16)
+    block_j = pow2_at_least(nbj)
+    block_l = min(pow2_at_least(lp), 64 if gpu else 16)
     block_w = 64 if gpu else 16
     nb_cap = triton.cdiv(k_slc.shape[1], lp)
     tiles_cap = triton.cdiv(nb_cap, nbj)

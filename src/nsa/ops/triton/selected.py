@@ -36,24 +36,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import LOG2E, dot_precision, pow2_at_least
+
 MAX_HEAD_DIM = 256
 # Rows (query, head pairs) per program: the query-major kernels (forward, dq) take ceil(TILE_ROWS / G)
 # consecutive queries, whose block union grows when neighbours disagree, so 16 (the tl.dot minimum);
 # the kv-major kernel gathers queries that all selected its block, so a larger tile wastes nothing.
 TILE_ROWS = 16
 KV_TILE_ROWS = 32
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
-def _pow2(x: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(x))
 
 
 def query_tile(G: int, min_rows: int = TILE_ROWS) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_M): queries per program and padded rows (BLOCK_T * G <= BLOCK_M, a power of two)."""
     block_t = max(1, min_rows // G)
-    return block_t, _pow2(block_t * G)
+    return block_t, pow2_at_least(block_t * G)
 
 
 def _check_head_dims(dk: int, dv: int) -> None:
@@ -321,15 +317,10 @@ def _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen):
     return cu_seqlens.numel() - 1, T, max(int(max_seqlen), 1)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs are multiplied exactly ("ieee"), not in tf32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _meta(G, DK, DV, block_size, n, dtype):
     block_t, block_m = query_tile(G)
     return dict(G=G, N_SLOTS=n, SLC_BLOCK=block_size, NO_BLOCK=2 ** 30, BLOCK_T=block_t, BLOCK_M=block_m,
-                BLOCK_N=min(_pow2(block_size), 64), BLOCK_DK=_pow2(DK), BLOCK_DV=_pow2(DV),
+                BLOCK_N=min(pow2_at_least(block_size), 64), BLOCK_DK=pow2_at_least(DK), BLOCK_DV=pow2_at_least(DV),
                 DOT_PREC=dot_precision(dtype))
 
 
@@ -408,7 +399,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     if chunk is None:  # about twice the average queries per block: most blocks take one item
         chunk = max(256, 2 * block_ids.shape[3] * block_size)
     qlist, item_key, lo, hi, key_items = _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk)
-    block_s, block_dk, block_dv = _pow2(block_size), meta["BLOCK_DK"], meta["BLOCK_DV"]
+    block_s, block_dk, block_dv = pow2_at_least(block_size), meta["BLOCK_DK"], meta["BLOCK_DV"]
     num_items = item_key.numel()
     pdk = torch.empty(num_items, block_s, block_dk, device=q.device, dtype=torch.float32)
     pdv = torch.empty(num_items, block_s, block_dv, device=q.device, dtype=torch.float32)

@@ -27,6 +27,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def pow2_at_least(x: int, floor: int = 16) -> int:
+    """The next power of two >= x, and at least floor (16: tl.dot's smallest tile dim on the GPU)."""
+    return max(floor, triton.next_power_of_2(x))
+
+
 def check_kernel_dtype(*tensors: torch.Tensor) -> None:
     for x in tensors:
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
