@@ -23,8 +23,6 @@ bfloat16 or float32 (use backend="reference" for float64); head dims up to 256.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +30,7 @@ import triton.language as tl
 from ...config import NSAConfig
 from ..checks import cmp_seqlens
 from .selected import MAX_HEAD_DIM, selected_attention_bwd, selected_attention_fwd
-from .utils import pow2_at_least
+from .utils import interpreting, pow2_at_least
 
 # flash.py (banded_attention_fwd/bwd) and selection.py (select_blocks_fwd) are imported where they
 # are used, so that importing one kernel module of this package never requires all the others.
@@ -43,7 +41,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_backend_inputs(q: torch.Tensor, head_dims) -> None:
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"the triton backend needs CUDA tensors, got {q.device} "
                          "(or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)")
     if q.dtype not in KERNEL_DTYPES:
