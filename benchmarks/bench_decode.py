@@ -84,6 +84,15 @@ def bench(fn, warmup, rep):
         return dict(ms=None, graph=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
+def copy_bandwidth(gib=1.0):
+    """GB/s of a device-to-device copy of `gib` GiB (bytes read + bytes written over time): the HBM yardstick."""
+    import triton.testing
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    return 2 * src.numel() / ms / 1e6
+
+
 def check_correctness(config, L=8192):
     """The Triton step against the float32 reference on two rows of L tokens."""
     x = make_step(2, L, config, seed=1)
@@ -154,10 +163,10 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def print_tables(attention, e2e):
+def print_tables(attention, e2e, hbm):
     print("\n| B | L | NSA ms | flash ms | cuDNN ms | vs flash | vs cuDNN | NSA MB read | SDPA MB read "
-          "| NSA GB/s | flash GB/s | cuDNN GB/s | graphs (nsa, flash, cuDNN) |")
-    print("|" + "---|" * 13)
+          "| NSA GB/s | NSA % of copy | flash GB/s | cuDNN GB/s | graphs (nsa, flash, cuDNN) |")
+    print("|" + "---|" * 14)
     for r in attention:
         k = r["kernels"]
         ms = [k[n]["ms"] for n in ("nsa", "sdpa_flash", "sdpa_cudnn")]
@@ -165,7 +174,9 @@ def print_tables(attention, e2e):
         print(f"| {r['B']} | {r['L']} | " + " | ".join(fmt(m, ".3f") for m in ms) + " | "
               + " | ".join(fmt(s, ".1f") + ("x" if s else "") for s in speed) + " | "
               + f"{k['nsa']['bytes'] / 1e6:.1f} | {k['sdpa_flash']['bytes'] / 1e6:.1f} | "
-              + " | ".join(fmt(k[n]["gb_s"], ".0f") for n in ("nsa", "sdpa_flash", "sdpa_cudnn")) + " | "
+              + fmt(k["nsa"]["gb_s"], ".0f") + " | "
+              + fmt(None if k["nsa"]["gb_s"] is None else 100 * k["nsa"]["gb_s"] / hbm, ".0f") + " | "
+              + " | ".join(fmt(k[n]["gb_s"], ".0f") for n in ("sdpa_flash", "sdpa_cudnn")) + " | "
               + ", ".join(str(k[n]["graph"]) for n in ("nsa", "sdpa_flash", "sdpa_cudnn")) + " |")
     for r in attention:
         for name, rec in r["kernels"].items():
@@ -200,6 +211,8 @@ def main():
     config = NSAConfig()
     if not args.no_check:
         check_correctness(config)
+    hbm = copy_bandwidth()
+    print(f"device copy bandwidth (read + write): {hbm:.0f} GB/s")
     attention = []
     for B in args.B:
         for L in args.L:
@@ -211,9 +224,10 @@ def main():
         for name in ("nsa", "full"):
             print(f"generate {name} prompt={args.prompt} ...", flush=True)
             e2e.append(run_generate(name, args.e2e_B, args.prompt, args.new_tokens, args))
-    print_tables(attention, e2e)
+    print_tables(attention, e2e, hbm)
     os.makedirs(args.out, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, config=dataclasses.asdict(config),
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_gb_s=hbm,
+                config=dataclasses.asdict(config),
                 shape=dict(Hq=HQ, Hkv=HKV, D=D, dtype="bfloat16"), args=vars(args))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(meta=meta, attention=attention, generate=e2e), f, indent=1)

@@ -82,6 +82,35 @@ def test_decode_dispatch_and_single_split(monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity", [80, 64])
+def test_decode_scratch_reads_and_writes(monkeypatch, capacity):
+    """Scratch buffers start as NaN (as stale memory may be) and are followed by guard elements.
+
+    The step must read only what it wrote and write only inside each buffer. Length 53 puts the newest
+    query where the last compressed tile sees only its halo token (the interpreter's tiles: 16 compressed
+    tokens, 3 selection blocks), so that tile's split attends to nothing of its own; a capacity of 64
+    (4 selection blocks) ends inside the last row's second tile, whose block scores must not spill over.
+    """
+    args64, args, seq_lens, _ = decode_case([53, 37, 64], 1, 8, 2, 16, 16, CONFIG_A, torch.float32, capacity)
+    ref = nsa_decode_attention(*args64[:-1], args64[-1], seq_lens, CONFIG_A, backend="reference")
+    empty, guarded, guard = torch.empty, [], 64
+
+    def poisoned(*shape, **kwargs):
+        shape = torch.Size(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
+        whole = empty(shape.numel() + guard, **kwargs)
+        whole.fill_(float("nan") if whole.is_floating_point() else 12345)
+        guarded.append(whole)
+        return whole[:shape.numel()].view(shape)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    o = decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 16 ** -0.5)
+    monkeypatch.undo()
+    torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
+    for whole in guarded:
+        tail = whole[-guard:]
+        assert (tail.isnan().all() if whole.is_floating_point() else (tail == 12345).all()), "write past a buffer"
+
+
 def test_decode_no_host_sync(monkeypatch):
     """Nothing is read back to the host: .item() and .tolist() are never called."""
     _, args, seq_lens, _ = decode_case([40, 9], 2, 4, 1, 16, 16, CONFIG_A, torch.float32, 48)
@@ -108,10 +137,14 @@ def test_decode_rejects_grad():
 
 
 def _agreeing_rows(ids, ids_ref, min_fraction):
-    """Rows (b, s) whose selections equal the reference's for every group; most of them must."""
-    same = (ids == ids_ref).all(-1).all(-1)
-    assert same.float().mean() >= min_fraction
-    return same
+    """Rows (b, s) whose selections equal the reference's for every group.
+
+    At least min_fraction of the (b, s, group) selections must be equal: a near-tie in the block scores may
+    flip one, a wrong kernel flips most.
+    """
+    same_group = (ids == ids_ref).all(-1)
+    assert same_group.float().mean() >= min_fraction, f"selections equal: {same_group.tolist()}"
+    return same_group.all(-1)
 
 
 @pytest.mark.gpu
@@ -123,7 +156,7 @@ def test_decode_long_context_bf16(G):
     args64, args, seq_lens, ids_ref = decode_case(lens, 1, G * Hkv, Hkv, 128, 128, config, torch.bfloat16, 8192)
     ref = nsa_decode_attention(*args, seq_lens, config, backend="reference").float()
     o, ids = decode.nsa_decode_attention(*args, seq_lens, config, 128 ** -0.5, return_block_ids=True)
-    same = _agreeing_rows(ids, ids_ref, 0.5)
+    same = _agreeing_rows(ids, ids_ref, 0.75)
     torch.testing.assert_close(o.float()[same], ref[same], rtol=2e-2, atol=2e-2)
 
 

@@ -143,9 +143,12 @@ def _merge(M, L, ACC, base, lo, hi, r, row_ok, ROWS, SPLITS_TOTAL,
     for split in range(lo, hi):
         idx = (base * SPLITS_TOTAL + split) * ROWS + r
         w = tl.exp2(tl.load(M + idx, mask=row_ok, other=float("-inf")) - m_ref)
-        l_sum += w * tl.load(L + idx, mask=row_ok, other=0.0)
+        l_part = tl.load(L + idx, mask=row_ok, other=0.0)
+        l_sum += w * l_part
         if WITH_ACC:
-            part = tl.load(ACC + idx[:, None] * DV + cols[None, :], mask=(w > 0)[:, None] & (cols < DV)[None, :],
+            # acc exists where l > 0 (_store_partial's condition). A split can see keys (finite m) and
+            # still have l = 0: a compressed tile whose only visible token is its halo.
+            part = tl.load(ACC + idx[:, None] * DV + cols[None, :], mask=(l_part > 0)[:, None] & (cols < DV)[None, :],
                            other=0.0)
             acc += w[:, None] * part
     o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
@@ -182,7 +185,7 @@ def _cmp_kernel(Q, KC, VC, SEQ_LENS, M, L, ACC, POOL, TMAX,
                 PRECISION: tl.constexpr, POOL_PRECISION: tl.constexpr):
     """Split `split` of the compressed branch for BLOCK_R rows of group g of batch row b.
 
-    Q [B, S, Hq, DK]; KC, VC [B, capacity_cmp, Hkv, DK / DV]; POOL [B, Hkv, ROWS, NB_CAP] and
+    Q [B, S, Hq, DK]; KC, VC [B, capacity_cmp, Hkv, DK / DV]; POOL [B, Hkv, ROWS, NB_CAP = TILES_CAP * NBJ] and
     TMAX [B, Hkv, ROWS, TILES_CAP] float32: pooled scores of block j and row max of tile k.
     """
     split, r0 = tl.program_id(0) % SPLITS, tl.program_id(0) // SPLITS * BLOCK_R
@@ -425,8 +428,8 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     block_j = pow2_at_least(nbj)
     block_l = min(pow2_at_least(lp), 64 if gpu else 16)
     block_w = 64 if gpu else 16
-    nb_cap = triton.cdiv(k_slc.shape[1], lp)
-    tiles_cap = triton.cdiv(nb_cap, nbj)
+    tiles_cap = triton.cdiv(triton.cdiv(k_slc.shape[1], lp), nbj)
+    nb_cap = tiles_cap * nbj  # pooled scores per row: every tile writes all its nbj blocks, even past the capacity
 
     # Splits: enough programs to fill the GPU even with one sequence, at most one tile (block) per program.
     want = triton.cdiv(target_programs(dev), B * Hkv * row_tiles)
