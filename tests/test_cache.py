@@ -164,3 +164,14 @@ def test_model_cache_rows_of_different_lengths(attention):
     assert all(c.seq_lens == [36, 15] for c in cache.layers)
     with pytest.raises(ValueError, match="lengths is for prefill"):
         model(prompts[:, :1], cache=cache, lengths=lens)
+
+
+@pytest.mark.gpu
+def test_cache_on_cuda_by_name_takes_inputs_on_cuda_0():
+    """A cache created with device="cuda" accepts inputs on torch.device("cuda", current index)."""
+    layer = make_layer().cuda()
+    cache = NSACache.create(layer, 1, T, device="cuda")
+    x = randn(1, 20, HIDDEN).cuda()
+    assert x.device == cache.device == torch.device("cuda", torch.cuda.current_device())
+    layer.prefill(x[:, :19], cache)
+    layer.step(x[:, 19:], cache)

@@ -43,7 +43,7 @@ class LayerCache:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.batch_size, self.capacity, self.dtype = batch_size, capacity, dtype
-        self.device = torch.device(device)
+        self.device = torch.empty(0, device=device).device  # "cuda" resolved to "cuda:<current>", as inputs carry it
         for name in self.RAW:
             dim = head_dim if name.startswith("k") else v_head_dim
             setattr(self, name, self._buffer(capacity, num_kv_heads, dim))
