@@ -7,7 +7,9 @@ when capture fails), timed with triton.testing.do_bench (median, L2 flushed betw
 read from the cache, K and V of every KV head of every row (2 bytes an element):
     NSA:  B * Hkv * (Dk + Dv) * 2 * (Tc(L) + n*l' + w)   compressed tokens, n selected blocks, the window
     SDPA: B * Hkv * (Dk + Dv) * 2 * L                     the whole cache
-and the achieved bandwidth, bytes / time.
+and the achieved bandwidth, bytes / time. Also: the timing floor (a one-kernel graph timed the same way), and
+the per-layer time of NSA and cuDNN steps replayed inside one graph of --graph-layers layers, each with its own
+cache (a model's decoding step), where those caches fit in memory.
 Part 2, end to end: LanguageModel.generate (greedy, KV cache, bfloat16 weights) of a small model, NSA and
 full attention, after a prompt of --prompt tokens: prefill time and decoding tokens/s (batch --e2e-B).
 Prints markdown tables; writes results.json to --out.
@@ -106,32 +108,50 @@ def check_correctness(config, L=8192):
         raise SystemExit(f"correctness check failed: relative error {err:.3g}")
 
 
-def run_attention(B, L, config, warmup, rep):
+def run_attention(B, L, config, warmup, rep, graph_layers):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    x = make_step(B, L, config)
-    args = [x[n] for n in ("q", *CACHE, "gates", "seq_lens")]
-    q = x["q"].transpose(1, 2)  # [B, Hq, 1, D]
-    k, v = x["k_swa"].transpose(1, 2), x["v_swa"].transpose(1, 2)  # the full cache [B, Hkv, L, D]
+    def nsa_fn(x):
+        args = [x[n] for n in ("q", *CACHE, "gates", "seq_lens")]
+        return lambda: nsa.nsa_decode_attention(*args, config, backend="triton")
 
-    def sdpa_fn(backend):
+    def sdpa_fn(x, backend):
+        q = x["q"].transpose(1, 2)  # [B, Hq, 1, D]
+        k, v = x["k_swa"].transpose(1, 2), x["v_swa"].transpose(1, 2)  # the full cache [B, Hkv, L, D]
+
         def fn():
             with sdpa_kernel(backend):
                 return sdpa(q, k, v, enable_gqa=True)  # the newest query sees every cached token
         return fn
 
-    fns = {"nsa": lambda: nsa.nsa_decode_attention(*args, config, backend="triton"),
-           "sdpa_flash": sdpa_fn(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa_fn(SDPBackend.CUDNN_ATTENTION)}
+    x = make_step(B, L, config)
+    fns = {"nsa": nsa_fn(x), "sdpa_flash": sdpa_fn(x, SDPBackend.FLASH_ATTENTION),
+           "sdpa_cudnn": sdpa_fn(x, SDPBackend.CUDNN_ATTENTION)}
     nsa_bytes, full_bytes = bytes_read(B, L, config)
-    out = {"B": B, "L": L, "kernels": {}}
+    out = {"B": B, "L": L, "kernels": {}, "per_layer": {}}
     with torch.no_grad():
         for name, fn in fns.items():
             rec = bench(fn, warmup, rep)
             rec["bytes"] = nsa_bytes if name == "nsa" else full_bytes
             rec["gb_s"] = None if rec["ms"] is None else rec["bytes"] / rec["ms"] / 1e6
             out["kernels"][name] = rec
+        del x, fns
+        # A model's decoding step replays one graph over all its layers: per-layer time there, each layer with
+        # its own cache (so they do not share the L2), where graph_layers caches fit in memory.
+        if graph_layers and B * L * graph_layers <= 6 * 2**20:
+            layers = [make_step(B, L, config, seed=i) for i in range(graph_layers)]
+            for name, make in (("nsa", nsa_fn), ("sdpa_cudnn", lambda x: sdpa_fn(x, SDPBackend.CUDNN_ATTENTION))):
+                steps = [make(x) for x in layers]
+                rec = bench(lambda: [step() for step in steps], warmup, rep)
+                out["per_layer"][name] = None if rec["ms"] is None else rec["ms"] / graph_layers
     return out
+
+
+def graph_floor(warmup, rep):
+    """ms of replaying a graph of one tiny kernel, timed like the steps: what the timing itself costs."""
+    z = torch.zeros(1, device="cuda")
+    return bench(z.zero_, warmup, rep)["ms"]
 
 
 def run_generate(attention, B, prompt_len, new_tokens, args):
@@ -163,7 +183,7 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def print_tables(attention, e2e, hbm):
+def print_tables(attention, e2e, hbm, floor, graph_layers):
     print("\n| B | L | NSA ms | flash ms | cuDNN ms | vs flash | vs cuDNN | NSA MB read | SDPA MB read "
           "| NSA GB/s | NSA % of copy | flash GB/s | cuDNN GB/s | graphs (nsa, flash, cuDNN) |")
     print("|" + "---|" * 14)
@@ -178,6 +198,16 @@ def print_tables(attention, e2e, hbm):
               + fmt(None if k["nsa"]["gb_s"] is None else 100 * k["nsa"]["gb_s"] / hbm, ".0f") + " | "
               + " | ".join(fmt(k[n]["gb_s"], ".0f") for n in ("sdpa_flash", "sdpa_cudnn")) + " | "
               + ", ".join(str(k[n]["graph"]) for n in ("nsa", "sdpa_flash", "sdpa_cudnn")) + " |")
+    print(f"\nTiming floor (a one-kernel graph replayed the same way): {floor * 1e3:.1f} us.")
+    print(f"\nPer layer inside one graph of {graph_layers} layers (own caches):\n")
+    print("| B | L | NSA us | cuDNN us | vs cuDNN |")
+    print("|---|---|---|---|---|")
+    for r in attention:
+        p = r["per_layer"]
+        if p:
+            ratio = None if None in (p["nsa"], p["sdpa_cudnn"]) else p["sdpa_cudnn"] / p["nsa"]
+            print(f"| {r['B']} | {r['L']} | {fmt(p['nsa'] and p['nsa'] * 1e3, '.1f')} | "
+                  f"{fmt(p['sdpa_cudnn'] and p['sdpa_cudnn'] * 1e3, '.1f')} | {fmt(ratio, '.1f')}x |")
     for r in attention:
         for name, rec in r["kernels"].items():
             if rec["error"]:
@@ -204,6 +234,8 @@ def main():
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    parser.add_argument("--graph-layers", type=int, default=8,
+                        help="also time steps inside one graph of this many layers, where they fit (0: skip)")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -211,22 +243,22 @@ def main():
     config = NSAConfig()
     if not args.no_check:
         check_correctness(config)
-    hbm = copy_bandwidth()
-    print(f"device copy bandwidth (read + write): {hbm:.0f} GB/s")
+    hbm, floor = copy_bandwidth(), graph_floor(args.warmup, args.rep)
+    print(f"device copy bandwidth (read + write): {hbm:.0f} GB/s; timing floor {floor * 1e3:.1f} us")
     attention = []
     for B in args.B:
         for L in args.L:
             print(f"attention B={B} L={L} ...", flush=True)
-            attention.append(run_attention(B, L, config, args.warmup, args.rep))
+            attention.append(run_attention(B, L, config, args.warmup, args.rep, args.graph_layers))
             torch.cuda.empty_cache()  # the step's cache buffers are gone with run_attention's frame
     e2e = []
     if args.prompt:
         for name in ("nsa", "full"):
             print(f"generate {name} prompt={args.prompt} ...", flush=True)
             e2e.append(run_generate(name, args.e2e_B, args.prompt, args.new_tokens, args))
-    print_tables(attention, e2e, hbm)
+    print_tables(attention, e2e, hbm, floor, args.graph_layers)
     os.makedirs(args.out, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_gb_s=hbm,
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_gb_s=hbm, graph_floor_ms=floor,
                 config=dataclasses.asdict(config),
                 shape=dict(Hq=HQ, Hkv=HKV, D=D, dtype="bfloat16"), args=vars(args))
     with open(os.path.join(args.out, "results.json"), "w") as f:

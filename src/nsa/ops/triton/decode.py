@@ -10,7 +10,7 @@ writes a partial softmax state (m, l, acc) in float32, m in log2 units,
     m = max_u s_u,   l = sum_u 2^(s_u - m),   acc = sum_u 2^(s_u - m) v_u,
 and a combine merges the splits: o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, M = max_p m_p.
 
-Launches (4, every grid and buffer shape static: they depend on B, S, heads, capacities and the config,
+Launches (5, every grid and buffer shape static: they depend on B, S, heads, capacities and the config,
 never on seq_lens, so a step can be captured in a CUDA graph; nothing is read back to the host):
   1. _cmp_kernel     grid (CMP_SPLITS * row tiles, Hkv, B)
        compressed attention over the row's Tc(L) compressed tokens, split over tiles of BLOCK_C tokens
@@ -19,17 +19,22 @@ never on seq_lens, so a step can be captured in a CUDA graph; nothing is read ba
        tile's row max (stored beside), W[i, j] = |[i*d, i*d + l) ∩ [j*l', (j+1)*l')| / d.
        A tile owns NBJ whole selection blocks and also reads the H = l/d - 1 compressed tokens before
        them (they overlap its first block), so every block score has a single writer and no carry.
-  2. _select_kernel  grid (S, Hkv, B)
-       lse_cmp of each head (merging the splits' (m, l)), the group score of every candidate block
-       P[j] ~ sum_h pooled[h, j] * 2^(mt_h - lse_h) (up to the constant 1/d), forced blocks J(t),
-       J(t) - 1, 0 first, n rounds of argmax -> block ids [B, Hkv, S, n] int32, ascending then -1.
+  2a. _block_score_kernel  grid (CHUNKS * S, Hkv, B)
+       lse_cmp of each head (merging the splits' (m, l)), the group score of each block of a chunk of
+       CHUNK blocks, P[j] ~ sum_h pooled[h, j] * 2^(mt_h - lse_h) (up to the constant 1/d), the forced
+       blocks J(t), J(t) - 1, 0 scored above everything -> the chunk's top n as sortable int64 keys.
+  2b. _select_kernel  grid (S, Hkv, B)
+       the top n of the chunks' CHUNKS * n winners -> block ids [B, Hkv, S, n] int32, ascending then -1.
+       (Two stages because n rounds of argmax over every block of a long context in one program per
+       group were the step's slowest part: 25 us at 64k.)
   3. _sparse_kernel  grid ((SLC_SPLITS + SWA_SPLITS) * row tiles, Hkv, B)
        the first SLC_SPLITS programs share the S * n selected blocks (each distinct block loaded once
        for all rows, masked per row by its query's selection and u <= t, in tiles of BLOCK_L tokens);
        the others share the window tiles covering [L - S - w + 1, L) -> partial (m, l, acc) of o_slc
        and o_swa.
-  4. _combine_kernel grid (row tiles, Hkv, B)
-       merges the splits of each branch and gates them: o = g0 * o_cmp + g1 * o_slc + g2 * o_swa.
+  4. _combine_kernel grid (G * S rows, Hkv, B)
+       merges the splits of each branch (SPLIT_CHUNK splits per load) and gates them:
+       o = g0 * o_cmp + g1 * o_slc + g2 * o_swa.
 
 Bytes read per step, per batch row and KV head (2-byte dtype, D = Dk + Dv): the compressed cache once,
 2 * D * Tc(L) (plus l/d - 1 halo keys per BLOCK_C), the distinct selected blocks, at most 2 * D * n * l'
@@ -126,33 +131,61 @@ def _store_partial(M, L, ACC, split, base, r, row_ok, m_i, l_i, acc, ROWS, SPLIT
 
 
 @triton.jit
-def _merge(M, L, ACC, base, lo, hi, r, row_ok, ROWS, SPLITS_TOTAL,
-           DV: tl.constexpr, BLOCK_DV: tl.constexpr, WITH_ACC: tl.constexpr):
-    """Merges splits [lo, hi) of rows r -> (o [len(r), BLOCK_DV] (zeros unless WITH_ACC), lse in log2 units).
+def _merge_lse(M, L, base, lo, hi, r, row_ok, ROWS, SPLITS_TOTAL, SPLIT_CHUNK: tl.constexpr):
+    """lse (log2 units) of rows r over splits [lo, hi): sum_p 2^m_p l_p, online over [SPLIT_CHUNK, rows] tiles."""
+    chunk = tl.arange(0, SPLIT_CHUNK)
+    m_run = tl.full(r.shape, float("-inf"), tl.float32)
+    l_run = tl.zeros(r.shape, tl.float32)
+    for c in range(lo, hi, SPLIT_CHUNK):
+        idx = (base * SPLITS_TOTAL + c + chunk)[:, None] * ROWS + r[None, :]
+        ok = (c + chunk < hi)[:, None] & row_ok[None, :]
+        m = tl.load(M + idx, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_part = tl.load(L + idx, mask=ok, other=0.0)
+        l_run = l_run * tl.exp2(m_run - m_ref) + tl.sum(tl.exp2(m - m_ref[None, :]) * l_part, 0)
+        m_run = m_new
+    return tl.where(m_run == float("-inf"), 0.0, m_run) + tl.log2(l_run)
 
-    Rows with no key in any split get o = 0 and lse = -inf.
-    """
-    m_max = tl.full(r.shape, float("-inf"), tl.float32)
-    for split in range(lo, hi):
-        m_max = tl.maximum(m_max, tl.load(M + (base * SPLITS_TOTAL + split) * ROWS + r, mask=row_ok,
-                                          other=float("-inf")))
-    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
-    l_sum = tl.zeros(r.shape, tl.float32)
-    acc = tl.zeros([r.shape[0], BLOCK_DV], tl.float32)
+
+@triton.jit
+def _merge_row(M, L, ACC, base, lo, hi, r, ROWS, SPLITS_TOTAL,
+               DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """o [BLOCK_DV] of row r merged over splits [lo, hi), online over [SPLIT_CHUNK, BLOCK_DV] tiles
+    (one trip when SPLIT_CHUNK covers every split); zeros if no split saw a key."""
+    chunk = tl.arange(0, SPLIT_CHUNK)
     cols = tl.arange(0, BLOCK_DV)
-    for split in range(lo, hi):
-        idx = (base * SPLITS_TOTAL + split) * ROWS + r
-        w = tl.exp2(tl.load(M + idx, mask=row_ok, other=float("-inf")) - m_ref)
-        l_part = tl.load(L + idx, mask=row_ok, other=0.0)
-        l_sum += w * l_part
-        if WITH_ACC:
-            # acc exists where l > 0 (_store_partial's condition). A split can see keys (finite m) and
-            # still have l = 0: a compressed tile whose only visible token is its halo.
-            part = tl.load(ACC + idx[:, None] * DV + cols[None, :], mask=(l_part > 0)[:, None] & (cols < DV)[None, :],
-                           other=0.0)
-            acc += w[:, None] * part
-    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-    return o, m_ref + tl.log2(l_sum)
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for c in range(lo, hi, SPLIT_CHUNK):
+        idx = (base * SPLITS_TOTAL + c + chunk) * ROWS + r
+        ok = c + chunk < hi
+        m = tl.load(M + idx, mask=ok, other=float("-inf"))
+        l_part = tl.load(L + idx, mask=ok, other=0.0)
+        part = tl.load(ACC + idx[:, None] * DV + cols[None, :], mask=ok[:, None] & (cols < DV)[None, :], other=0.0)
+        # acc was stored only where l > 0 (_store_partial): a split can see keys (finite m) and still have
+        # l = 0, a compressed tile whose only visible token is its halo; its slot holds stale memory.
+        part = tl.where((l_part > 0)[:, None], part, 0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha, w = tl.exp2(m_run - m_ref), tl.exp2(m - m_ref)
+        l_run = l_run * alpha + tl.sum(w * l_part, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * part, 0)
+        m_run = m_new
+    return acc / tl.where(l_run > 0, l_run, 1.0)
+
+
+@triton.jit
+def _top_keys(keys, N_SELECT: tl.constexpr, N_PAD: tl.constexpr):
+    """The N_SELECT largest of distinct int64 keys (-1: no candidate) -> [N_PAD], descending, -1 padded."""
+    slots = tl.arange(0, N_PAD)
+    top = tl.full([N_PAD], -1, tl.int64)
+    for slot in tl.static_range(N_SELECT):
+        best = tl.max(keys, 0)
+        top = tl.where(slots == slot, best, top)
+        keys = tl.where(keys == best, -1, keys)
+    return top
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,50 +263,60 @@ def _cmp_kernel(Q, KC, VC, SEQ_LENS, M, L, ACC, POOL, TMAX,
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Top-n selection
+# 2. Top-n selection: block scores and a top-n per chunk of blocks, then the top-n of the chunks' winners
 
 
 @triton.jit
-def _select_kernel(M, L, ACC, POOL, TMAX, IDS, SEQ_LENS, S, G, Hkv, ROWS, SPLITS_TOTAL, NB_CAP, TILES_CAP,
-                   CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
-                   CMP_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
-                   NB_PAD: tl.constexpr, G_PAD: tl.constexpr):
-    """Block ids of query s of group g of batch row b: IDS [B, Hkv, S, N_SELECT] int32, ascending then -1."""
-    s, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _block_score_kernel(M, L, POOL, TMAX, KEYS, SEQ_LENS, S, G, Hkv, ROWS, SPLITS_TOTAL, NB_CAP, TILES_CAP,
+                        CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                        CMP_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+                        CHUNKS: tl.constexpr, CHUNK: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
+                        G_PAD: tl.constexpr):
+    """Group scores of blocks chunk * CHUNK .. + CHUNK for query s of group g of batch row b, and their top n
+    as keys (score bits << 32 | 2^31 - 1 - j, so larger key = larger score, then smaller j; -1: none):
+    KEYS [B, Hkv, S, CHUNKS, N_PAD] int64."""
+    chunk, s = tl.program_id(0) % CHUNKS, tl.program_id(0) // CHUNKS
+    g, b = tl.program_id(1), tl.program_id(2)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
     NBJ: tl.constexpr = (BLOCK_C - (CMP_BLOCK // CMP_STRIDE - 1)) // R
-    seq_len = tl.load(SEQ_LENS + b)
-    t = seq_len - S + s
+    t = tl.load(SEQ_LENS + b) - S + s
     last = t // SLC_BLOCK  # J(t)
     group = b.to(tl.int64) * Hkv + g
     heads = tl.arange(0, G_PAD)
-    _, lse = _merge(M, L, ACC, group, 0, CMP_SPLITS, s * G + heads, heads < G, ROWS, SPLITS_TOTAL, 1, 16, False)
-    j = tl.arange(0, NB_PAD)
+    rows = group * ROWS + s * G + heads
+    lse = _merge_lse(M, L, group, 0, CMP_SPLITS, s * G + heads, heads < G, ROWS, SPLITS_TOTAL, SPLIT_CHUNK)
+    j = chunk * CHUNK + tl.arange(0, CHUNK)
     candidate = j <= last
     # P[j] = sum_h p_slc[h, j] = (1 / d) sum_h pooled[h, j] * 2^(mt[h, tile of j] - lse_h); the 1/d is dropped.
-    score = tl.zeros([NB_PAD], tl.float32)
-    for i in range(G):
-        row = group * ROWS + s * G + i
-        lse_h = tl.sum(tl.where(heads == i, lse, 0.0))
-        mt = tl.load(TMAX + row * TILES_CAP + j // NBJ, mask=candidate, other=float("-inf"))
-        pooled = tl.load(POOL + row * NB_CAP + j, mask=candidate, other=0.0)
-        score += tl.where(mt > float("-inf"), pooled * tl.exp2(mt - lse_h), 0.0)
+    ok = (heads < G)[:, None] & candidate[None, :]
+    mt = tl.load(TMAX + rows[:, None] * TILES_CAP + (j // NBJ)[None, :], mask=ok, other=float("-inf"))
+    pooled = tl.load(POOL + rows[:, None] * NB_CAP + j[None, :], mask=ok, other=0.0)
+    score = tl.sum(tl.where(mt > float("-inf"), pooled * tl.exp2(mt - lse[:, None]), 0.0), 0)
+    score = tl.where(score > 0, score, 0.0)  # +0.0, never -0.0: non-negative floats order as their bits
     # Forced blocks outrank every score, in the order J(t), J(t) - 1, 0 (which matters only if n < 3).
-    score = tl.where(candidate, score, float("-inf"))
-    score = tl.where(candidate & (j == 0), 1.5e38, score)
-    score = tl.where(candidate & (j == last - 1), 3.0e38, score)
-    score = tl.where(candidate & (j == last), float("inf"), score)
-    # n rounds of argmax; slots left when the candidates run out (-inf) keep `big`, then become -1.
+    score = tl.where(j == 0, 1.5e38, score)
+    score = tl.where(j == last - 1, 3.0e38, score)
+    score = tl.where(j == last, float("inf"), score)
+    keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - j).to(tl.int64)
+    top = _top_keys(tl.where(candidate, keys, -1), N_SELECT, N_PAD)
+    tl.store(KEYS + ((group * S + s) * CHUNKS + chunk) * N_PAD + tl.arange(0, N_PAD), top)
+
+
+@triton.jit
+def _select_kernel(KEYS, IDS, S, CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr, N_SELECT: tl.constexpr,
+                   N_PAD: tl.constexpr):
+    """Block ids of query s of group g of batch row b from its chunks' winners: IDS [B, Hkv, S, N_SELECT] int32,
+    ascending then -1."""
+    s, g, b, Hkv = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1)
+    query = (b.to(tl.int64) * Hkv + g) * S + s
+    c = tl.arange(0, CHUNKS_PAD)[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
+    keys = tl.load(KEYS + query * CHUNKS * N_PAD + c, mask=c < CHUNKS * N_PAD, other=-1)
+    top = _top_keys(tl.reshape(keys, [CHUNKS_PAD * N_PAD]), N_SELECT, N_PAD)
     big = 2147483647
-    slots = tl.arange(0, N_PAD)
-    ids = tl.full([N_PAD], big, tl.int32)
-    for slot in tl.static_range(N_SELECT):
-        best = tl.max(score, 0)
-        at = tl.argmax(score, 0)
-        ids = tl.where(slots == slot, tl.where(best > float("-inf"), at, big), ids)
-        score = tl.where(j == at, float("-inf"), score)
+    ids = tl.where(top >= 0, big - (top & 0xFFFFFFFF), big).to(tl.int32)
     ids = tl.sort(ids, 0)
-    tl.store(IDS + (group * S + s) * N_SELECT + slots, tl.where(ids == big, -1, ids), mask=slots < N_SELECT)
+    slots = tl.arange(0, N_PAD)
+    tl.store(IDS + query * N_SELECT + slots, tl.where(ids == big, -1, ids), mask=slots < N_SELECT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,25 +392,22 @@ def _sparse_kernel(Q, KS, VS, KW, VW, IDS, SEQ_LENS, M, L, ACC,
 @triton.jit
 def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride_ob, stride_os, stride_oh,
                     S, G, Hkv, ROWS, SPLITS_TOTAL,
-                    CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, DV: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """o = g0 * o_cmp + g1 * o_slc + g2 * o_swa for BLOCK_R rows; each o_c merges its branch's splits."""
-    r0, g, b = tl.program_id(0) * BLOCK_R, tl.program_id(1), tl.program_id(2)
-    r, s, h, _, row_ok = _group_rows(r0, g, S, G, ROWS, 0, BLOCK_R)
+                    CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+                    DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """o = g0 * o_cmp + g1 * o_slc + g2 * o_swa for row r (query s, head h); each o_c merges its branch's splits."""
+    r, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    s, h = r // G, g * G + r % G
     group = b.to(tl.int64) * Hkv + g
-    o_cmp, _ = _merge(M, L, ACC, group, 0, CMP_SPLITS, r, row_ok, ROWS, SPLITS_TOTAL, DV, BLOCK_DV, True)
-    o_slc, _ = _merge(M, L, ACC, group, CMP_SPLITS, CMP_SPLITS + SLC_SPLITS, r, row_ok, ROWS, SPLITS_TOTAL,
-                      DV, BLOCK_DV, True)
-    o_swa, _ = _merge(M, L, ACC, group, CMP_SPLITS + SLC_SPLITS, SPLITS_TOTAL, r, row_ok, ROWS, SPLITS_TOTAL,
-                      DV, BLOCK_DV, True)
+    branches = (0, CMP_SPLITS, CMP_SPLITS + SLC_SPLITS, SPLITS_TOTAL)  # splits of o_cmp, o_slc, o_swa
     gate = GATES + _row_offsets(b, s, h, stride_gb, stride_gs, stride_gh)
-    g0 = tl.load(gate, mask=row_ok).to(tl.float32)[:, None]
-    g1 = tl.load(gate + 1, mask=row_ok).to(tl.float32)[:, None]
-    g2 = tl.load(gate + 2, mask=row_ok).to(tl.float32)[:, None]
-    o = g0 * o_cmp + g1 * o_slc + g2 * o_swa
+    o = tl.zeros([BLOCK_DV], tl.float32)
+    for c in tl.static_range(3):
+        o_c = _merge_row(M, L, ACC, group, branches[c], branches[c + 1], r, ROWS, SPLITS_TOTAL, DV, BLOCK_DV,
+                         SPLIT_CHUNK)
+        o += tl.load(gate + c).to(tl.float32) * o_c
     cols = tl.arange(0, BLOCK_DV)
-    ptrs = O + _row_offsets(b, s, h, stride_ob, stride_os, stride_oh)[:, None] + cols[None, :]
-    tl.store(ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (cols < DV)[None, :])
+    tl.store(O + _row_offsets(b, s, h, stride_ob, stride_os, stride_oh) + cols, o.to(O.dtype.element_ty),
+             mask=cols < DV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,6 +470,8 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     block_w = 64 if gpu else 16
     tiles_cap = triton.cdiv(triton.cdiv(k_slc.shape[1], lp), nbj)
     nb_cap = tiles_cap * nbj  # pooled scores per row: every tile writes all its nbj blocks, even past the capacity
+    chunk = 128 if gpu else 4  # blocks scored (and reduced to their top n) per program
+    chunks, n_pad = triton.cdiv(nb_cap, chunk), triton.next_power_of_2(n)
 
     # Splits: enough programs to fill the GPU even with one sequence, at most one tile (block) per program.
     want = triton.cdiv(target_programs(dev), B * Hkv * row_tiles)
@@ -437,12 +479,15 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     slc_splits = _splits(want, S * n)
     swa_splits = _splits(want, triton.cdiv(config.window + S - 1, block_w))
     total = cmp_splits + slc_splits + swa_splits
+    # Splits a merge reads at once: all of a branch's in one trip, up to 64 (the interpreter's 2 cross trips).
+    split_chunk = min(64, triton.next_power_of_2(max(cmp_splits, slc_splits, swa_splits))) if gpu else 2
 
     f32 = dict(device=dev, dtype=torch.float32)
     m_part, l_part = torch.empty(B, Hkv, total, rows, **f32), torch.empty(B, Hkv, total, rows, **f32)
     acc_part = torch.empty(B, Hkv, total, rows, Dv, **f32)
     pooled = torch.empty(B, Hkv, rows, nb_cap, **f32)
     tile_max = torch.empty(B, Hkv, rows, tiles_cap, **f32)
+    keys = torch.empty(B, Hkv, S, chunks, n_pad, device=dev, dtype=torch.int64)
     ids = torch.empty(B, Hkv, S, n, device=dev, dtype=torch.int32)
     o = torch.empty(B, S, Hq, Dv, device=dev, dtype=q.dtype)
     qk_scale = scale * LOG2E
@@ -458,20 +503,21 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
         S, G, Hkv, rows, total, nb_cap, tiles_cap, qk_scale,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, SPLITS=cmp_splits, BLOCK_C=block_c, BLOCK_J=block_j,
         PRECISION=precision, POOL_PRECISION="ieee" if q.dtype == torch.float32 else "tf32x3", **common)
-    _select_kernel[(S, Hkv, B)](
-        *partials, pooled, tile_max, ids, seq_lens, S, G, Hkv, rows, total, nb_cap, tiles_cap,
-        CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, CMP_SPLITS=cmp_splits, BLOCK_C=block_c, N_SELECT=n,
-        N_PAD=triton.next_power_of_2(n), NB_PAD=triton.next_power_of_2(nb_cap), G_PAD=triton.next_power_of_2(G),
-        num_warps=4 if nb_cap <= 1024 else 8)
+    _block_score_kernel[(chunks * S, Hkv, B)](
+        m_part, l_part, pooled, tile_max, keys, seq_lens, S, G, Hkv, rows, total, nb_cap, tiles_cap,
+        CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, CMP_SPLITS=cmp_splits, SPLIT_CHUNK=split_chunk, BLOCK_C=block_c,
+        CHUNKS=chunks, CHUNK=chunk, N_SELECT=n, N_PAD=n_pad, G_PAD=triton.next_power_of_2(G))
+    _select_kernel[(S, Hkv, B)](keys, ids, S, CHUNKS=chunks, CHUNKS_PAD=triton.next_power_of_2(chunks),
+                                N_SELECT=n, N_PAD=n_pad, num_warps=1 if chunks * n_pad <= 512 else 4)
     _sparse_kernel[((slc_splits + swa_splits) * row_tiles, Hkv, B)](
         q, k_slc, v_slc, k_swa, v_swa, ids, seq_lens, *partials, *_strides(q),
         *_strides(k_slc), *_strides(v_slc), *_strides(k_swa), *_strides(v_swa), S, G, Hkv, rows, total, qk_scale,
         SLC_BLOCK=lp, WINDOW=config.window, N_SELECT=n, N_PAD=triton.next_power_of_2(n),
         S_PAD=triton.next_power_of_2(S), CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SWA_SPLITS=swa_splits,
         BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common)
-    _combine_kernel[(row_tiles, Hkv, B)](
+    _combine_kernel[(rows, Hkv, B)](
         *partials, gates, o, *_strides(gates), *_strides(o), S, G, Hkv, rows, total,
-        CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, DV=Dv, BLOCK_R=block_r, BLOCK_DV=block_dv)
+        CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_DV=block_dv)
     if return_block_ids:
         return o, ids.transpose(1, 2)
     return o

@@ -1,0 +1,101 @@
+"""Where a decoding step's time goes, CUDA only: per-kernel device time of nsa_decode_attention, and the top
+host-side operations of one generate() step of the small model.
+
+Part 1: shape P (Hq 64, Hkv 4, D 128, bfloat16), every row at L tokens; each of the step's kernels timed by
+the CUDA profiler (mean over --iters eager calls), for several split targets (programs per key-splitting
+launch = factor x SMs; the library's choice is 2).
+Part 2: torch.profiler over --steps decoding steps of LanguageModel.generate after a --prompt token prompt,
+NSA and full attention: total CPU and CUDA time per step and the operations with the most CPU time.
+
+    PYTHONPATH=src python benchmarks/profile_decode.py
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import nsa
+from nsa.ops.triton import decode
+
+from bench_decode import CACHE, make_step
+
+
+def kernel_times(fn, iters):
+    """{kernel name: mean device microseconds per call} of fn's CUDA kernels."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times = collections.defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] += e.device_time / iters
+    return dict(times)
+
+
+def profile_kernels(args):
+    config = nsa.NSAConfig()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print("\n| B | L | split factor | " + " | ".join(("cmp", "select", "sparse", "combine", "sum")) + " |")
+    print("|---|---|---|---|---|---|---|---|")
+    for B in args.B:
+        for L in args.L:
+            x = make_step(B, L, config)
+            call = [x[n] for n in ("q", *CACHE, "gates", "seq_lens")]
+            for factor in args.factors:
+                decode.target_programs = lambda device, f=factor: f * sms
+                with torch.no_grad():
+                    t = kernel_times(lambda: decode.nsa_decode_attention(*call[:-1], call[-1], config, 128 ** -0.5),
+                                     args.iters)
+                parts = [sum(v for k, v in t.items() if name in k) for name in
+                         ("_cmp_kernel", "_select_kernel", "_sparse_kernel", "_combine_kernel")]
+                print(f"| {B} | {L} | {factor} | " + " | ".join(f"{p:.1f}" for p in parts) + f" | {sum(parts):.1f} |")
+            torch.cuda.empty_cache()
+
+
+def profile_generate(args):
+    for attention in ("nsa", "full"):
+        cfg = nsa.ModelConfig(n_layer=4, n_embd=512, n_head=8, n_kv_head=2, attention=attention)
+        model = nsa.LanguageModel(cfg).to("cuda", torch.bfloat16).eval()
+        prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), device="cuda")
+        cache = model.new_cache(1, args.prompt + args.steps + 8, device="cuda")
+        with torch.no_grad():
+            model(prompt, cache=cache)
+            token = prompt[:, -1:]
+            model(token, cache=cache)  # warm up the step's kernels
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.steps):
+                    model(token, cache=cache)
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        cpu = sum(e.self_cpu_time_total for e in events) / args.steps
+        cuda = sum(e.self_device_time_total for e in events) / args.steps
+        print(f"\n{attention}: per step {cpu / 1e3:.2f} ms CPU (self, all ops), {cuda / 1e3:.2f} ms CUDA")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=50))
+        del model, cache
+        torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--L", type=int, nargs="+", default=[65536])
+    parser.add_argument("--B", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--prompt", type=int, default=32768, help="generate profile: prompt tokens (0 skips it)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    profile_kernels(args)
+    if args.prompt:
+        profile_generate(args)
+
+
+if __name__ == "__main__":
+    main()
