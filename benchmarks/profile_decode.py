@@ -3,7 +3,8 @@ host-side operations of one generate() step of the small model.
 
 Part 1: shape P (Hq 64, Hkv 4, D 128, bfloat16), every row at L tokens; each of the step's kernels timed by
 the CUDA profiler (mean over --iters eager calls), for several split targets (programs per key-splitting
-launch = factor x SMs; the library's choice is 2).
+launch = factor x SMs; the library's choice is 1); with --sweep, the cmp and sparse kernels under each
+num_warps / num_stages.
 Part 2: torch.profiler over --steps decoding steps of LanguageModel.generate after a --prompt token prompt,
 NSA and full attention: total CPU and CUDA time per step and the operations with the most CPU time.
 
@@ -58,6 +59,28 @@ def profile_kernels(args):
             torch.cuda.empty_cache()
 
 
+def sweep_launch(args):
+    """Per-kernel times of the cmp and sparse kernels under each (num_warps, num_stages) of decode.LAUNCH."""
+    config = nsa.NSAConfig()
+    print("\n| B | L | kernel | num_warps | num_stages | us |")
+    print("|---|---|---|---|---|---|")
+    default = {k: dict(v) for k, v in decode.LAUNCH.items()}
+    for B in args.B:
+        for L in args.L:
+            x = make_step(B, L, config)
+            call = [x[n] for n in ("q", *CACHE, "gates", "seq_lens")]
+            for kernel, name in (("cmp", "_cmp_kernel"), ("sparse", "_sparse_kernel")):
+                for warps in (4, 8):
+                    for stages in (1, 2, 3):
+                        decode.LAUNCH[kernel] = dict(num_warps=warps, num_stages=stages)
+                        with torch.no_grad():
+                            t = kernel_times(lambda: decode.nsa_decode_attention(*call[:-1], call[-1], config,
+                                                                                 128 ** -0.5), args.iters)
+                        us = sum(v for k, v in t.items() if name in k)
+                        print(f"| {B} | {L} | {kernel} | {warps} | {stages} | {us:.1f} |")
+                decode.LAUNCH[kernel] = dict(default[kernel])
+
+
 def profile_generate(args):
     for attention in ("nsa", "full"):
         cfg = nsa.ModelConfig(n_layer=4, n_embd=512, n_head=8, n_kv_head=2, attention=attention)
@@ -86,13 +109,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--L", type=int, nargs="+", default=[65536])
     parser.add_argument("--B", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--prompt", type=int, default=32768, help="generate profile: prompt tokens (0 skips it)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--sweep", action="store_true", help="also sweep num_warps / num_stages of decode.LAUNCH")
     args = parser.parse_args()
     profile_kernels(args)
+    if args.sweep:
+        sweep_launch(args)
     if args.prompt:
         profile_generate(args)
 

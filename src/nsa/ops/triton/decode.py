@@ -365,14 +365,16 @@ def _sparse_kernel(Q, KS, VS, KW, VW, IDS, SEQ_LENS, M, L, ACC,
         for item in range(split, S * N_SELECT, SLC_SPLITS):
             blk = tl.load(ids_group + item)
             earlier = tl.sum(tl.where((all_ids == blk) & (queries < item // N_SELECT)[:, None], 1, 0))
-            if (blk >= 0) & (earlier == 0):
-                chose = tl.sum(tl.where(row_ids == blk, 1, 0), 1) > 0
-                for start in tl.static_range(0, SLC_BLOCK, BLOCK_L):  # the block in tiles of BLOCK_L tokens
-                    in_block = start + offs < SLC_BLOCK
-                    u = blk * SLC_BLOCK + start + offs
-                    mask = chose[:, None] & in_block[None, :] & (u[None, :] <= t[:, None])
-                    m_i, l_i, acc = _attend(m_i, l_i, acc, q, Kg, Vg, stride_kst, stride_vst, u, in_block, mask,
-                                            qk_scale, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
+            # Masks, not a branch, skip empty slots and repeats: a branch-free loop is software-pipelined
+            # (the next block's loads overlap this one's math), and skipped blocks load nothing.
+            attend = (blk >= 0) & (earlier == 0)
+            chose = (tl.sum(tl.where(row_ids == blk, 1, 0), 1) > 0) & attend
+            for start in tl.static_range(0, SLC_BLOCK, BLOCK_L):  # the block in tiles of BLOCK_L tokens
+                in_block = start + offs < SLC_BLOCK
+                u = blk * SLC_BLOCK + start + offs
+                mask = chose[:, None] & in_block[None, :] & (u[None, :] <= t[:, None])
+                m_i, l_i, acc = _attend(m_i, l_i, acc, q, Kg, Vg, stride_kst, stride_vst, u, in_block & attend, mask,
+                                        qk_scale, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
     else:
         Kg = KW + b.to(tl.int64) * stride_kwb + g * stride_kwh
         Vg = VW + b.to(tl.int64) * stride_vwb + g * stride_vwh
@@ -414,16 +416,26 @@ def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride
 # Host side
 
 
+# Launch options of the two key-reading kernels (num_warps; num_stages overrides the shared-memory rule below),
+# chosen on an H100 with benchmarks/profile_decode.py --sweep (batch 32, 64k: cmp 106 us at 4 warps / 3 stages,
+# 139 at 1 stage, 133 at 8 warps; sparse 44 us at 4 warps / 1 stage, 48 at 3 stages).
+LAUNCH = {"cmp": dict(num_warps=4), "sparse": dict(num_warps=4, num_stages=1)}
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def target_programs(device: torch.device) -> int:
-    """Programs per key-splitting launch to aim for: two per SM (8 in the interpreter, so tests cross splits)."""
+    """Programs per key-splitting launch to aim for: one per SM (8 in the interpreter, so tests cross splits).
+
+    One per SM measured faster than two or four on an H100 at 64k and 128k, batch 1 and 32 (benchmarks/
+    profile_decode.py): more splits add merge work and do not make the memory-bound kernels faster.
+    """
     if interpreting() or device.type != "cuda":
         return 8
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _splits(want: int, most: int) -> int:
@@ -494,15 +506,16 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     precision = dot_precision(q.dtype)
     # Software pipelining keeps num_stages copies of the key/value tiles in shared memory (227 KB on an H100).
     kv_tile_bytes = max(block_c, block_l, block_w) * (block_dk + block_dv) * q.element_size()
-    common = dict(DK=Dk, DV=Dv, BLOCK_R=block_r, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                  num_stages=3 if kv_tile_bytes < 65536 else 2)
+    common = dict(DK=Dk, DV=Dv, BLOCK_R=block_r, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+    stages = 3 if kv_tile_bytes < 65536 else 2
     partials = (m_part, l_part, acc_part)
 
     _cmp_kernel[(cmp_splits * row_tiles, Hkv, B)](
         q, k_cmp, v_cmp, seq_lens, *partials, pooled, tile_max, *_strides(q), *_strides(k_cmp), *_strides(v_cmp),
         S, G, Hkv, rows, total, nb_cap, tiles_cap, qk_scale,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, SPLITS=cmp_splits, BLOCK_C=block_c, BLOCK_J=block_j,
-        PRECISION=precision, POOL_PRECISION="ieee" if q.dtype == torch.float32 else "tf32x3", **common)
+        PRECISION=precision, POOL_PRECISION="ieee" if q.dtype == torch.float32 else "tf32x3", **common,
+        **{"num_stages": stages, **LAUNCH["cmp"]})
     _block_score_kernel[(chunks * S, Hkv, B)](
         m_part, l_part, pooled, tile_max, keys, seq_lens, S, G, Hkv, rows, total, nb_cap, tiles_cap,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, CMP_SPLITS=cmp_splits, SPLIT_CHUNK=split_chunk, BLOCK_C=block_c,
@@ -514,7 +527,7 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
         *_strides(k_slc), *_strides(v_slc), *_strides(k_swa), *_strides(v_swa), S, G, Hkv, rows, total, qk_scale,
         SLC_BLOCK=lp, WINDOW=config.window, N_SELECT=n, N_PAD=triton.next_power_of_2(n),
         S_PAD=triton.next_power_of_2(S), CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SWA_SPLITS=swa_splits,
-        BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common)
+        BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common, **{"num_stages": stages, **LAUNCH["sparse"]})
     _combine_kernel[(rows, Hkv, B)](
         *partials, gates, o, *_strides(gates), *_strides(o), S, G, Hkv, rows, total,
         CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_DV=block_dv)
