@@ -57,7 +57,8 @@ import triton.language as tl
 
 from ...config import NSAConfig
 from . import _check_backend_inputs
-from .utils import LOG2E, dot_precision, interpreting, keys_upto, pow2_at_least, visible
+from .utils import (LOG2E, block_ids, block_keys, dot_precision, interpreting, keys_upto, pow2_at_least, top_keys,
+                    visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,18 +177,6 @@ def _merge_row(M, L, ACC, base, lo, hi, r, ROWS, SPLITS_TOTAL,
     return acc / tl.where(l_run > 0, l_run, 1.0)
 
 
-@triton.jit
-def _top_keys(keys, N_SELECT: tl.constexpr, N_PAD: tl.constexpr):
-    """The N_SELECT largest of distinct int64 keys (-1: no candidate) -> [N_PAD], descending, -1 padded."""
-    slots = tl.arange(0, N_PAD)
-    top = tl.full([N_PAD], -1, tl.int64)
-    for slot in tl.static_range(N_SELECT):
-        best = tl.max(keys, 0)
-        top = tl.where(slots == slot, best, top)
-        keys = tl.where(keys == best, -1, keys)
-    return top
-
-
 # ----------------------------------------------------------------------------------------------
 # 1. Compressed attention + pooled block scores
 
@@ -292,14 +281,8 @@ def _block_score_kernel(M, L, POOL, TMAX, KEYS, SEQ_LENS, S, G, Hkv, ROWS, SPLIT
     mt = tl.load(TMAX + rows[:, None] * TILES_CAP + (j // NBJ)[None, :], mask=ok, other=float("-inf"))
     pooled = tl.load(POOL + rows[:, None] * NB_CAP + j[None, :], mask=ok, other=0.0)
     score = tl.sum(tl.where(mt > float("-inf"), pooled * tl.exp2(mt - lse[:, None]), 0.0), 0)
-    score = tl.where(score > 0, score, 0.0)  # +0.0, never -0.0: non-negative floats order as their bits
-    # Forced blocks outrank every score, in the order J(t), J(t) - 1, 0 (which matters only if n < 3).
-    score = tl.where(j == 0, 1.5e38, score)
-    score = tl.where(j == last - 1, 3.0e38, score)
-    score = tl.where(j == last, float("inf"), score)
-    keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - j).to(tl.int64)
-    top = _top_keys(tl.where(candidate, keys, -1), N_SELECT, N_PAD)
-    tl.store(KEYS + ((group * S + s) * CHUNKS + chunk) * N_PAD + tl.arange(0, N_PAD), top)
+    top = top_keys(block_keys(score, j, candidate, last)[None, :], N_SELECT, N_PAD)  # [1, N_PAD]
+    tl.store(KEYS + ((group * S + s) * CHUNKS + chunk) * N_PAD + tl.arange(0, N_PAD)[None, :], top)
 
 
 @triton.jit
@@ -311,12 +294,9 @@ def _select_kernel(KEYS, IDS, S, CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr,
     query = (b.to(tl.int64) * Hkv + g) * S + s
     c = tl.arange(0, CHUNKS_PAD)[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
     keys = tl.load(KEYS + query * CHUNKS * N_PAD + c, mask=c < CHUNKS * N_PAD, other=-1)
-    top = _top_keys(tl.reshape(keys, [CHUNKS_PAD * N_PAD]), N_SELECT, N_PAD)
-    big = 2147483647
-    ids = tl.where(top >= 0, big - (top & 0xFFFFFFFF), big).to(tl.int32)
-    ids = tl.sort(ids, 0)
-    slots = tl.arange(0, N_PAD)
-    tl.store(IDS + query * N_SELECT + slots, tl.where(ids == big, -1, ids), mask=slots < N_SELECT)
+    ids = block_ids(top_keys(tl.reshape(keys, [1, CHUNKS_PAD * N_PAD]), N_SELECT, N_PAD))  # [1, N_PAD]
+    slots = tl.arange(0, N_PAD)[None, :]
+    tl.store(IDS + query * N_SELECT + slots, ids, mask=slots < N_SELECT)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ Two kernels, launched over bounded slices of the queries so that the score buffe
   1. _group_score_kernel, grid (query tiles, Hkv, batch): a program holds the q rows of all heads of
      its group for BLOCK_T queries (rows = query x head) and streams the compressed keys in chunks of
      CHUNK selection blocks, like a flash-attention forward. Per chunk it pools p_cmp onto blocks with
-     a matmul by a constant weight tile (W_cur onto the chunk's own blocks, W_next onto the following
+     a matmul by a constant weight tile (two float16 matmuls for 16-bit inputs, see _pool) (W_cur onto the chunk's own blocks, W_next onto the following
      CHUNK blocks, which tokens near a chunk's end reach; that part is carried into the next chunk),
      sums the heads (W is linear, so pooling first is exact) and writes P to a float32 buffer.
-  2. _top_n_kernel, grid (row tiles, Hkv, batch): loads whole score rows and takes the n best by n
-     rounds of argmax, forced blocks first.
+  2. _top_n_kernel, grid (row tiles, Hkv, batch): loads whole score rows as sortable keys (utils.block_keys:
+     forced blocks first) and takes the n best by n rounds of one max-reduction each.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ...config import NSAConfig
-from .utils import LOG2E, check_kernel_dtype, dot_precision, interpreting, keys_upto, last_dim_contiguous, seq_bounds, visible
+from .utils import (LOG2E, block_ids, block_keys, check_kernel_dtype, dot_precision, interpreting, keys_upto,
+                    last_dim_contiguous, seq_bounds, top_keys, visible)
 
 
 @triton.jit
@@ -42,6 +43,23 @@ def _pool_weights(CHUNK_OFFSET: tl.constexpr, CMP_STRIDE: tl.constexpr, CMP_BLOC
 
 
 @triton.jit
+def _pool(p, w, SPLIT: tl.constexpr):
+    """p [rows, tokens] float32 in [0, 1] times the integer weights w [tokens, blocks] -> float32 [rows, blocks].
+
+    SPLIT: as two float16 matmuls, p * 2^14 = hi + lo with hi, lo float16 (22 significant bits, like tf32x3's
+    three tf32 matmuls at a third of the tensor-core time; the 2^14 keeps p down to ~1e-9 out of float16's
+    subnormals). Otherwise one exact float32 matmul (float32 inputs, the interpreter's tests).
+    """
+    if SPLIT:
+        scaled = p * 16384.0
+        hi = scaled.to(tl.float16)
+        lo = (scaled - hi.to(tl.float32)).to(tl.float16)
+        w16 = w.to(tl.float16)  # integers <= 2048: exact
+        return (tl.dot(hi, w16) + tl.dot(lo, w16)) * (1.0 / 16384.0)
+    return tl.dot(p, w, input_precision="ieee")
+
+
+@triton.jit
 def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                         stride_pb, stride_pt, stride_ph,
@@ -49,7 +67,7 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
                         CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
                         IS_VARLEN: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
                         BLOCK_T: tl.constexpr, HEADS: tl.constexpr, CHUNK: tl.constexpr,
-                        PRECISION: tl.constexpr, POOL_PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, SPLIT_POOL: tl.constexpr):
     """Group scores P[g, t, j] of BLOCK_T queries t >= row0 of one GQA group, every block j <= J(last query).
 
     Q [B, T, Hq, DK], KC [B, Tc, Hkv, DK], LSE [B, Hq, T] float32 (the compressed branch's log-sum-exp),
@@ -91,8 +109,8 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             vis = visible(row_t[:, None], i[None, :], CMP_STRIDE, CMP_BLOCK, 0) & (i < Tc_seq)[None, :]
             p = tl.where(vis & row_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)  # p_cmp [rows, BLOCK_C]
-            pooled = carried + tl.dot(p, w_cur, input_precision=POOL_PRECISION)  # d * p_slc [rows, CHUNK]
-            carried = tl.dot(p, w_next, input_precision=POOL_PRECISION)
+            pooled = carried + _pool(p, w_cur, SPLIT_POOL)  # d * p_slc [rows, CHUNK]
+            carried = _pool(p, w_next, SPLIT_POOL)
             score = tl.sum(tl.reshape(pooled, (BLOCK_T, HEADS, CHUNK)), 1) * (1.0 / CMP_STRIDE)
             j = j0 + tl.arange(0, CHUNK)[None, :]
             ptr = Pg + j
@@ -119,22 +137,9 @@ def _top_n_kernel(P, OUT, CU_Q, stride_pb, stride_pt, stride_ph, stride_ob, stri
     j = tl.arange(0, NB_PAD)[None, :]
     candidate = (j <= last) & (t < T_seq)[:, None]
     Pg = P + tl.program_id(2).to(tl.int64) * stride_pb + (t - row0).to(tl.int64)[:, None] * stride_pt + g * stride_ph
-    score = tl.load(Pg + j, mask=candidate, other=float("-inf"))
-    # Forced blocks outrank every score, in the order J(t), J(t) - 1, 0 (which matters only if n < 3).
-    score = tl.where(candidate & (j == 0), 1.5e38, score)
-    score = tl.where(candidate & (j == last - 1), 3.0e38, score)
-    score = tl.where(candidate & (j == last), float("inf"), score)
-    # n rounds: take each row's best remaining block; rows with fewer candidates run out (-inf) and keep `big`.
-    big = 2147483647
+    score = tl.load(Pg + j, mask=candidate, other=0.0)
+    ids = block_ids(top_keys(block_keys(score, j, candidate, last), N_SELECT, N_PAD))  # [BLOCK_R, N_PAD]
     slots = tl.arange(0, N_PAD)[None, :]
-    ids = tl.full([BLOCK_R, N_PAD], big, tl.int32)
-    for slot in tl.static_range(N_SELECT):
-        best = tl.max(score, 1)[:, None]
-        at = tl.argmax(score, 1)[:, None]
-        ids = tl.where((slots == slot) & (best > float("-inf")), at, ids)
-        score = tl.where(j == at, float("-inf"), score)
-    ids = tl.sort(ids, 1)
-    ids = tl.where(ids == big, -1, ids)
     out = OUT + batch * stride_ob + (q0 + t).to(tl.int64)[:, None] * stride_ot + g * stride_oh + slots
     tl.store(out, ids, mask=(t < T_seq)[:, None] & (slots < N_SELECT))
 
@@ -153,8 +158,16 @@ def _score_params(G: int, tokens_per_block: int, block_dk: int) -> dict:
     block_c = chunk * tokens_per_block
     rows = max(16, min(128 * 128 // max(block_dk, 128), 16384 // block_c))
     heads = min(heads_pow2, rows)
-    stages = 2 if block_c * block_dk <= 32768 else 1
-    return dict(BLOCK_T=rows // heads, HEADS=heads, CHUNK=chunk, num_warps=8 if rows >= 128 else 4, num_stages=stages)
+    # 3 stages at D 128: 18.7 ms against 20.7 with 2 (H100, shape P, 64k, when pooling was tf32x3)
+    stages = 3 if block_c * block_dk <= 8192 else 2 if block_c * block_dk <= 32768 else 1
+    # 4 warps: 8.3 ms against 10.7 ms with 8 for 128 rows (H100, shape P, 64k; benchmarks/profile_selection.py)
+    return dict(BLOCK_T=rows // heads, HEADS=heads, CHUNK=chunk, num_warps=4, num_stages=stages)
+
+
+def _top_n_params(nb_pad: int) -> dict:
+    """Tile of _top_n_kernel: one query's row of nb_pad keys, a warp per 1024 keys (H100, 64k: 2.7 ms for shape P,
+    against 3.7 ms for 4 rows on 4 warps and 8.6 ms for 16 rows on 8 warps; benchmarks/profile_selection.py)."""
+    return dict(BLOCK_R=1, num_warps=max(1, min(8, nb_pad // 1024)))
 
 
 def _rows_per_launch(rows_cap: int, per_row_bytes: int) -> int:
@@ -194,8 +207,7 @@ def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
     scores = torch.empty(nseq, min(rows, max_t), Hkv, nb, device=q.device, dtype=torch.float32)
     p = _score_params(Hq // Hkv, config.slc_block // config.cmp_stride, triton.next_power_of_2(Dk))
     nb_pad = triton.next_power_of_2(nb)
-    block_r = max(1, min(64, 4096 // nb_pad))
-    pool_precision = "ieee" if q.dtype == torch.float32 else "tf32x3"
+    top_n = _top_n_params(nb_pad)
     for row0 in range(0, max_t, rows):
         span = min(rows, max_t - row0)
         _group_score_kernel[(triton.cdiv(span, p["BLOCK_T"]), Hkv, nseq)](
@@ -205,10 +217,10 @@ def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
             T, Tc, Hq, Hq // Hkv, row0, scale * LOG2E,
             CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, SLC_BLOCK=config.slc_block,
             IS_VARLEN=varlen, DK=Dk, BLOCK_DK=triton.next_power_of_2(Dk),
-            PRECISION=dot_precision(q.dtype), POOL_PRECISION=pool_precision, **p)
-        _top_n_kernel[(triton.cdiv(span, block_r), Hkv, nseq)](
+            PRECISION=dot_precision(q.dtype), SPLIT_POOL=q.dtype != torch.float32, **p)
+        _top_n_kernel[(triton.cdiv(span, top_n["BLOCK_R"]), Hkv, nseq)](
             scores, out, cu_seqlens_q, scores.stride(0), scores.stride(1), scores.stride(2),
             out.stride(0), out.stride(1), out.stride(2), T, row0,
             SLC_BLOCK=config.slc_block, N_SELECT=n, N_PAD=triton.next_power_of_2(n), NB_PAD=nb_pad,
-            BLOCK_R=block_r, IS_VARLEN=varlen, num_warps=4)
+            IS_VARLEN=varlen, **top_n)
     return out

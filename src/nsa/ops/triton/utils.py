@@ -79,3 +79,39 @@ def seq_bounds(cu_seqlens, b, total, IS_VARLEN: tl.constexpr):
         length = b * 0 + total
         batch = b
     return batch.to(tl.int64), start.to(tl.int64), length
+
+
+# Top-n selection on sortable keys: one int64 per candidate block, score bits << 32 | (2^31 - 1 - j), so that one
+# max-reduction per round yields both the best score and its block (ties: smaller j), and -1 marks no candidate.
+
+
+@triton.jit
+def block_keys(score, j, candidate, last):
+    """Keys of blocks j (scores score >= 0, same shape): the forced blocks J(t) = last, J(t) - 1 and 0 above every
+    score, in that order (which matters only if n < 3); then larger score, then smaller j; -1 where not candidate."""
+    score = tl.where(score > 0, score, 0.0)  # +0.0, never -0.0: non-negative floats order as their bits
+    score = tl.where(j == 0, 1.5e38, score)
+    score = tl.where(j == last - 1, 3.0e38, score)
+    score = tl.where(j == last, float("inf"), score)
+    keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - j).to(tl.int64)
+    return tl.where(candidate, keys, -1)
+
+
+@triton.jit
+def top_keys(keys, N_SELECT: tl.constexpr, N_PAD: tl.constexpr):
+    """Keys [R, K] (distinct within a row) -> [R, N_PAD]: each row's N_SELECT largest, descending, then -1."""
+    slots = tl.arange(0, N_PAD)[None, :]
+    top = tl.full([keys.shape[0], N_PAD], -1, tl.int64)
+    for slot in tl.static_range(N_SELECT):
+        best = tl.max(keys, 1)[:, None]
+        top = tl.where(slots == slot, best, top)
+        keys = tl.where(keys == best, -1, keys)
+    return top
+
+
+@triton.jit
+def block_ids(top):
+    """Keys from top_keys [R, N_PAD] -> block ids int32 [R, N_PAD]: each row ascending, then -1."""
+    big = 2147483647
+    ids = tl.sort(tl.where(top >= 0, big - (top & 0xFFFFFFFF), big).to(tl.int32), 1)
+    return tl.where(ids == big, -1, ids)
