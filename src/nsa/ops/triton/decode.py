@@ -43,8 +43,8 @@ and partials 2 x 4 * G * S * Dv * splits. q, gates and o are negligible.
 
 Programs whose share of the keys lies past their row's length loop zero times and store an empty
 state (m = -inf, l = 0), which the merges ignore; cache slots past seq_lens[b] are never read.
-Extra memory: the partials, O(B * Hq * S * splits * Dv) float32, and the pooled scores,
-O(B * Hq * S * capacity / l') float32. Inference only: no autograd (inputs that require grad under
+Extra memory: the partials, O(B * Hq * S * splits * Dv) float32, the pooled scores,
+O(B * Hq * S * capacity / l') float32, and the chunks' winners, B * Hkv * S * CHUNKS * n int64. Inference only: no autograd (inputs that require grad under
 grad mode are rejected).
 """
 from __future__ import annotations
