@@ -166,7 +166,10 @@ def _score_params(G: int, tokens_per_block: int, block_dk: int) -> dict:
 
 def _top_n_params(nb_pad: int) -> dict:
     """Tile of _top_n_kernel: one query's row of nb_pad keys, a warp per 1024 keys (H100, 64k: 2.7 ms for shape P,
-    against 3.7 ms for 4 rows on 4 warps and 8.6 ms for 16 rows on 8 warps; benchmarks/profile_selection.py)."""
+    against 3.7 ms for 4 rows on 4 warps and 8.6 ms for 16 rows on 8 warps; benchmarks/profile_selection.py).
+    Interpreter: 16 rows, since its cost is per program."""
+    if interpreting():
+        return dict(BLOCK_R=16, num_warps=1)
     return dict(BLOCK_R=1, num_warps=max(1, min(8, nb_pad // 1024)))
 
 
