@@ -120,7 +120,9 @@ class LayerCache:
         self.set_lengths(seq_lens)
 
     def advance(self, new_tokens: int) -> None:
-        self.set_lengths([n + new_tokens for n in self.seq_lens])
+        """Every row grows by new_tokens: on the device in place (no host-to-device copy per decoding step)."""
+        self.seq_lens = [n + new_tokens for n in self.seq_lens]
+        self.lengths += new_tokens
 
     def set_lengths(self, seq_lens: list[int]) -> None:
         self.seq_lens = list(seq_lens)
@@ -198,7 +200,8 @@ class NSACache(LayerCache):
         return min(self.config.num_cmp_tokens(n) * self.config.cmp_stride, n)
 
     def pending_blocks(self, raw_k: torch.Tensor, raw_v: torch.Tensor):
-        """The compressed tokens that S new raw cmp-branch tokens raw_k, raw_v [B, S, Hkv, D] complete.
+        """The compressed tokens that S new raw cmp-branch tokens raw_k, raw_v [B, S, Hkv, D] complete, or None
+        when they complete none (most decoding steps: one in d for S = 1).
 
         Compressed token i of row b (length L_b) is complete once raw token i*d + l - 1 < L_b + S: the new
         ones are i in [num_cmp_tokens(L_b), num_cmp_tokens(L_b + S)). Returns (rows, slots) long [N] and
@@ -212,6 +215,8 @@ class NSACache(LayerCache):
                 rows.append(b)
                 slots.append(i)
                 starts.append(i * d - (n - R))  # block start inside the context below
+        if not rows:
+            return None
         rows, slots, starts = (torch.tensor(v, dtype=torch.long, device=self.device) for v in (rows, slots, starts))
         # context of row b: raw positions L_b - R .. L_b + S - 1 (the ring unrolled, then the new tokens)
         ring_pos = self.lengths.long()[:, None] - R + torch.arange(R, device=self.device)  # [B, R]
@@ -222,19 +227,20 @@ class NSACache(LayerCache):
             blocks.append(context[rows[:, None], starts[:, None] + torch.arange(l, device=self.device)])
         return rows, slots, blocks[0], blocks[1]
 
-    def append(self, positions: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.Tensor, rows: torch.Tensor,
-               slots: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> None:
-        """Stores the new tokens' raw cmp-branch keys/values [B, S, Hkv, D] (at positions long [B, S])
-        in the ring and the compressed tokens k_cmp, v_cmp [N, Hkv, D] in slots [N] of rows [N]; then advances
-        lengths by S (the raw selection/window tokens were written by write())."""
+    def append(self, positions: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.Tensor, compressed=None) -> None:
+        """Stores the new tokens' raw cmp-branch keys/values [B, S, Hkv, D] (at positions long [B, S]) in the ring
+        and compressed = (rows [N], slots [N], k_cmp [N, Hkv, Dk], v_cmp [N, Hkv, Dv]), if any, in those slots of
+        those rows; then advances lengths by S (the raw selection/window tokens were written by write())."""
         keep = min(raw_k.shape[1], self.ring_size)  # only the last R raw tokens can be needed again
         batch = torch.arange(self.batch_size, device=self.device)[:, None]
         ring_slots = positions[:, -keep:] % self.ring_size
         self.ring_k[batch, ring_slots] = raw_k[:, -keep:].detach()
         self.ring_v[batch, ring_slots] = raw_v[:, -keep:].detach()
-        self.check_dtype(k_cmp)
-        self.k_cmp[rows, slots] = k_cmp.detach()
-        self.v_cmp[rows, slots] = v_cmp.detach()
+        if compressed is not None:
+            rows, slots, k_cmp, v_cmp = compressed
+            self.check_dtype(k_cmp)
+            self.k_cmp[rows, slots] = k_cmp.detach()
+            self.v_cmp[rows, slots] = v_cmp.detach()
         self.advance(raw_k.shape[1])
 
     def fill_cmp(self, seq_lens: list[int], raw_k: torch.Tensor, raw_v: torch.Tensor, k_cmp: torch.Tensor,
