@@ -44,8 +44,8 @@ and partials 2 x 4 * G * S * Dv * splits. q, gates and o are negligible.
 Programs whose share of the keys lies past their row's length loop zero times and store an empty
 state (m = -inf, l = 0), which the merges ignore; cache slots past seq_lens[b] are never read.
 Extra memory: the partials, O(B * Hq * S * splits * Dv) float32, the pooled scores,
-O(B * Hq * S * capacity / l') float32, and the chunks' winners, B * Hkv * S * CHUNKS * n int64. Inference only: no autograd (inputs that require grad under
-grad mode are rejected).
+O(B * Hq * S * capacity / l') float32, and the chunks' winners, B * Hkv * S * CHUNKS * n int64.
+Inference only: no autograd (inputs that require grad under grad mode are rejected).
 """
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ import triton.language as tl
 
 from ...config import NSAConfig
 from . import _check_backend_inputs
-from .utils import (LOG2E, block_ids, block_keys, dot_precision, interpreting, keys_upto, pow2_at_least, top_keys,
-                    visible)
+from .utils import (LOG2E, block_ids, block_keys, dot_precision, interpreting, keys_upto, pool_probs, pow2_at_least,
+                    top_keys, visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def _cmp_kernel(Q, KC, VC, SEQ_LENS, M, L, ACC, POOL, TMAX,
                 SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                PRECISION: tl.constexpr, POOL_PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, SPLIT_POOL: tl.constexpr):
     """Split `split` of the compressed branch for BLOCK_R rows of group g of batch row b.
 
     Q [B, S, Hq, DK]; KC, VC [B, capacity_cmp, Hkv, DK / DV]; POOL [B, Hkv, ROWS, NB_CAP = TILES_CAP * NBJ] and
@@ -242,7 +242,7 @@ def _cmp_kernel(Q, KC, VC, SEQ_LENS, M, L, ACC, POOL, TMAX,
         vis = visible(t[:, None], i[None, :], CMP_STRIDE, CMP_BLOCK, 0) & key_ok[None, :] & row_ok[:, None]
         p, mt = _tile_probs(scores, vis)
         # Block scores of blocks k * NBJ + b, relative to the tile's row max mt.
-        pooled = tl.dot(p, w, input_precision=POOL_PRECISION)
+        pooled = pool_probs(p, w, SPLIT_POOL)
         tl.store(pool_rows + k * NBJ + b_col[None, :], pooled, mask=row_ok[:, None] & (b_col < NBJ)[None, :])
         tl.store(TMAX + (group * ROWS + r) * TILES_CAP + k, mt, mask=row_ok)
         # Attention over the tile's own tokens (the halo belongs to the previous tile).
@@ -494,7 +494,7 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
         q, k_cmp, v_cmp, seq_lens, *partials, pooled, tile_max, *_strides(q), *_strides(k_cmp), *_strides(v_cmp),
         S, G, Hkv, rows, total, nb_cap, tiles_cap, qk_scale,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, SPLITS=cmp_splits, BLOCK_C=block_c, BLOCK_J=block_j,
-        PRECISION=precision, POOL_PRECISION="ieee" if q.dtype == torch.float32 else "tf32x3", **common,
+        PRECISION=precision, SPLIT_POOL=q.dtype != torch.float32, **common,
         **{"num_stages": stages, **LAUNCH["cmp"]})
     _block_score_kernel[(chunks * S, Hkv, B)](
         m_part, l_part, pooled, tile_max, keys, seq_lens, S, G, Hkv, rows, total, nb_cap, tiles_cap,

@@ -11,9 +11,10 @@ Two kernels, launched over bounded slices of the queries so that the score buffe
   1. _group_score_kernel, grid (query tiles, Hkv, batch): a program holds the q rows of all heads of
      its group for BLOCK_T queries (rows = query x head) and streams the compressed keys in chunks of
      CHUNK selection blocks, like a flash-attention forward. Per chunk it pools p_cmp onto blocks with
-     a matmul by a constant weight tile (two float16 matmuls for 16-bit inputs, see _pool) (W_cur onto the chunk's own blocks, W_next onto the following
-     CHUNK blocks, which tokens near a chunk's end reach; that part is carried into the next chunk),
-     sums the heads (W is linear, so pooling first is exact) and writes P to a float32 buffer.
+     a matmul by a constant weight tile (W_cur onto the chunk's own blocks, W_next onto the following
+     CHUNK blocks, which tokens near a chunk's end reach; that part is carried into the next chunk;
+     two float16 matmuls each for 16-bit inputs, see utils.pool_probs), sums the heads (W is linear, so
+     pooling first is exact) and writes P to a float32 buffer.
   2. _top_n_kernel, grid (row tiles, Hkv, batch): loads whole score rows as sortable keys (utils.block_keys:
      forced blocks first) and takes the n best by n rounds of one max-reduction each.
 """
@@ -25,13 +26,14 @@ import triton.language as tl
 
 from ...config import NSAConfig
 from .utils import (LOG2E, block_ids, block_keys, check_kernel_dtype, dot_precision, interpreting, keys_upto,
-                    last_dim_contiguous, seq_bounds, top_keys, visible)
+                    last_dim_contiguous, pool_probs, seq_bounds, top_keys, visible)
 
 
 @triton.jit
 def _pool_weights(CHUNK_OFFSET: tl.constexpr, CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr,
                   SLC_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr):
-    """d * W[a, b] for the a-th token of a chunk and the block CHUNK_OFFSET + b after the chunk's first: [BLOCK_C, CHUNK].
+    """d * W[a, b] for the a-th token of a chunk and the block CHUNK_OFFSET + b after the chunk's first:
+    [BLOCK_C, CHUNK].
 
     Tokens and blocks are counted from the chunk's start, which is a block boundary, so the tile is the same for
     every chunk. The overlaps are integers (exact in any dot precision); the 1 / d is applied to the pooled sums.
@@ -40,23 +42,6 @@ def _pool_weights(CHUNK_OFFSET: tl.constexpr, CMP_STRIDE: tl.constexpr, CMP_BLOC
     block = CHUNK_OFFSET + tl.arange(0, CHUNK)[None, :]
     overlap = tl.minimum(start + CMP_BLOCK, (block + 1) * SLC_BLOCK) - tl.maximum(start, block * SLC_BLOCK)
     return tl.maximum(overlap, 0).to(tl.float32)
-
-
-@triton.jit
-def _pool(p, w, SPLIT: tl.constexpr):
-    """p [rows, tokens] float32 in [0, 1] times the integer weights w [tokens, blocks] -> float32 [rows, blocks].
-
-    SPLIT: as two float16 matmuls, p * 2^14 = hi + lo with hi, lo float16 (22 significant bits, like tf32x3's
-    three tf32 matmuls at a third of the tensor-core time; the 2^14 keeps p down to ~1e-9 out of float16's
-    subnormals). Otherwise one exact float32 matmul (float32 inputs, the interpreter's tests).
-    """
-    if SPLIT:
-        scaled = p * 16384.0
-        hi = scaled.to(tl.float16)
-        lo = (scaled - hi.to(tl.float32)).to(tl.float16)
-        w16 = w.to(tl.float16)  # integers <= 2048: exact
-        return (tl.dot(hi, w16) + tl.dot(lo, w16)) * (1.0 / 16384.0)
-    return tl.dot(p, w, input_precision="ieee")
 
 
 @triton.jit
@@ -82,7 +67,8 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
     BLOCK_C: tl.constexpr = CHUNK * R
     t = m0 + tl.arange(0, BLOCK_T)
-    # Rows of the score tile: BLOCK_T queries x HEADS heads, row = query * HEADS + head (a query's heads are adjacent in q).
+    # Rows of the score tile: BLOCK_T queries x HEADS heads, row = query * HEADS + head (a query's heads are
+    # adjacent in q).
     row_t = m0 + tl.arange(0, BLOCK_T * HEADS) // HEADS
     row_h = tl.arange(0, BLOCK_T * HEADS) % HEADS
     cols = tl.arange(0, BLOCK_DK)
@@ -109,8 +95,8 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             vis = visible(row_t[:, None], i[None, :], CMP_STRIDE, CMP_BLOCK, 0) & (i < Tc_seq)[None, :]
             p = tl.where(vis & row_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)  # p_cmp [rows, BLOCK_C]
-            pooled = carried + _pool(p, w_cur, SPLIT_POOL)  # d * p_slc [rows, CHUNK]
-            carried = _pool(p, w_next, SPLIT_POOL)
+            pooled = carried + pool_probs(p, w_cur, SPLIT_POOL)  # d * p_slc [rows, CHUNK]
+            carried = pool_probs(p, w_next, SPLIT_POOL)
             score = tl.sum(tl.reshape(pooled, (BLOCK_T, HEADS, CHUNK)), 1) * (1.0 / CMP_STRIDE)
             j = j0 + tl.arange(0, CHUNK)[None, :]
             ptr = Pg + j

@@ -81,6 +81,23 @@ def seq_bounds(cu_seqlens, b, total, IS_VARLEN: tl.constexpr):
     return batch.to(tl.int64), start.to(tl.int64), length
 
 
+@triton.jit
+def pool_probs(p, w, SPLIT: tl.constexpr):
+    """p [rows, tokens] float32 in [0, 1] times the integer weights w [tokens, blocks] -> float32 [rows, blocks].
+
+    SPLIT: as two float16 matmuls, p * 2^14 = hi + lo with hi, lo float16 (22 significant bits, like tf32x3's
+    three tf32 matmuls at a third of the tensor-core time; the 2^14 keeps p down to ~1e-9 out of float16's
+    subnormals). Otherwise one exact float32 matmul (float32 inputs, the interpreter's tests).
+    """
+    if SPLIT:
+        scaled = p * 16384.0
+        hi = scaled.to(tl.float16)
+        lo = (scaled - hi.to(tl.float32)).to(tl.float16)
+        w16 = w.to(tl.float16)  # integers <= 2048: exact
+        return (tl.dot(hi, w16) + tl.dot(lo, w16)) * (1.0 / 16384.0)
+    return tl.dot(p, w, input_precision="ieee")
+
+
 # Top-n selection on sortable keys: one int64 per candidate block, score bits << 32 | (2^31 - 1 - j), so that one
 # max-reduction per round yields both the best score and its block (ties: smaller j), and -1 marks no candidate.
 
