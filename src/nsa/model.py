@@ -242,7 +242,7 @@ class LanguageModel(nn.Module):
             idx, new = torch.cat((idx, next_idx[:, None]), dim=1), next_idx[:, None]
             if callback is not None:
                 callback(next_idx)
-            if done.all():
+            if stop.numel() and done.all():  # reads `done` back: only when a row can end early
                 break
         return idx
 
