@@ -345,8 +345,8 @@ def _sparse_kernel(Q, KS, VS, KW, VW, IDS, SEQ_LENS, M, L, ACC,
         for item in range(split, S * N_SELECT, SLC_SPLITS):
             blk = tl.load(ids_group + item)
             earlier = tl.sum(tl.where((all_ids == blk) & (queries < item // N_SELECT)[:, None], 1, 0))
-            # Masks, not a branch, skip empty slots and repeats: a branch-free loop is software-pipelined
-            # (the next block's loads overlap this one's math), and skipped blocks load nothing.
+            # Masks, not a branch, skip empty slots and repeats (skipped blocks load nothing): the loop stays
+            # branch-free for the software pipeliner (measured the same as the branch at batch 32, 64k).
             attend = (blk >= 0) & (earlier == 0)
             chose = (tl.sum(tl.where(row_ids == blk, 1, 0), 1) > 0) & attend
             for start in tl.static_range(0, SLC_BLOCK, BLOCK_L):  # the block in tiles of BLOCK_L tokens
