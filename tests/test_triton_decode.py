@@ -123,6 +123,13 @@ def test_decode_no_host_sync(monkeypatch):
     decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25)
 
 
+def test_decode_refuses_blocks_too_long_for_float16_pooling():
+    config = nsa.NSAConfig(cmp_block=4096, cmp_stride=2048, slc_block=4096, num_selected=2, window=8)
+    _, args, seq_lens, _ = decode_case([20], 1, 2, 1, 16, 16, config, torch.float16, 24)
+    with pytest.raises(ValueError, match="cmp_block <= 2048 or slc_block <= 2048"):
+        decode.nsa_decode_attention(*args, seq_lens, config, 0.25)
+
+
 def test_decode_rejects_grad():
     _, args, seq_lens, _ = decode_case([20], 1, 2, 1, 16, 16, CONFIG_A, torch.float32, 24)
     args[0].requires_grad_(True)

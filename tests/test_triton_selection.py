@@ -97,6 +97,15 @@ def test_shorter_than_a_compressed_block():
     assert torch.equal(ids, expected.expand(2, 20, 1, 3))
 
 
+def test_blocks_too_long_for_float16_pooling_are_refused():
+    """16-bit inputs pool with float16 overlap weights, exact up to 2048: longer blocks raise, float32 runs."""
+    cfg = NSAConfig(cmp_block=4096, cmp_stride=2048, slc_block=4096, num_selected=2, window=8)
+    q = torch.randn(1, 20, 2, 16, device=DEVICE)
+    assert run_triton(q, q[:, :0, :1], cfg, 0.25).shape == (1, 20, 1, 2)
+    with pytest.raises(ValueError, match="cmp_block <= 2048 or slc_block <= 2048"):
+        run_triton(q.half(), q[:, :0, :1].half(), cfg, 0.25)
+
+
 def test_packed_sequences():
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=32, num_selected=3, window=24)
     lens = [61, 10, 75]  # the middle one is shorter than l

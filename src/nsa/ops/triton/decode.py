@@ -57,8 +57,8 @@ import triton.language as tl
 
 from ...config import NSAConfig
 from . import _check_backend_inputs
-from .utils import (LOG2E, block_ids, block_keys, dot_precision, interpreting, keys_upto, pool_probs, pow2_at_least,
-                    top_keys, visible)
+from .utils import (LOG2E, block_ids, block_keys, check_pooling, dot_precision, interpreting, keys_upto, pool_probs,
+                    pow2_at_least, top_keys, visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,6 +437,7 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     selection, int32 [B, S, Hkv, n] (ids ascending, then -1).
     """
     _check_backend_inputs(q, (q.shape[-1], v_cmp.shape[-1]))
+    check_pooling(config, q.dtype)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)):
         raise RuntimeError("the Triton decoding step is inference only (no backward): run it under torch.no_grad() "
                            "or torch.inference_mode()")

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ...config import NSAConfig
-from .utils import (LOG2E, block_ids, block_keys, check_kernel_dtype, dot_precision, interpreting, keys_upto,
-                    last_dim_contiguous, pool_probs, seq_bounds, top_keys, visible)
+from .utils import (LOG2E, block_ids, block_keys, check_kernel_dtype, check_pooling, dot_precision, interpreting,
+                    keys_upto, last_dim_contiguous, pool_probs, seq_bounds, top_keys, visible)
 
 
 @triton.jit
@@ -176,6 +176,7 @@ def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
     Returns int32 [B, T, Hkv, n]: each row the ids ascending, then -1 in unused slots.
     """
     check_kernel_dtype(q, k_cmp)
+    check_pooling(config, q.dtype)
     q, k_cmp = last_dim_contiguous(q), last_dim_contiguous(k_cmp)
     lse_cmp = lse_cmp.contiguous()
     B, T, Hq, Dk = q.shape

@@ -38,6 +38,15 @@ def check_kernel_dtype(*tensors: torch.Tensor) -> None:
             raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 tensors, got {x.dtype}")
 
 
+def check_pooling(config, dtype: torch.dtype) -> None:
+    """pool_probs multiplies by block overlaps (integers up to min(l, l')) in float16 for 16-bit inputs:
+    exact only up to 2048."""
+    if dtype != torch.float32 and min(config.cmp_block, config.slc_block) > 2048:
+        raise ValueError(f"the triton backend pools block scores with float16 weights, exact up to 2048: it needs "
+                         f"cmp_block <= 2048 or slc_block <= 2048 for {dtype} inputs, got {config.cmp_block} and "
+                         f"{config.slc_block} (float32 inputs have no such limit)")
+
+
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -93,7 +102,7 @@ def pool_probs(p, w, SPLIT: tl.constexpr):
         scaled = p * 16384.0
         hi = scaled.to(tl.float16)
         lo = (scaled - hi.to(tl.float32)).to(tl.float16)
-        w16 = w.to(tl.float16)  # integers <= 2048: exact
+        w16 = w.to(tl.float16)  # integers <= 2048: exact (check_pooling)
         return (tl.dot(hi, w16) + tl.dot(lo, w16)) * (1.0 / 16384.0)
     return tl.dot(p, w, input_precision="ieee")
 
