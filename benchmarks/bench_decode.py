@@ -48,6 +48,17 @@ def make_step(B, L, config, seed=0):
     return x
 
 
+def step_args(x):
+    """make_step's inputs in nsa_decode_attention's order (before the config)."""
+    return [x[n] for n in ("q", *CACHE, "gates", "seq_lens")]
+
+
+def nsa_step(x, config):
+    """The Triton decoding step on make_step's inputs x, as a callable of no arguments."""
+    args = step_args(x)
+    return lambda: nsa.nsa_decode_attention(*args, config, backend="triton")
+
+
 def bytes_read(B, L, config):
     """Cache bytes one decoding step must read: (NSA, SDPA)."""
     per_token = B * HKV * 2 * D * 2  # K and V of every KV head of every row, bf16
@@ -98,10 +109,9 @@ def copy_bandwidth(gib=1.0):
 def check_correctness(config, L=8192):
     """The Triton step against the float32 reference on two rows of L tokens."""
     x = make_step(2, L, config, seed=1)
-    o = nsa.nsa_decode_attention(*(x[n] for n in ("q", *CACHE, "gates", "seq_lens")), config, backend="triton")
+    o = nsa_step(x, config)()
     x32 = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
-    ref = nsa.nsa_decode_attention(*(x32[n] for n in ("q", *CACHE, "gates", "seq_lens")), config,
-                                   backend="reference")
+    ref = nsa.nsa_decode_attention(*step_args(x32), config, backend="reference")
     err = ((o.float() - ref).norm() / ref.norm()).item()
     print(f"check L={L}: relative error of the Triton step vs the float32 reference {err:.2e}")
     if err > 2e-2:
@@ -111,10 +121,6 @@ def check_correctness(config, L=8192):
 def run_attention(B, L, config, warmup, rep, graph_layers):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
-
-    def nsa_fn(x):
-        args = [x[n] for n in ("q", *CACHE, "gates", "seq_lens")]
-        return lambda: nsa.nsa_decode_attention(*args, config, backend="triton")
 
     def sdpa_fn(x, backend):
         q = x["q"].transpose(1, 2)  # [B, Hq, 1, D]
@@ -126,7 +132,7 @@ def run_attention(B, L, config, warmup, rep, graph_layers):
         return fn
 
     x = make_step(B, L, config)
-    fns = {"nsa": nsa_fn(x), "sdpa_flash": sdpa_fn(x, SDPBackend.FLASH_ATTENTION),
+    fns = {"nsa": nsa_step(x, config), "sdpa_flash": sdpa_fn(x, SDPBackend.FLASH_ATTENTION),
            "sdpa_cudnn": sdpa_fn(x, SDPBackend.CUDNN_ATTENTION)}
     nsa_bytes, full_bytes = bytes_read(B, L, config)
     out = {"B": B, "L": L, "kernels": {}, "per_layer": {}}
@@ -141,7 +147,8 @@ def run_attention(B, L, config, warmup, rep, graph_layers):
         # its own cache (so they do not share the L2), where graph_layers caches fit in memory.
         if graph_layers and B * L * graph_layers <= 6 * 2**20:
             layers = [make_step(B, L, config, seed=i) for i in range(graph_layers)]
-            for name, make in (("nsa", nsa_fn), ("sdpa_cudnn", lambda x: sdpa_fn(x, SDPBackend.CUDNN_ATTENTION))):
+            for name, make in (("nsa", lambda x: nsa_step(x, config)),
+                               ("sdpa_cudnn", lambda x: sdpa_fn(x, SDPBackend.CUDNN_ATTENTION))):
                 steps = [make(x) for x in layers]
                 rec = bench(lambda: [step() for step in steps], warmup, rep)
                 out["per_layer"][name] = None if rec["ms"] is None else rec["ms"] / graph_layers

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 import nsa
 from nsa.ops.triton import decode
 
-from bench_decode import CACHE, make_step
+from bench_decode import make_step, nsa_step
 
 
 def kernel_times(fn, iters):
@@ -42,21 +42,23 @@ def kernel_times(fn, iters):
 def profile_kernels(args):
     config = nsa.NSAConfig()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    default = decode.target_programs
     print("\n| B | L | split factor | " + " | ".join(("cmp", "select", "sparse", "combine", "sum")) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for B in args.B:
         for L in args.L:
-            x = make_step(B, L, config)
-            call = [x[n] for n in ("q", *CACHE, "gates", "seq_lens")]
+            step = nsa_step(make_step(B, L, config), config)
             for factor in args.factors:
                 decode.target_programs = lambda device, f=factor: f * sms
                 with torch.no_grad():
-                    t = kernel_times(lambda: decode.nsa_decode_attention(*call[:-1], call[-1], config, 128 ** -0.5),
-                                     args.iters)
-                parts = [sum(v for k, v in t.items() if name in k) for name in
-                         ("_cmp_kernel", "_select_kernel", "_sparse_kernel", "_combine_kernel")]
+                    t = kernel_times(step, args.iters)
+                parts = [sum(v for k, v in t.items() if any(name in k for name in names)) for names in
+                         (("_cmp_kernel",), ("_block_score_kernel", "_select_kernel"), ("_sparse_kernel",),
+                          ("_combine_kernel",))]
                 print(f"| {B} | {L} | {factor} | " + " | ".join(f"{p:.1f}" for p in parts) + f" | {sum(parts):.1f} |")
+            del step
             torch.cuda.empty_cache()
+    decode.target_programs = default
 
 
 def sweep_launch(args):
@@ -67,15 +69,13 @@ def sweep_launch(args):
     default = {k: dict(v) for k, v in decode.LAUNCH.items()}
     for B in args.B:
         for L in args.L:
-            x = make_step(B, L, config)
-            call = [x[n] for n in ("q", *CACHE, "gates", "seq_lens")]
+            step = nsa_step(make_step(B, L, config), config)
             for kernel, name in (("cmp", "_cmp_kernel"), ("sparse", "_sparse_kernel")):
                 for warps in (4, 8):
                     for stages in (1, 2, 3):
                         decode.LAUNCH[kernel] = dict(num_warps=warps, num_stages=stages)
                         with torch.no_grad():
-                            t = kernel_times(lambda: decode.nsa_decode_attention(*call[:-1], call[-1], config,
-                                                                                 128 ** -0.5), args.iters)
+                            t = kernel_times(step, args.iters)
                         us = sum(v for k, v in t.items() if name in k)
                         print(f"| {B} | {L} | {kernel} | {warps} | {stages} | {us:.1f} |")
                 decode.LAUNCH[kernel] = dict(default[kernel])

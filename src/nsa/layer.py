@@ -212,11 +212,12 @@ class NativeSparseAttention(nn.Module):
         q, k_raw, v_raw, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
         cache.write(positions, **self._raw(k_slc, v_slc, k_swa, v_swa))
         pending = cache.pending_blocks(k_raw, v_raw)  # rows, slots [N], blocks [N, l, Hkv, D]; None if N = 0
+        compressed = None
         if pending is not None:
             rows, slots, k_blocks, v_blocks = pending
             k_cmp, v_cmp = self._compress(k_blocks[None], v_blocks[None], slots)
-            pending = (rows, slots, k_cmp[0], v_cmp[0])
-        cache.append(positions, k_raw, v_raw, pending)
+            compressed = (rows, slots, k_cmp[0], v_cmp[0])
+        cache.append(positions, k_raw, v_raw, compressed)
         o = nsa_decode_attention(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa,
                                  gates, cache.lengths, self.config, backend=self.backend)  # [B, S, Hq, Dv]
         return self.o_proj(o.flatten(2))

@@ -438,10 +438,10 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     """
     _check_backend_inputs(q, (q.shape[-1], v_cmp.shape[-1]))
     check_pooling(config, q.dtype)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)):
+    tensors = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         raise RuntimeError("the Triton decoding step is inference only (no backward): run it under torch.no_grad() "
                            "or torch.inference_mode()")
-    tensors = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
     if any(x.stride(-1) != 1 for x in tensors):
         raise ValueError("the Triton decoding step needs tensors whose last dim is contiguous")
     B, S, Hq, Dk = q.shape
@@ -506,7 +506,7 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     _sparse_kernel[((slc_splits + swa_splits) * row_tiles, Hkv, B)](
         q, k_slc, v_slc, k_swa, v_swa, ids, seq_lens, *partials, *_strides(q),
         *_strides(k_slc), *_strides(v_slc), *_strides(k_swa), *_strides(v_swa), S, G, Hkv, rows, total, qk_scale,
-        SLC_BLOCK=lp, WINDOW=config.window, N_SELECT=n, N_PAD=triton.next_power_of_2(n),
+        SLC_BLOCK=lp, WINDOW=config.window, N_SELECT=n, N_PAD=n_pad,
         S_PAD=triton.next_power_of_2(S), CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SWA_SPLITS=swa_splits,
         BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common, **{"num_stages": stages, **LAUNCH["sparse"]})
     _combine_kernel[(rows, Hkv, B)](
