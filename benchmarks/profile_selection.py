@@ -23,10 +23,8 @@ TOP_N = selection._top_n_params
 def variants():
     """(name, score-params override, top-n-params override); {} keeps the library's choice."""
     yield "library", {}, {}
-    for rows, warps in ((1, 1), (2, 2), (8, 4), (16, 8)):
+    for rows, warps in ((1, 1), (1, 2), (1, 4), (2, 4), (4, 4), (4, 8)):
         yield f"top-n {rows} rows {warps} warps", {}, dict(BLOCK_R=rows, num_warps=warps)
-    yield "score 3 stages", dict(num_stages=3), {}
-    yield "score 4 warps", dict(num_warps=4), {}
 
 
 def main():

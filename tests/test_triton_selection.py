@@ -7,12 +7,15 @@ rows must match exactly.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from nsa import NSAConfig
 from nsa.ops import reference
 from nsa.ops.reference import cmp_slc_overlap
 from nsa.ops.triton.flash import banded_attention_fwd
 from nsa.ops.triton.selection import select_blocks_fwd
+from nsa.ops.triton.utils import top_keys
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log2(0) in the interpreter
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,3 +145,23 @@ def test_fewer_slots_than_forced_blocks_keeps_the_local_ones(n):
     k_cmp = torch.randn(1, config.num_cmp_tokens(70), 1, 16, generator=g, device=DEVICE)
     ids = run_triton(q, k_cmp, config, 0.25)
     assert torch.equal(ids.long(), reference.select_blocks(q, k_cmp, config, 0.25))
+
+
+@triton.jit
+def _top_keys_kernel(X, Y, K: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr):
+    rows = tl.arange(0, 4)[:, None]
+    keys = tl.load(X + rows * K + tl.arange(0, K)[None, :])
+    tl.store(Y + rows * N_PAD + tl.arange(0, N_PAD)[None, :], top_keys(keys, N_SELECT, N_PAD))
+
+
+@pytest.mark.parametrize("K, n", [(16, 16), (128, 16), (256, 3), (512, 16), (1024, 5)])
+def test_top_keys_both_paths(K, n):
+    """top_keys (bitonic up to 256 keys a row, max-rounds above) = each row's n largest keys, descending, then -1."""
+    n_pad = triton.next_power_of_2(n)
+    keys = torch.randperm(10 * K, device=DEVICE)[:4 * K].reshape(4, K) * (1 << 31)  # distinct, past 32 bits
+    keys[:, : K // 8] = -1  # non-candidates
+    out = torch.empty(4, n_pad, dtype=torch.int64, device=DEVICE)
+    _top_keys_kernel[(1,)](keys, out, K, n, n_pad)
+    expect = keys.sort(1, descending=True).values[:, :n_pad].clone()
+    expect[:, n:] = -1
+    assert torch.equal(out, expect)

@@ -196,7 +196,7 @@ def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
     rows = _rows_per_launch(max_t, nseq * Hkv * nb * 4)
     scores = torch.empty(nseq, min(rows, max_t), Hkv, nb, device=q.device, dtype=torch.float32)
     p = _score_params(Hq // Hkv, config.slc_block // config.cmp_stride, triton.next_power_of_2(Dk))
-    nb_pad = triton.next_power_of_2(nb)
+    nb_pad = max(triton.next_power_of_2(nb), triton.next_power_of_2(n))  # top_keys takes rows of >= N_PAD keys
     top_n = _top_n_params(nb_pad)
     for row0 in range(0, max_t, rows):
         span = min(rows, max_t - row0)
