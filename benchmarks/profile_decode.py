@@ -4,7 +4,7 @@ host-side operations of one generate() step of the small model.
 Part 1: shape P (Hq 64, Hkv 4, D 128, bfloat16), every row at L tokens; each of the step's kernels timed by
 the CUDA profiler (mean over --iters eager calls), for several split targets (programs per key-splitting
 launch = factor x SMs; the library's choice is 1); with --sweep, the cmp and sparse kernels under each
-num_warps / num_stages.
+(tile, num_warps, num_stages) of SWEEP.
 Part 2: torch.profiler over --steps decoding steps of LanguageModel.generate after a --prompt token prompt,
 NSA and full attention: total CPU and CUDA time per step and the operations with the most CPU time.
 
@@ -43,8 +43,9 @@ def profile_kernels(args):
     config = nsa.NSAConfig()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     default = decode.target_programs
-    print("\n| B | L | split factor | " + " | ".join(("cmp", "select", "sparse", "combine", "sum")) + " |")
-    print("|---|---|---|---|---|---|---|---|")
+    names = ("cmp", "block scores", "final top-n", "sparse", "combine", "sum")
+    print("\n| B | L | split factor | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
     for B in args.B:
         for L in args.L:
             step = nsa_step(make_step(B, L, config), config)
@@ -52,8 +53,8 @@ def profile_kernels(args):
                 decode.target_programs = lambda device, f=factor: f * sms
                 with torch.no_grad():
                     t = kernel_times(step, args.iters)
-                parts = [sum(v for k, v in t.items() if any(name in k for name in names)) for names in
-                         (("_cmp_kernel",), ("_block_score_kernel", "_select_kernel"), ("_sparse_kernel",),
+                parts = [sum(v for k, v in t.items() if any(name in k for name in kernels)) for kernels in
+                         (("_cmp_kernel",), ("_block_score_kernel",), ("_select_kernel",), ("_sparse_kernel",),
                           ("_combine_kernel",))]
                 print(f"| {B} | {L} | {factor} | " + " | ".join(f"{p:.1f}" for p in parts) + f" | {sum(parts):.1f} |")
             del step
@@ -61,23 +62,35 @@ def profile_kernels(args):
     decode.target_programs = default
 
 
+# (block, num_warps, num_stages) variants of decode.LAUNCH tried by --sweep (None: not an option of that kernel).
+SWEEP = {
+    "cmp": [(64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3)],
+    "sparse": [(32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (64, 8, 1), (128, 4, 1), (128, 8, 1), (128, 8, 2)],
+    "score": [(None, 1, None), (None, 2, None), (None, 4, None), (None, 8, None)],
+}
+
+
+KERNEL_NAMES = {"cmp": "_cmp_kernel", "sparse": "_sparse_kernel", "score": "_block_score_kernel"}
+
+
 def sweep_launch(args):
-    """Per-kernel times of the cmp and sparse kernels under each (num_warps, num_stages) of decode.LAUNCH."""
+    """Per-kernel times of the kernels named by --sweep (and the step's total) under each SWEEP variant."""
     config = nsa.NSAConfig()
-    print("\n| B | L | kernel | num_warps | num_stages | us |")
-    print("|---|---|---|---|---|---|")
+    print("\n| B | L | kernel | block | num_warps | num_stages | kernel us | step kernels us |")
+    print("|---|---|---|---|---|---|---|---|")
     default = {k: dict(v) for k, v in decode.LAUNCH.items()}
     for B in args.B:
         for L in args.L:
             step = nsa_step(make_step(B, L, config), config)
-            for kernel, name in (("cmp", "_cmp_kernel"), ("sparse", "_sparse_kernel")):
-                for warps in (4, 8):
-                    for stages in (1, 2, 3):
-                        decode.LAUNCH[kernel] = dict(num_warps=warps, num_stages=stages)
-                        with torch.no_grad():
-                            t = kernel_times(step, args.iters)
-                        us = sum(v for k, v in t.items() if name in k)
-                        print(f"| {B} | {L} | {kernel} | {warps} | {stages} | {us:.1f} |")
+            for kernel in args.sweep:
+                name = KERNEL_NAMES[kernel]
+                for block, warps, stages in SWEEP[kernel]:
+                    options = dict(block=block, num_warps=warps, num_stages=stages)
+                    decode.LAUNCH[kernel] = {k: v for k, v in options.items() if v is not None}
+                    with torch.no_grad():
+                        t = kernel_times(step, args.iters)
+                    us = sum(v for k, v in t.items() if name in k)
+                    print(f"| {B} | {L} | {kernel} | {block} | {warps} | {stages} | {us:.1f} | {sum(t.values()):.1f} |")
                 decode.LAUNCH[kernel] = dict(default[kernel])
 
 
@@ -114,7 +127,8 @@ def main():
     parser.add_argument("--prompt", type=int, default=32768, help="generate profile: prompt tokens (0 skips it)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--sweep", action="store_true", help="also sweep num_warps / num_stages of decode.LAUNCH")
+    parser.add_argument("--sweep", nargs="*", default=[], choices=sorted(SWEEP),
+                        help="also time the SWEEP variants of decode.LAUNCH of these kernels")
     args = parser.parse_args()
     profile_kernels(args)
     if args.sweep:

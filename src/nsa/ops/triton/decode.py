@@ -396,10 +396,19 @@ def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride
 # Host side
 
 
-# Launch options of the two key-reading kernels (num_warps; num_stages overrides the shared-memory rule below),
-# chosen on an H100 with benchmarks/profile_decode.py --sweep (batch 32, 64k: cmp 106 us at 4 warps / 3 stages,
-# 139 at 1 stage, 133 at 8 warps; sparse 44 us at 4 warps / 1 stage, 48 at 3 stages).
-LAUNCH = {"cmp": dict(num_warps=4), "sparse": dict(num_warps=4, num_stages=1)}
+# Launch options of the two key-reading kernels on a GPU: "block", the tokens of a key tile (BLOCK_C of the cmp
+# kernel, BLOCK_L and BLOCK_W of the sparse kernel), then num_warps and num_stages (overriding the shared-memory
+# rule below); "score": num_warps of the block-score kernel. Chosen on an H100 with benchmarks/profile_decode.py
+# --sweep at 64k (BENCHMARKS.md): batch 32, cmp 105 us at 64 tokens / 4 warps / 3 stages (104-121 for the others);
+# sparse 41.8 us at 32 tokens / 4 warps / 2 stages (44.6 at the 64 / 1 stage it had, up to 59); block scores
+# 7.7 us at 4 warps (8.5-11 for 1, 2, 8).
+LAUNCH = {"cmp": dict(block=64, num_warps=4), "sparse": dict(block=32, num_warps=4, num_stages=2),
+          "score": dict(num_warps=4)}
+
+
+def _launch_options(kernel: str, stages: int) -> dict:
+    """Launch keywords of "cmp" or "sparse" from LAUNCH (all but its tile size); stages unless LAUNCH names them."""
+    return {"num_stages": stages, **{k: v for k, v in LAUNCH[kernel].items() if k != "block"}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -456,15 +465,18 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     block_r = min(pow2_at_least(rows), (64 if max(block_dk, block_dv) <= 128 else 32) if gpu else 16)
     row_tiles = triton.cdiv(rows, block_r)
     per_block, halo = lp // d, l // d - 1
-    block_c = max(64 if gpu else 16, triton.next_power_of_2(per_block + halo))
+    # Software pipelining keeps num_stages copies of the key/value tiles in shared memory (227 KB on an H100).
+    cmp_tile, sparse_tile = (LAUNCH["cmp"]["block"], LAUNCH["sparse"]["block"]) if gpu else (16, 16)
+    stages = 3 if max(cmp_tile, sparse_tile) * (block_dk + block_dv) * q.element_size() < 65536 else 2
+    block_c = max(cmp_tile, triton.next_power_of_2(per_block + halo))
     nbj = (block_c - halo) // per_block  # whole selection blocks per compressed tile
     block_j = pow2_at_least(nbj)
-    block_l = min(pow2_at_least(lp), 64 if gpu else 16)
-    block_w = 64 if gpu else 16
+    block_l, block_w = min(pow2_at_least(lp), sparse_tile), sparse_tile
     tiles_cap = triton.cdiv(triton.cdiv(k_slc.shape[1], lp), nbj)
     nb_cap = tiles_cap * nbj  # pooled scores per row: every tile writes all its nbj blocks, even past the capacity
-    chunk = 128 if gpu else 4  # blocks scored (and reduced to their top n) per program
-    chunks, n_pad = triton.cdiv(nb_cap, chunk), triton.next_power_of_2(n)
+    n_pad = triton.next_power_of_2(n)
+    chunk = max(128 if gpu else 4, n_pad)  # blocks scored (and reduced to their top n) per program
+    chunks = triton.cdiv(nb_cap, chunk)
 
     # Splits: enough programs to fill the GPU even with one sequence, at most one tile (block) per program.
     want = triton.cdiv(target_programs(dev), B * Hkv * row_tiles)
@@ -485,22 +497,18 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     o = torch.empty(B, S, Hq, Dv, device=dev, dtype=q.dtype)
     qk_scale = scale * LOG2E
     precision = dot_precision(q.dtype)
-    # Software pipelining keeps num_stages copies of the key/value tiles in shared memory (227 KB on an H100).
-    kv_tile_bytes = max(block_c, block_l, block_w) * (block_dk + block_dv) * q.element_size()
     common = dict(DK=Dk, DV=Dv, BLOCK_R=block_r, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
-    stages = 3 if kv_tile_bytes < 65536 else 2
     partials = (m_part, l_part, acc_part)
 
     _cmp_kernel[(cmp_splits * row_tiles, Hkv, B)](
         q, k_cmp, v_cmp, seq_lens, *partials, pooled, tile_max, *_strides(q), *_strides(k_cmp), *_strides(v_cmp),
         S, G, Hkv, rows, total, nb_cap, tiles_cap, qk_scale,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, SPLITS=cmp_splits, BLOCK_C=block_c, BLOCK_J=block_j,
-        PRECISION=precision, SPLIT_POOL=q.dtype != torch.float32, **common,
-        **{"num_stages": stages, **LAUNCH["cmp"]})
+        PRECISION=precision, SPLIT_POOL=q.dtype != torch.float32, **common, **_launch_options("cmp", stages))
     _block_score_kernel[(chunks * S, Hkv, B)](
         m_part, l_part, pooled, tile_max, keys, seq_lens, S, G, Hkv, rows, total, nb_cap, tiles_cap,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, CMP_SPLITS=cmp_splits, SPLIT_CHUNK=split_chunk, BLOCK_C=block_c,
-        CHUNKS=chunks, CHUNK=chunk, N_SELECT=n, N_PAD=n_pad, G_PAD=triton.next_power_of_2(G))
+        CHUNKS=chunks, CHUNK=chunk, N_SELECT=n, N_PAD=n_pad, G_PAD=triton.next_power_of_2(G), **LAUNCH["score"])
     _select_kernel[(S, Hkv, B)](keys, ids, S, CHUNKS=chunks, CHUNKS_PAD=triton.next_power_of_2(chunks),
                                 N_SELECT=n, N_PAD=n_pad, num_warps=1 if chunks * n_pad <= 512 else 4)
     _sparse_kernel[((slc_splits + swa_splits) * row_tiles, Hkv, B)](
@@ -508,7 +516,7 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
         *_strides(k_slc), *_strides(v_slc), *_strides(k_swa), *_strides(v_swa), S, G, Hkv, rows, total, qk_scale,
         SLC_BLOCK=lp, WINDOW=config.window, N_SELECT=n, N_PAD=n_pad,
         S_PAD=triton.next_power_of_2(S), CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SWA_SPLITS=swa_splits,
-        BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common, **{"num_stages": stages, **LAUNCH["sparse"]})
+        BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common, **_launch_options("sparse", stages))
     _combine_kernel[(rows, Hkv, B)](
         *partials, gates, o, *_strides(gates), *_strides(o), S, G, Hkv, rows, total,
         CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_DV=block_dv)
