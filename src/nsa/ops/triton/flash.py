@@ -338,9 +338,14 @@ def launch_params(head_dim_k: int, head_dim_v: int) -> dict:
         tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         return dict(fwd=tile, dkdv=tile, dq=tile, delta=dict(BLOCK_M=16, num_warps=1), BLOCK_DK=dk, BLOCK_DV=dv)
     wide = max(dk, dv) > 128
+    if wide:
+        fwd = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    else:  # benchmarks/tune_kernels.py, H100, shape P at 64k (BENCHMARKS.md)
+        fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
     return dict(
-        fwd=dict(BLOCK_M=64 if wide else 128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2 if wide else 3),
-        dkdv=dict(BLOCK_M=32 if wide else 64, BLOCK_N=32 if wide else 64, num_warps=4 if wide else 8, num_stages=2),
+        fwd=fwd, dkdv=dkdv,
         dq=dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=2),
         delta=dict(BLOCK_M=64, num_warps=4),
         BLOCK_DK=dk, BLOCK_DV=dv,

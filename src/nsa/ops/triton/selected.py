@@ -43,7 +43,10 @@ MAX_HEAD_DIM = 256
 # consecutive queries, whose block union grows when neighbours disagree, so 16 (the tl.dot minimum);
 # the kv-major kernel gathers queries that all selected its block, so a larger tile wastes nothing.
 TILE_ROWS = 16
-KV_TILE_ROWS = 32
+KV_TILE_ROWS = 64
+# Launch options of the forward, dq and kv-major kernels (benchmarks/tune_kernels.py, H100, shape P at 64k).
+LAUNCH = {"fwd": dict(num_warps=2, num_stages=3), "dq": dict(num_warps=2, num_stages=3),
+          "kv": dict(num_warps=4, num_stages=2)}
 
 
 def query_tile(G: int, min_rows: int = TILE_ROWS) -> tuple[int, int]:
@@ -337,7 +340,7 @@ def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=
     lse = torch.full((B, HQ, T), float("-inf"), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV)
     _fwd_kernel[grid](q, k, v, block_ids, o, lse, cu_seqlens, scale * LOG2E, T, HQ, HKV, DK, DV,
-                      IS_VARLEN=cu_seqlens is not None, **meta)
+                      IS_VARLEN=cu_seqlens is not None, **meta, **LAUNCH["fwd"])
     return o, lse
 
 
@@ -394,7 +397,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     qk_scale = scale * LOG2E
     delta = torch.zeros(B, HQ, T, device=q.device, dtype=torch.float32)
     _bwd_dq_kernel[grid](q, k, v, block_ids, o, do, lse, dq, delta, cu_seqlens, qk_scale, scale,
-                         T, HQ, HKV, DK, DV, IS_VARLEN=varlen, **meta)
+                         T, HQ, HKV, DK, DV, IS_VARLEN=varlen, **meta, **LAUNCH["dq"])
     num_blocks = triton.cdiv(max_len, block_size)
     if chunk is None:  # about twice the average queries per block: most blocks take one item
         chunk = max(256, 2 * block_ids.shape[3] * block_size)
@@ -408,7 +411,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
         _bwd_kv_kernel[(num_items,)](q, k, v, do, lse, delta, qlist, item_key, lo, hi, pdk, pdv, cu_seqlens,
                                      qk_scale, scale, T, HQ, HKV, DK, DV, num_blocks, G=G, SLC_BLOCK=block_size,
                                      BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_DK=block_dk,
-                                     BLOCK_DV=block_dv, IS_VARLEN=varlen, DOT_PREC=meta["DOT_PREC"])
+                                     BLOCK_DV=block_dv, IS_VARLEN=varlen, DOT_PREC=meta["DOT_PREC"], **LAUNCH["kv"])
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     _bwd_kv_reduce_kernel[(nb * HKV * num_blocks,)](pdk, pdv, key_items, dk, dv, cu_seqlens, T, HKV, DK, DV, num_blocks,
