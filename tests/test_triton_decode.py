@@ -3,6 +3,8 @@
 Cache buffers hold random large values past each row's length (they must never be read). Selections
 are compared exactly: inputs are random, so near-ties are unlikely at these sizes and the seeds are fixed.
 """
+import functools
+
 import pytest
 import torch
 
@@ -193,3 +195,23 @@ def test_decode_cuda_graph_replay():
         static_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         graph.replay()
         torch.testing.assert_close(static_o, step(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_decode_selection_is_the_same_on_every_run():
+    """200 calls on the same inputs give the same ids and output, bit for bit: the step has no atomics and no
+    order-dependent sums, and a race between its kernels' scratch writes and reads would show here."""
+    config = nsa.NSAConfig()
+    B, Hq, Hkv, D, capacity = 16, 64, 4, 128, 8192
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    tokens = (config.num_cmp_tokens(capacity),) * 2 + (capacity,) * 4  # k/v_cmp, k/v_slc, k/v_swa
+    args = [rand(B, 1, Hq, D)] + [rand(B, n, Hkv, D) for n in tokens] + [torch.sigmoid(rand(B, 1, Hq, 3))]
+    seq_lens = torch.randint(1, capacity + 1, (B,), device="cuda", dtype=torch.int32)
+    step = functools.partial(decode.nsa_decode_attention, *args, seq_lens, config, D ** -0.5, return_block_ids=True)
+    o0, ids0 = step()
+    for _ in range(200):
+        o, ids = step()
+        assert torch.equal(ids, ids0)
+        assert torch.equal(o, o0)
