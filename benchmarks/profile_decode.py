@@ -24,6 +24,11 @@ from nsa.ops.triton import decode
 from bench_decode import make_step, nsa_step
 
 
+# The decoding step's kernels: column name -> kernel name (the block-score kernel also does each chunk's top-n).
+KERNELS = {"cmp": "_cmp_kernel", "score": "_block_score_kernel", "select": "_select_kernel",
+           "sparse": "_sparse_kernel", "combine": "_combine_kernel"}
+
+
 def kernel_times(fn, iters):
     """{kernel name: mean device microseconds per call} of fn's CUDA kernels."""
     fn()
@@ -43,9 +48,8 @@ def profile_kernels(args):
     config = nsa.NSAConfig()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     default = decode.target_programs
-    names = ("cmp", "block scores", "final top-n", "sparse", "combine", "sum")
-    print("\n| B | L | split factor | " + " | ".join(names) + " |")
-    print("|---|---|---|" + "---|" * len(names))
+    print("\n| B | L | split factor | " + " | ".join(KERNELS) + " | sum |")
+    print("|---|---|---|" + "---|" * (len(KERNELS) + 1))
     for B in args.B:
         for L in args.L:
             step = nsa_step(make_step(B, L, config), config)
@@ -53,9 +57,7 @@ def profile_kernels(args):
                 decode.target_programs = lambda device, f=factor: f * sms
                 with torch.no_grad():
                     t = kernel_times(step, args.iters)
-                parts = [sum(v for k, v in t.items() if any(name in k for name in kernels)) for kernels in
-                         (("_cmp_kernel",), ("_block_score_kernel",), ("_select_kernel",), ("_sparse_kernel",),
-                          ("_combine_kernel",))]
+                parts = [sum(v for k, v in t.items() if name in k) for name in KERNELS.values()]
                 print(f"| {B} | {L} | {factor} | " + " | ".join(f"{p:.1f}" for p in parts) + f" | {sum(parts):.1f} |")
             del step
             torch.cuda.empty_cache()
@@ -70,9 +72,6 @@ SWEEP = {
 }
 
 
-KERNEL_NAMES = {"cmp": "_cmp_kernel", "sparse": "_sparse_kernel", "score": "_block_score_kernel"}
-
-
 def sweep_launch(args):
     """Per-kernel times of the kernels named by --sweep (and the step's total) under each SWEEP variant."""
     config = nsa.NSAConfig()
@@ -83,7 +82,7 @@ def sweep_launch(args):
         for L in args.L:
             step = nsa_step(make_step(B, L, config), config)
             for kernel in args.sweep:
-                name = KERNEL_NAMES[kernel]
+                name = KERNELS[kernel]
                 for block, warps, stages in SWEEP[kernel]:
                     options = dict(block=block, num_warps=warps, num_stages=stages)
                     decode.LAUNCH[kernel] = {k: v for k, v in options.items() if v is not None}

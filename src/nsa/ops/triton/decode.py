@@ -398,7 +398,7 @@ def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride
 
 # Launch options of the two key-reading kernels on a GPU: "block", the tokens of a key tile (BLOCK_C of the cmp
 # kernel, BLOCK_L and BLOCK_W of the sparse kernel), then num_warps and num_stages (overriding the shared-memory
-# rule below); "score": num_warps of the block-score kernel. Chosen on an H100 with benchmarks/profile_decode.py
+# rule of _launch_options); "score": num_warps of the block-score kernel. Chosen on an H100 with benchmarks/profile_decode.py
 # --sweep at 64k (BENCHMARKS.md): batch 32, cmp 105 us at 64 tokens / 4 warps / 3 stages (104-121 for the others);
 # sparse 41.8 us at 32 tokens / 4 warps / 2 stages (44.6 at the 64 / 1 stage it had, up to 59); block scores
 # 7.7 us at 4 warps (8.5-11 for 1, 2, 8).
@@ -413,9 +413,11 @@ def _combine_warps(split_chunk: int, block_dv: int) -> int:
     return 1 if split_chunk * block_dv <= 512 else 4
 
 
-def _launch_options(kernel: str, stages: int) -> dict:
-    """Launch keywords of "cmp" or "sparse" from LAUNCH (all but its tile size); stages unless LAUNCH names them."""
-    return {"num_stages": stages, **{k: v for k, v in LAUNCH[kernel].items() if k != "block"}}
+def _launch_options(kernel: str, tile_bytes: int) -> dict:
+    """Launch keywords of "cmp" or "sparse" from LAUNCH (all but its tile size). Unless LAUNCH names num_stages:
+    software pipelining keeps num_stages copies of the key/value tile (tile_bytes) in shared memory (227 KB on an
+    H100), so 3 stages for tiles under 64 KB, else 2."""
+    return {"num_stages": 3 if tile_bytes < 65536 else 2, **{k: v for k, v in LAUNCH[kernel].items() if k != "block"}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -472,9 +474,7 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     block_r = min(pow2_at_least(rows), (64 if max(block_dk, block_dv) <= 128 else 32) if gpu else 16)
     row_tiles = triton.cdiv(rows, block_r)
     per_block, halo = lp // d, l // d - 1
-    # Software pipelining keeps num_stages copies of the key/value tiles in shared memory (227 KB on an H100).
     cmp_tile, sparse_tile = (LAUNCH["cmp"]["block"], LAUNCH["sparse"]["block"]) if gpu else (16, 16)
-    stages = 3 if max(cmp_tile, sparse_tile) * (block_dk + block_dv) * q.element_size() < 65536 else 2
     block_c = max(cmp_tile, triton.next_power_of_2(per_block + halo))
     nbj = (block_c - halo) // per_block  # whole selection blocks per compressed tile
     block_j = pow2_at_least(nbj)
@@ -505,13 +505,15 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     qk_scale = scale * LOG2E
     precision = dot_precision(q.dtype)
     common = dict(DK=Dk, DV=Dv, BLOCK_R=block_r, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+    token_bytes = (block_dk + block_dv) * q.element_size()  # one key and its value in a tile
     partials = (m_part, l_part, acc_part)
 
     _cmp_kernel[(cmp_splits * row_tiles, Hkv, B)](
         q, k_cmp, v_cmp, seq_lens, *partials, pooled, tile_max, *_strides(q), *_strides(k_cmp), *_strides(v_cmp),
         S, G, Hkv, rows, total, nb_cap, tiles_cap, qk_scale,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, SPLITS=cmp_splits, BLOCK_C=block_c, BLOCK_J=block_j,
-        PRECISION=precision, SPLIT_POOL=q.dtype != torch.float32, **common, **_launch_options("cmp", stages))
+        PRECISION=precision, SPLIT_POOL=q.dtype != torch.float32, **common,
+        **_launch_options("cmp", block_c * token_bytes))
     _block_score_kernel[(chunks * S, Hkv, B)](
         m_part, l_part, pooled, tile_max, keys, seq_lens, S, G, Hkv, rows, total, nb_cap, tiles_cap,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, CMP_SPLITS=cmp_splits, SPLIT_CHUNK=split_chunk, BLOCK_C=block_c,
@@ -523,7 +525,8 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
         *_strides(k_slc), *_strides(v_slc), *_strides(k_swa), *_strides(v_swa), S, G, Hkv, rows, total, qk_scale,
         SLC_BLOCK=lp, WINDOW=config.window, N_SELECT=n, N_PAD=n_pad,
         S_PAD=triton.next_power_of_2(S), CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SWA_SPLITS=swa_splits,
-        BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common, **_launch_options("sparse", stages))
+        BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common,
+        **_launch_options("sparse", max(block_l, block_w) * token_bytes))
     _combine_kernel[(rows, Hkv, B)](
         *partials, gates, o, *_strides(gates), *_strides(o), S, G, Hkv, rows, total,
         CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_DV=block_dv,
