@@ -33,16 +33,22 @@ HQ, HKV, D = 64, 4, 128
 CACHE = ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa")
 
 
-def make_step(B, L, config, seed=0):
-    """A decoding step's inputs: q [B, 1, Hq, D], gates, cache buffers holding L tokens per row, seq_lens."""
+def make_step(B, L, config, seed=0, head_major=True):
+    """A decoding step's inputs: q [B, 1, Hq, D], gates, cache buffers [B, T, Hkv, D] holding L tokens per row
+    (stored [B, Hkv, T, D] with head_major, as NSACache stores them, else token-major; the same values either
+    way), seq_lens."""
     g = torch.Generator("cuda").manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
 
+    def cache(T):
+        x = rand(B, T, HKV, D)
+        return x.transpose(1, 2).contiguous().transpose(1, 2) if head_major else x
+
     Tc = config.num_cmp_tokens(L)
-    x = dict(q=rand(B, 1, HQ, D), k_cmp=rand(B, Tc, HKV, D), v_cmp=rand(B, Tc, HKV, D),
-             **{name: rand(B, L, HKV, D) for name in ("k_slc", "v_slc", "k_swa", "v_swa")},
+    x = dict(q=rand(B, 1, HQ, D), k_cmp=cache(Tc), v_cmp=cache(Tc),
+             **{name: cache(L) for name in ("k_slc", "v_slc", "k_swa", "v_swa")},
              gates=torch.sigmoid(rand(B, 1, HQ, 3)))
     x["seq_lens"] = torch.full((B,), L, dtype=torch.int32, device="cuda")
     return x

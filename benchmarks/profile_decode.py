@@ -24,8 +24,9 @@ from nsa.ops.triton import decode
 from bench_decode import make_step, nsa_step
 
 
-# The decoding step's kernels: column name -> kernel name (the block-score kernel also does each chunk's top-n).
-KERNELS = {"cmp": "_cmp_kernel", "score": "_block_score_kernel", "select": "_select_kernel",
+# The decoding step's kernels: column name -> kernel name (the block-score kernel also does each chunk's top-n, the
+# sparse kernel the final top-n of their winners).
+KERNELS = {"cmp": "_cmp_kernel", "score": "_block_score_kernel",
            "sparse": "_sparse_kernel", "combine": "_combine_kernel"}
 
 

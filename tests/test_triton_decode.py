@@ -53,7 +53,7 @@ def test_decode_matches_reference(case, S, G, dtype):
     config, lens, capacity = CASES[case]
     Hkv = 2 if G < 16 else 1
     lens = lens + [S]
-    args64, args, seq_lens, ids_ref = decode_case(lens, S, G * Hkv, Hkv, 24, 16, config, dtype, capacity,
+    args64, args, seq_lens, ids_ref = decode_case(lens, S, G * Hkv, Hkv, 24, 40, config, dtype, capacity,
                                                   seed=case * 100 + S * 10 + G)
     ref = nsa_decode_attention(*args64[:-1], args64[-1], seq_lens, config, backend="reference")
     o, ids = decode.nsa_decode_attention(*args, seq_lens, config, 24 ** -0.5, return_block_ids=True)

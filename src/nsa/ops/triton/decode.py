@@ -10,7 +10,7 @@ writes a partial softmax state (m, l, acc) in float32, m in log2 units,
     m = max_u s_u,   l = sum_u 2^(s_u - m),   acc = sum_u 2^(s_u - m) v_u,
 and a combine merges the splits: o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, M = max_p m_p.
 
-Launches (5, every grid and buffer shape static: they depend on B, S, heads, capacities and the config,
+Launches (4, every grid and buffer shape static: they depend on B, S, heads, capacities and the config,
 never on seq_lens, so a step can be captured in a CUDA graph; nothing is read back to the host):
   1. _cmp_kernel     grid (CMP_SPLITS * row tiles, Hkv, B)
        compressed attention over the row's Tc(L) compressed tokens, split over tiles of BLOCK_C tokens
@@ -19,20 +19,19 @@ never on seq_lens, so a step can be captured in a CUDA graph; nothing is read ba
        tile's row max (stored beside), W[i, j] = |[i*d, i*d + l) ∩ [j*l', (j+1)*l')| / d.
        A tile owns NBJ whole selection blocks and also reads the H = l/d - 1 compressed tokens before
        them (they overlap its first block), so every block score has a single writer and no carry.
-  2a. _block_score_kernel  grid (CHUNKS * S, Hkv, B)
+  2. _block_score_kernel  grid (CHUNKS * S, Hkv, B)
        lse_cmp of each head (merging the splits' (m, l)), the group score of each block of a chunk of
        CHUNK blocks, P[j] ~ sum_h pooled[h, j] * 2^(mt_h - lse_h) (up to the constant 1/d), the forced
        blocks J(t), J(t) - 1, 0 scored above everything -> the chunk's top n as sortable int64 keys.
-  2b. _select_kernel  grid (S, Hkv, B)
-       the top n of the chunks' CHUNKS * n winners -> block ids [B, Hkv, S, n] int32, ascending then -1.
-       (Two stages because n rounds of argmax over every block of a long context in one program per
-       group were the step's slowest part: 25 us at 64k.)
+       (A top n per chunk, then of the chunks' CHUNKS * n winners, because n rounds of argmax over every
+       block of a long context in one program per group were the step's slowest part: 25 us at 64k.)
   3. _sparse_kernel  grid ((SLC_SPLITS + SWA_SPLITS) * row tiles, Hkv, B)
-       the first SLC_SPLITS programs share the S * n selected blocks (each distinct block loaded once
-       for all rows, masked per row by its query's selection and u <= t, in tiles of BLOCK_L tokens);
-       the others share the window tiles covering [L - S - w + 1, L) -> partial (m, l, acc) of o_slc
+       the first SLC_SPLITS programs each take the top n of the chunks' winners (block ids, also returned
+       as [B, Hkv, S, n] int32, ascending then -1) and share the S * n selected blocks (each distinct block
+       loaded once for all rows, masked per row by its query's selection and u <= t, in tiles of BLOCK_L
+       tokens); the others share the window tiles covering [L - S - w + 1, L) -> partial (m, l, acc) of o_slc
        and o_swa.
-  4. _combine_kernel grid (G * S rows, Hkv, B)
+  4. _combine_kernel grid (G * S rows * column tiles, Hkv, B)
        merges the splits of each branch (SPLIT_CHUNK splits per load) and gates them:
        o = g0 * o_cmp + g1 * o_slc + g2 * o_swa.
 
@@ -54,6 +53,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ...config import NSAConfig
 from . import _check_backend_inputs
@@ -63,6 +63,21 @@ from .utils import (LOG2E, block_ids, block_keys, check_pooling, dot_precision, 
 
 # ----------------------------------------------------------------------------------------------
 # Shared jit helpers
+
+
+@triton.jit
+def _let_next_launch_start(PDL: tl.constexpr):
+    """Programmatic dependent launch: the step's next kernel may start its programs (they wait in
+    _wait_for_previous_launch), so its launch latency and prologue hide behind this kernel."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _wait_for_previous_launch(PDL: tl.constexpr):
+    """Blocks until the step's previous kernel has finished and its writes are visible (no-op without PDL)."""
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit
@@ -150,15 +165,13 @@ def _merge_lse(M, L, base, lo, hi, r, row_ok, ROWS, SPLITS_TOTAL, SPLIT_CHUNK: t
 
 
 @triton.jit
-def _merge_row(M, L, ACC, base, lo, hi, r, ROWS, SPLITS_TOTAL,
-               DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
-    """o [BLOCK_DV] of row r merged over splits [lo, hi), online over [SPLIT_CHUNK, BLOCK_DV] tiles
+def _merge_row(M, L, ACC, base, lo, hi, r, cols, ROWS, SPLITS_TOTAL, DV: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """Columns cols of o (row r) merged over splits [lo, hi), online over [SPLIT_CHUNK, len(cols)] tiles
     (one trip when SPLIT_CHUNK covers every split); zeros if no split saw a key."""
     chunk = tl.arange(0, SPLIT_CHUNK)
-    cols = tl.arange(0, BLOCK_DV)
     m_run = tl.full([1], float("-inf"), tl.float32)
     l_run = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BLOCK_DV], tl.float32)
+    acc = tl.zeros(cols.shape, tl.float32)
     for c in range(lo, hi, SPLIT_CHUNK):
         idx = (base * SPLITS_TOTAL + c + chunk) * ROWS + r
         ok = c + chunk < hi
@@ -204,12 +217,13 @@ def _cmp_kernel(Q, KC, VC, SEQ_LENS, M, L, ACC, POOL, TMAX,
                 SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                PRECISION: tl.constexpr, SPLIT_POOL: tl.constexpr):
+                PRECISION: tl.constexpr, SPLIT_POOL: tl.constexpr, PDL: tl.constexpr):
     """Split `split` of the compressed branch for BLOCK_R rows of group g of batch row b.
 
     Q [B, S, Hq, DK]; KC, VC [B, capacity_cmp, Hkv, DK / DV]; POOL [B, Hkv, ROWS, NB_CAP = TILES_CAP * NBJ] and
     TMAX [B, Hkv, ROWS, TILES_CAP] float32: pooled scores of block j and row max of tile k.
     """
+    _let_next_launch_start(PDL)  # the step's first launch: it follows the cache writes in stream order
     split, r0 = tl.program_id(0) % SPLITS, tl.program_id(0) // SPLITS * BLOCK_R
     g, b = tl.program_id(1), tl.program_id(2)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
@@ -260,10 +274,11 @@ def _block_score_kernel(M, L, POOL, TMAX, KEYS, SEQ_LENS, S, G, Hkv, ROWS, SPLIT
                         CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
                         CMP_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
                         CHUNKS: tl.constexpr, CHUNK: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
-                        G_PAD: tl.constexpr):
+                        G_PAD: tl.constexpr, PDL: tl.constexpr):
     """Group scores of blocks chunk * CHUNK .. + CHUNK for query s of group g of batch row b, and their top n
     as keys (score bits << 32 | 2^31 - 1 - j, so larger key = larger score, then smaller j; -1: none):
     KEYS [B, Hkv, S, CHUNKS, N_PAD] int64."""
+    _let_next_launch_start(PDL)
     chunk, s = tl.program_id(0) % CHUNKS, tl.program_id(0) // CHUNKS
     g, b = tl.program_id(1), tl.program_id(2)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
@@ -273,6 +288,7 @@ def _block_score_kernel(M, L, POOL, TMAX, KEYS, SEQ_LENS, S, G, Hkv, ROWS, SPLIT
     group = b.to(tl.int64) * Hkv + g
     heads = tl.arange(0, G_PAD)
     rows = group * ROWS + s * G + heads
+    _wait_for_previous_launch(PDL)  # the compressed kernel's partials and pooled scores
     lse = _merge_lse(M, L, group, 0, CMP_SPLITS, s * G + heads, heads < G, ROWS, SPLITS_TOTAL, SPLIT_CHUNK)
     j = chunk * CHUNK + tl.arange(0, CHUNK)
     candidate = j <= last
@@ -286,17 +302,15 @@ def _block_score_kernel(M, L, POOL, TMAX, KEYS, SEQ_LENS, S, G, Hkv, ROWS, SPLIT
 
 
 @triton.jit
-def _select_kernel(KEYS, IDS, S, CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr, N_SELECT: tl.constexpr,
-                   N_PAD: tl.constexpr):
-    """Block ids of query s of group g of batch row b from its chunks' winners: IDS [B, Hkv, S, N_SELECT] int32,
-    ascending then -1."""
-    s, g, b, Hkv = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1)
-    query = (b.to(tl.int64) * Hkv + g) * S + s
-    c = tl.arange(0, CHUNKS_PAD)[:, None] * N_PAD + tl.arange(0, N_PAD)[None, :]
-    keys = tl.load(KEYS + query * CHUNKS * N_PAD + c, mask=c < CHUNKS * N_PAD, other=-1)
-    ids = block_ids(top_keys(tl.reshape(keys, [1, CHUNKS_PAD * N_PAD]), N_SELECT, N_PAD))  # [1, N_PAD]
-    slots = tl.arange(0, N_PAD)[None, :]
-    tl.store(IDS + query * N_SELECT + slots, ids, mask=slots < N_SELECT)
+def _selected_blocks(KEYS, group, S, CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr, N_SELECT: tl.constexpr,
+                     N_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    """Block ids of the S queries of a group, the top n of their chunks' winners (KEYS [B, Hkv, S, CHUNKS,
+    N_PAD]): [S_PAD, N_PAD] int32, each row ascending then -1 (rows >= S all -1)."""
+    queries = tl.arange(0, S_PAD)[:, None]
+    c = tl.arange(0, CHUNKS_PAD * N_PAD)[None, :]
+    keys = tl.load(KEYS + (group * S + queries) * (CHUNKS * N_PAD) + c, mask=(queries < S) & (c < CHUNKS * N_PAD),
+                   other=-1)
+    return block_ids(top_keys(keys, N_SELECT, N_PAD))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,22 +318,26 @@ def _select_kernel(KEYS, IDS, S, CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr,
 
 
 @triton.jit
-def _sparse_kernel(Q, KS, VS, KW, VW, IDS, SEQ_LENS, M, L, ACC,
+def _sparse_kernel(Q, KS, VS, KW, VW, KEYS, IDS, SEQ_LENS, M, L, ACC,
                    stride_qb, stride_qs, stride_qh,
                    stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
                    stride_kwb, stride_kwt, stride_kwh, stride_vwb, stride_vwt, stride_vwh,
                    S, G, Hkv, ROWS, SPLITS_TOTAL, qk_scale,
                    SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
-                   S_PAD: tl.constexpr, CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr,
+                   CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr, S_PAD: tl.constexpr,
+                   CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr,
                    SWA_SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
-                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Split `split` of the selected branch (split < SLC_SPLITS) or of the window branch (the others).
 
-    Selected: items (s', slot) = p, p + SLC_SPLITS, ... of the S * n slots of IDS; a block is attended
-    at its first occurrence (smallest s') only, by every row whose query selected it (u <= t).
+    Selected: first the selection itself, the top n of the chunks' winners (every selected program of a group
+    computes it, a launch fewer, and stores it in IDS [B, Hkv, S, n]); then items (s', slot) = p,
+    p + SLC_SPLITS, ... of its S * n slots; a block is attended at its first occurrence (smallest s') only, by
+    every row whose query selected it (u <= t).
     Window: tiles k = p, p + SWA_SPLITS, ... of BLOCK_W tokens from L - S - w + 1 (u in (t - w, t]).
     """
+    _let_next_launch_start(PDL)
     SPLITS: tl.constexpr = SLC_SPLITS + SWA_SPLITS
     split, r0 = tl.program_id(0) % SPLITS, tl.program_id(0) // SPLITS * BLOCK_R
     g, b = tl.program_id(1), tl.program_id(2)
@@ -332,11 +350,15 @@ def _sparse_kernel(Q, KS, VS, KW, VW, IDS, SEQ_LENS, M, L, ACC,
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
     if split < SLC_SPLITS:
-        slots = tl.arange(0, N_PAD)
+        _wait_for_previous_launch(PDL)  # the chunks' winners
+        all_ids = _selected_blocks(KEYS, group, S, CHUNKS, CHUNKS_PAD, N_SELECT, N_PAD, S_PAD)  # [S_PAD, N_PAD]
+        queries, slots = tl.arange(0, S_PAD), tl.arange(0, N_PAD)
         ids_group = IDS + group * S * N_SELECT
-        queries = tl.arange(0, S_PAD)
-        all_ids = tl.load(ids_group + queries[:, None] * N_SELECT + slots[None, :],
-                          mask=(queries < S)[:, None] & (slots < N_SELECT)[None, :], other=-1)  # [S_PAD, N_PAD]
+        # Every selected program of the group stores the same ids (the step's IDS output), then reads them
+        # back per item, the loads the unfused kernel had and the loop's pipeliner schedules ahead.
+        tl.store(ids_group + queries[:, None] * N_SELECT + slots[None, :], all_ids,
+                 mask=(queries < S)[:, None] & (slots < N_SELECT)[None, :])
+        tl.debug_barrier()  # the CTA's stores are visible to all its threads
         row_ids = tl.load(ids_group + s[:, None] * N_SELECT + slots[None, :],
                           mask=row_ok[:, None] & (slots < N_SELECT)[None, :], other=-1)  # [BLOCK_R, N_PAD]
         Kg = KS + b.to(tl.int64) * stride_ksb + g * stride_ksh
@@ -364,6 +386,9 @@ def _sparse_kernel(Q, KS, VS, KW, VW, IDS, SEQ_LENS, M, L, ACC,
             mask = visible(t[:, None], u[None, :], 1, 1, WINDOW) & row_ok[:, None]
             m_i, l_i, acc = _attend(m_i, l_i, acc, q, Kg, Vg, stride_kwt, stride_vwt, u, u < seq_len, mask,
                                     qk_scale, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
+        # The window needs nothing from the step's earlier launches (with PDL it runs beside them); waiting
+        # here, before its store, still orders every program after them, which the combine's wait relies on.
+        _wait_for_previous_launch(PDL)
     _store_partial(M, L, ACC, CMP_SPLITS + split, group, r, row_ok, m_i, l_i, acc, ROWS, SPLITS_TOTAL, DV, BLOCK_DV)
 
 
@@ -375,19 +400,21 @@ def _sparse_kernel(Q, KS, VS, KW, VW, IDS, SEQ_LENS, M, L, ACC,
 def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride_ob, stride_os, stride_oh,
                     S, G, Hkv, ROWS, SPLITS_TOTAL,
                     CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-                    DV: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """o = g0 * o_cmp + g1 * o_slc + g2 * o_swa for row r (query s, head h); each o_c merges its branch's splits."""
-    r, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                    DV: tl.constexpr, BLOCK_COLS: tl.constexpr, PDL: tl.constexpr):
+    """o = g0 * o_cmp + g1 * o_slc + g2 * o_swa for row r (query s, head h), BLOCK_COLS columns of it (several
+    programs a row when rows are few: reading the partials is the work); each o_c merges its branch's splits."""
+    COL_TILES: tl.constexpr = (DV + BLOCK_COLS - 1) // BLOCK_COLS
+    r, g, b = tl.program_id(0) // COL_TILES, tl.program_id(1), tl.program_id(2)
+    cols = tl.program_id(0) % COL_TILES * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     s, h = r // G, g * G + r % G
     group = b.to(tl.int64) * Hkv + g
+    _wait_for_previous_launch(PDL)  # every branch's partials
     branches = (0, CMP_SPLITS, CMP_SPLITS + SLC_SPLITS, SPLITS_TOTAL)  # splits of o_cmp, o_slc, o_swa
     gate = GATES + _row_offsets(b, s, h, stride_gb, stride_gs, stride_gh)
-    o = tl.zeros([BLOCK_DV], tl.float32)
+    o = tl.zeros([BLOCK_COLS], tl.float32)
     for c in tl.static_range(3):
-        o_c = _merge_row(M, L, ACC, group, branches[c], branches[c + 1], r, ROWS, SPLITS_TOTAL, DV, BLOCK_DV,
-                         SPLIT_CHUNK)
+        o_c = _merge_row(M, L, ACC, group, branches[c], branches[c + 1], r, cols, ROWS, SPLITS_TOTAL, DV, SPLIT_CHUNK)
         o += tl.load(gate + c).to(tl.float32) * o_c
-    cols = tl.arange(0, BLOCK_DV)
     tl.store(O + _row_offsets(b, s, h, stride_ob, stride_os, stride_oh) + cols, o.to(O.dtype.element_ty),
              mask=cols < DV)
 
@@ -398,19 +425,28 @@ def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride
 
 # Launch options of the two key-reading kernels on a GPU: "block", the tokens of a key tile (BLOCK_C of the cmp
 # kernel, BLOCK_L and BLOCK_W of the sparse kernel), then num_warps and num_stages (overriding the shared-memory
-# rule of _launch_options); "score": num_warps of the block-score kernel. Chosen on an H100 with benchmarks/profile_decode.py
-# --sweep at 64k (BENCHMARKS.md): batch 32, cmp 105 us at 64 tokens / 4 warps / 3 stages (104-121 for the others);
-# sparse 41.8 us at 32 tokens / 4 warps / 2 stages (44.6 at the 64 / 1 stage it had, up to 59); block scores
-# 7.7 us at 4 warps (8.5-11 for 1, 2, 8).
-LAUNCH = {"cmp": dict(block=64, num_warps=4), "sparse": dict(block=32, num_warps=4, num_stages=2),
+# rule of _launch_options); "score": num_warps of the block-score kernel. Chosen on an H100 with
+# benchmarks/profile_decode.py --sweep at 64k (BENCHMARKS.md): batch 32, cmp 105 us at 64 tokens / 4 warps /
+# 3 stages (104-121 for the others); sparse 41.8 us at 32 tokens / 4 warps / 2 stages (44.6 at the 64 / 1 stage
+# it had, up to 59); block scores 7.7 us at 4 warps (8.5-11 for 1, 2, 8). The sparse kernel is capped at 128
+# registers a thread (maxnreg; 137 uncapped since it computes the selection): 4 programs of 4 warps per SM, its
+# 512 programs at batch 32 in one wave (50 us against 54 uncapped, no spills; benchmarks/ab_decode.py).
+LAUNCH = {"cmp": dict(block=64, num_warps=4), "sparse": dict(block=32, num_warps=4, num_stages=2, maxnreg=128),
           "score": dict(num_warps=4)}
 
 
-def _combine_warps(split_chunk: int, block_dv: int) -> int:
-    """Warps of the combine, which merges [split_chunk, block_dv] tiles: one for small tiles (H100, 64k, batch 32,
-    2 splits a branch: 3.7 us against 6.5 on four), four for large ones (batch 1, up to 64 splits: 4.5 us against
-    8.9 on one)."""
-    return 1 if split_chunk * block_dv <= 512 else 4
+def _combine_tiling(rows: int, block_dv: int, split_chunk: int, programs: int, gpu: bool) -> tuple[int, int]:
+    """(columns per program, warps) of the combine, for `rows` output rows (all batch rows and groups).
+
+    Its work is reading the partials ([splits, Dv] float32 a row and branch), so rows are cut into column
+    tiles (down to 32) until there are `programs` programs. Warps: one for small [split_chunk, columns] tiles
+    (H100, 64k, batch 32, 2 splits a branch: 3.7 us against 6.5 on four), four for large ones (batch 1, up to 64
+    splits: 4.5 us against 8.9 on one, whole rows). The interpreter's 16 columns make the tests cross tiles.
+    """
+    cols = block_dv if gpu else 16
+    while cols > 32 and rows * (block_dv // cols) < programs:
+        cols //= 2
+    return cols, 1 if split_chunk * cols <= 512 else 4
 
 
 def _launch_options(kernel: str, tile_bytes: int) -> dict:
@@ -420,9 +456,24 @@ def _launch_options(kernel: str, tile_bytes: int) -> dict:
     return {"num_stages": 3 if tile_bytes < 65536 else 2, **{k: v for k, v in LAUNCH[kernel].items() if k != "block"}}
 
 
+# Programmatic dependent launch (Hopper and later): each launch after the first starts while the previous one
+# runs and waits inside (griddepcontrol) for its results, so launch latency and prologues overlap (the step is
+# five short launches; at batch 1 each is a few microseconds). A switch so benchmarks can compare.
+USE_PDL = True
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def target_programs(device: torch.device) -> int:
@@ -433,7 +484,7 @@ def target_programs(device: torch.device) -> int:
     """
     if interpreting() or device.type != "cuda":
         return 8
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_device_index(device))
 
 
 def _splits(want: int, most: int) -> int:
@@ -469,6 +520,8 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     dev = q.device
     block_dk, block_dv = pow2_at_least(Dk), pow2_at_least(Dv)
     gpu = not interpreting()
+    pdl = gpu and USE_PDL and _has_pdl(_device_index(dev))
+    dependent = dict(PDL=pdl, launch_pdl=pdl)  # a launch that waits for the previous one inside
 
     # Tiles (the interpreter's are small so that the tests cross tile and split boundaries).
     block_r = min(pow2_at_least(rows), (64 if max(block_dk, block_dv) <= 128 else 32) if gpu else 16)
@@ -483,7 +536,7 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     nb_cap = tiles_cap * nbj  # pooled scores per row: every tile writes all its nbj blocks, even past the capacity
     n_pad = triton.next_power_of_2(n)
     chunk = max(128 if gpu else 4, n_pad)  # blocks scored (and reduced to their top n) per program
-    chunks = triton.cdiv(nb_cap, chunk)
+    chunks = triton.cdiv(triton.cdiv(k_slc.shape[1], lp), chunk)  # over the blocks a row can hold
 
     # Splits: enough programs to fill the GPU even with one sequence, at most one tile (block) per program.
     want = triton.cdiv(target_programs(dev), B * Hkv * row_tiles)
@@ -512,25 +565,26 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
         q, k_cmp, v_cmp, seq_lens, *partials, pooled, tile_max, *_strides(q), *_strides(k_cmp), *_strides(v_cmp),
         S, G, Hkv, rows, total, nb_cap, tiles_cap, qk_scale,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, SPLITS=cmp_splits, BLOCK_C=block_c, BLOCK_J=block_j,
-        PRECISION=precision, SPLIT_POOL=q.dtype != torch.float32, **common,
+        PRECISION=precision, SPLIT_POOL=q.dtype != torch.float32, PDL=pdl, **common,
         **_launch_options("cmp", block_c * token_bytes))
     _block_score_kernel[(chunks * S, Hkv, B)](
         m_part, l_part, pooled, tile_max, keys, seq_lens, S, G, Hkv, rows, total, nb_cap, tiles_cap,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, CMP_SPLITS=cmp_splits, SPLIT_CHUNK=split_chunk, BLOCK_C=block_c,
-        CHUNKS=chunks, CHUNK=chunk, N_SELECT=n, N_PAD=n_pad, G_PAD=triton.next_power_of_2(G), **LAUNCH["score"])
-    _select_kernel[(S, Hkv, B)](keys, ids, S, CHUNKS=chunks, CHUNKS_PAD=triton.next_power_of_2(chunks),
-                                N_SELECT=n, N_PAD=n_pad, num_warps=1 if chunks * n_pad <= 512 else 4)
+        CHUNKS=chunks, CHUNK=chunk, N_SELECT=n, N_PAD=n_pad, G_PAD=triton.next_power_of_2(G), **dependent,
+        **LAUNCH["score"])
     _sparse_kernel[((slc_splits + swa_splits) * row_tiles, Hkv, B)](
-        q, k_slc, v_slc, k_swa, v_swa, ids, seq_lens, *partials, *_strides(q),
+        q, k_slc, v_slc, k_swa, v_swa, keys, ids, seq_lens, *partials, *_strides(q),
         *_strides(k_slc), *_strides(v_slc), *_strides(k_swa), *_strides(v_swa), S, G, Hkv, rows, total, qk_scale,
         SLC_BLOCK=lp, WINDOW=config.window, N_SELECT=n, N_PAD=n_pad,
-        S_PAD=triton.next_power_of_2(S), CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SWA_SPLITS=swa_splits,
-        BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common,
+        CHUNKS=chunks, CHUNKS_PAD=triton.next_power_of_2(chunks), S_PAD=triton.next_power_of_2(S),
+        CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SWA_SPLITS=swa_splits,
+        BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common, **dependent,
         **_launch_options("sparse", max(block_l, block_w) * token_bytes))
-    _combine_kernel[(rows, Hkv, B)](
+    block_cols, combine_warps = _combine_tiling(B * Hkv * rows, block_dv, split_chunk, target_programs(dev), gpu)
+    _combine_kernel[(rows * triton.cdiv(Dv, block_cols), Hkv, B)](
         *partials, gates, o, *_strides(gates), *_strides(o), S, G, Hkv, rows, total,
-        CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_DV=block_dv,
-        num_warps=_combine_warps(split_chunk, block_dv))
+        CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_COLS=block_cols,
+        num_warps=combine_warps, **dependent)
     if return_block_ids:
         return o, ids.transpose(1, 2)
     return o
