@@ -113,6 +113,26 @@ def test_decode_scratch_reads_and_writes(monkeypatch, capacity):
         assert (tail.isnan().all() if whole.is_floating_point() else (tail == 12345).all()), "write past a buffer"
 
 
+@pytest.mark.parametrize("capacity", [75, 80])
+def test_decode_never_reads_past_a_row_or_the_capacity(capacity):
+    """Cache slots past each row's length, and memory past the capacity, hold NaN: the step must not load them
+    (p = 0 times NaN is NaN). A capacity of 75 is not a multiple of l' = 16, so the full row's last selection block
+    reaches past the buffer (here into NaN padding of the same storage)."""
+    lens = [capacity, 37, 50]
+    args64, args, seq_lens, _ = decode_case(lens, 1, 8, 2, 16, 16, CONFIG_A, torch.float32, capacity)
+    ref = nsa_decode_attention(*args64[:-1], args64[-1], seq_lens, CONFIG_A, backend="reference")
+    q, *cache, gates = args
+    poisoned = []
+    for name, x in zip(NAMES, cache):
+        whole = torch.full((x.shape[0], x.shape[1] + 16, *x.shape[2:]), float("nan"), dtype=x.dtype, device=x.device)
+        for b, n in enumerate(lens):
+            valid = CONFIG_A.num_cmp_tokens(n) if name.endswith("cmp") else n
+            whole[b, :valid] = x[b, :valid]
+        poisoned.append(whole[:, :x.shape[1]])
+    o = decode.nsa_decode_attention(q, *poisoned, gates, seq_lens, CONFIG_A, 16 ** -0.5)
+    torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_no_host_sync(monkeypatch):
     """Nothing is read back to the host: .item() and .tolist() are never called."""
     _, args, seq_lens, _ = decode_case([40, 9], 2, 4, 1, 16, 16, CONFIG_A, torch.float32, 48)

@@ -375,8 +375,11 @@ def _sparse_kernel(Q, KS, VS, KW, VW, KEYS, IDS, SEQ_LENS, M, L, ACC,
                 in_block = start + offs < SLC_BLOCK
                 u = blk * SLC_BLOCK + start + offs
                 mask = chose[:, None] & in_block[None, :] & (u[None, :] <= t[:, None])
-                m_i, l_i, acc = _attend(m_i, l_i, acc, q, Kg, Vg, stride_kst, stride_vst, u, in_block & attend, mask,
-                                        qk_scale, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
+                # Tokens past the row's length are not loaded: the last block may reach past them, even past the
+                # cache's capacity, and p = 0 times a stale or out-of-bounds value can still be NaN.
+                m_i, l_i, acc = _attend(m_i, l_i, acc, q, Kg, Vg, stride_kst, stride_vst, u,
+                                        in_block & attend & (u < seq_len), mask, qk_scale, DK, DV, BLOCK_DK, BLOCK_DV,
+                                        PRECISION)
     else:
         Kg = KW + b.to(tl.int64) * stride_kwb + g * stride_kwh
         Vg = VW + b.to(tl.int64) * stride_vwb + g * stride_vwh
