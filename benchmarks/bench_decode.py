@@ -11,7 +11,8 @@ and the achieved bandwidth, bytes / time. Also: the timing floor (a one-kernel g
 the per-layer time of NSA and cuDNN steps replayed inside one graph of --graph-layers layers, each with its own
 cache (a model's decoding step), where those caches fit in memory.
 Part 2, end to end: LanguageModel.generate (greedy, KV cache, bfloat16 weights) of a small model, NSA and
-full attention, after a prompt of --prompt tokens: prefill time and decoding tokens/s (batch --e2e-B).
+full attention, after a prompt of --prompt tokens: prefill time and decoding tokens/s (batch --e2e-B), the
+decoding steps replayed from a CUDA graph (generate's default on a GPU) and eager.
 Prints markdown tables; writes results.json to --out.
 
     python benchmarks/bench_decode.py --L 8192 16384 32768 65536 131072 --B 1 32 --out bench_out
@@ -167,8 +168,9 @@ def graph_floor(warmup, rep):
     return bench(z.zero_, warmup, rep)["ms"]
 
 
-def run_generate(attention, B, prompt_len, new_tokens, args):
-    """Prefill seconds and decoding tokens/s of generate() for a small model."""
+def run_generate(attention, B, prompt_len, new_tokens, args, cuda_graph):
+    """Prefill seconds and decoding tokens/s of generate() for a small model, its steps eager or replayed from a
+    CUDA graph."""
     cfg = nsa.ModelConfig(n_layer=args.layers, n_embd=args.dim, n_head=args.heads, n_kv_head=args.kv_heads,
                           attention=attention)
     model = nsa.LanguageModel(cfg).to("cuda", torch.bfloat16).eval()
@@ -179,12 +181,12 @@ def run_generate(attention, B, prompt_len, new_tokens, args):
         torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    model.generate(prompt, new_tokens, temperature=0)  # warm up: compile every kernel for these shapes
+    model.generate(prompt, new_tokens, temperature=0, cuda_graph=cuda_graph)  # warm up: compile every kernel
     torch.cuda.synchronize()
     start = time.perf_counter()
-    model.generate(prompt, new_tokens, temperature=0, callback=stamp)
+    model.generate(prompt, new_tokens, temperature=0, callback=stamp, cuda_graph=cuda_graph)
     decode_s = stamps[-1] - stamps[0]  # new_tokens - 1 decoding steps
-    out = dict(attention=attention, B=B, prompt=prompt_len, new_tokens=new_tokens,
+    out = dict(attention=attention, cuda_graph=cuda_graph, B=B, prompt=prompt_len, new_tokens=new_tokens,
                prefill_s=stamps[0] - start, decode_tok_s=B * (new_tokens - 1) / decode_s,
                params=model.num_params())
     del model
@@ -226,10 +228,12 @@ def print_tables(attention, e2e, hbm, floor, graph_layers):
             if rec["error"]:
                 print(f"  B={r['B']} L={r['L']} {name}: {rec['error']}")
     if e2e:
-        print("\n| attention | B | prompt | prefill s | decode tokens/s |")
-        print("|---|---|---|---|---|")
+        print("\n| attention | steps | B | prompt | prefill s | decode tokens/s |")
+        print("|---|---|---|---|---|---|")
         for r in e2e:
-            print(f"| {r['attention']} | {r['B']} | {r['prompt']} | {r['prefill_s']:.2f} | {r['decode_tok_s']:.0f} |")
+            steps = "CUDA graph" if r["cuda_graph"] else "eager"
+            print(f"| {r['attention']} | {steps} | {r['B']} | {r['prompt']} | {r['prefill_s']:.2f} | "
+                  f"{r['decode_tok_s']:.0f} |")
 
 
 def main():
@@ -267,8 +271,9 @@ def main():
     e2e = []
     if args.prompt:
         for name in ("nsa", "full"):
-            print(f"generate {name} prompt={args.prompt} ...", flush=True)
-            e2e.append(run_generate(name, args.e2e_B, args.prompt, args.new_tokens, args))
+            for cuda_graph in (True, False):
+                print(f"generate {name} prompt={args.prompt} cuda_graph={cuda_graph} ...", flush=True)
+                e2e.append(run_generate(name, args.e2e_B, args.prompt, args.new_tokens, args, cuda_graph))
     print_tables(attention, e2e, hbm, floor, args.graph_layers)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_gb_s=hbm, graph_floor_ms=floor,

@@ -48,6 +48,8 @@ def test_one_token_at_a_time_equals_forward(share_kv):
         Tc = CFG.num_cmp_tokens(t + 1)
         torch.testing.assert_close(cache.k_cmp[:, :Tc], k_cmp[:, :Tc], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(cache.v_cmp[:, :Tc], v_cmp[:, :Tc], rtol=1e-12, atol=1e-12)
+        # and no earlier: a step's candidates that complete nothing write only the spare slot past cmp_capacity
+        assert not cache.k_cmp[:, Tc:].any() and not cache.v_cmp[:, Tc:].any()
     assert cache.seq_lens == [T, T] and cache.lengths.tolist() == [T, T]
     torch.testing.assert_close(torch.cat(ys, dim=1), full, rtol=1e-10, atol=1e-10)
 
@@ -138,7 +140,7 @@ def test_nbytes_formula(share_kv):
     B, cap, Hkv, Dk, Dv = 3, 100, 2, 8, 6
     cache = NSACache.create(layer, B, cap, max_trim=5)
     sets = 1 if share_kv else 2
-    tokens = sets * cap + CFG.num_cmp_tokens(cap) + CFG.cmp_block - 1 + 5
+    tokens = sets * cap + CFG.num_cmp_tokens(cap) + 1 + CFG.cmp_block - 1 + 5  # + 1: the spare compressed slot
     assert cache.nbytes == B * 8 * Hkv * (Dk + Dv) * tokens + 4 * B
 
 

@@ -1,8 +1,10 @@
-"""LanguageModel.generate: the same tokens with and without the KV cache; stop tokens, callback, nucleus."""
+"""LanguageModel.generate: the same tokens with and without the KV cache and with and without a CUDA graph of the
+decoding step; stop tokens, callback, nucleus."""
 import pytest
 import torch
 
 import nsa
+from nsa.graph import DecodeGraph
 
 CFG = nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=3, window=12)
 
@@ -68,3 +70,35 @@ def test_chunked_prefill_equals_one_pass(attention):
     whole = model.prefill(idx, model.new_cache(2, 50))
     torch.testing.assert_close(model.prefill(idx, model.new_cache(2, 50), chunk_size=16), whole, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(whole, model(idx)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_cuda_graph_needs_a_cache_on_a_gpu():
+    model = make_model("nsa")
+    with pytest.raises(ValueError, match="cuda_graph=True needs use_cache=True and CUDA inputs"):
+        model.generate(PROMPT, 4, cuda_graph=True)
+    cache = model.new_cache(3, 20)
+    with pytest.raises(ValueError, match="CUDA device"):
+        DecodeGraph(model, cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_cuda_graph_gives_the_same_tokens(attention):
+    torch.manual_seed(0)
+    cfg = nsa.ModelConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, attention=attention, nsa=CFG)
+    model = nsa.LanguageModel(cfg).to("cuda", torch.bfloat16).eval()
+    prompt = PROMPT.cuda().repeat(1, 9)  # 90 tokens; 50 new ones cross compressed tokens and selection blocks
+    eager = model.generate(prompt, 50, temperature=0, cuda_graph=False)
+    assert torch.equal(model.generate(prompt, 50, temperature=0, cuda_graph=True), eager)
+    sampled = [model.generate(prompt, 50, temperature=1.5, top_p=0.95, cuda_graph=graph,
+                              generator=torch.Generator("cuda").manual_seed(1)) for graph in (False, True)]
+    assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], eager)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_failure_warns_and_decodes_eagerly():
+    model = make_model("nsa").cuda()  # the reference backend reads lengths on the host: not capturable
+    prompt = PROMPT.cuda()
+    with pytest.warns(UserWarning, match="could not capture the decoding step"):
+        out = model.generate(prompt, 6, temperature=0)
+    assert torch.equal(out, model.generate(prompt, 6, temperature=0, cuda_graph=False))

@@ -4,7 +4,8 @@ NSACache (one per NativeSparseAttention layer) holds what SPEC.md's decoding sec
   k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, D]: the raw keys (rotated) / values of the selection and
       window branches (with share_kv one pair, returned for both branches);
   k_cmp, v_cmp [B, cmp_capacity, Hkv, D]: the compressed keys (rotated at their block centre) / values,
-      cmp_capacity = num_cmp_tokens(capacity); compressed token i sits in slot i;
+      cmp_capacity = num_cmp_tokens(capacity); compressed token i sits in slot i (the storage has one spare
+      slot more, where a step writes the candidate tokens that complete nothing: see completed_blocks);
   ring_k, ring_v [B, R, Hkv, D]: the last R raw, UN-rotated keys/values of the compression branch, raw
       position p in slot p % R, R = l - 1 + max_trim. Compressed token i is made by phi from raw tokens
       [i*d, i*d + l) as soon as raw token i*d + l - 1 arrives, so only the tokens of blocks still under
@@ -80,8 +81,10 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every buffer the cache holds (lengths included)."""
-        return sum(t.nbytes for t in {id(t): t for t in vars(self).values() if isinstance(t, torch.Tensor)}.values())
+        """Bytes of every buffer the cache holds (lengths included; storage shared by views counted once)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in vars(self).values() if isinstance(t, torch.Tensor)}
+        return sum(storages.values())
 
     @property
     def is_empty(self) -> bool:
@@ -126,7 +129,7 @@ class LayerCache:
     def advance(self, new_tokens: int) -> None:
         """Every row grows by new_tokens: on the device in place (no host-to-device copy per decoding step)."""
         self.seq_lens = [n + new_tokens for n in self.seq_lens]
-        self.lengths += new_tokens
+        self.lengths += new_tokens  # the one device op: a replayed CUDA graph of a step repeats only this part
 
     def set_lengths(self, seq_lens: list[int]) -> None:
         self.seq_lens = list(seq_lens)
@@ -165,7 +168,7 @@ class KVCache(LayerCache):
 class NSACache(LayerCache):
     """Cache of one NativeSparseAttention layer (see the module docstring for the buffers).
 
-    nbytes = B * element_size * Hkv * (Dk + Dv) * (S * capacity + num_cmp_tokens(capacity) + l - 1 + max_trim)
+    nbytes = B * element_size * Hkv * (Dk + Dv) * (S * capacity + num_cmp_tokens(capacity) + 1 + l - 1 + max_trim)
              + 4 * B,  with S = 1 if share_kv else 2 (raw sets of the selection and window branches).
     E.g. the paper's config (l = 32, d = 16), Hkv = 4, D = 128, bf16, share_kv=False, 128k tokens, B = 1:
     2 * 4 * 256 * (2 * 131072 + 8191 + 63) bytes = 554 MB, of which the compressed tokens are 3%.
@@ -180,8 +183,10 @@ class NSACache(LayerCache):
             raise ValueError(f"max_trim must be a non-negative int, got {max_trim!r}")
         self.config, self.share_kv, self.max_trim = config, share_kv, max_trim
         self.cmp_capacity = config.num_cmp_tokens(capacity)
-        self.k_cmp = self._buffer(self.cmp_capacity, num_kv_heads, head_dim)
-        self.v_cmp = self._buffer(self.cmp_capacity, num_kv_heads, v_head_dim)
+        # slots 0 .. cmp_capacity - 1, then the spare slot that completed_blocks points idle candidates to
+        self.cmp_slots_k = self._buffer(self.cmp_capacity + 1, num_kv_heads, head_dim)
+        self.cmp_slots_v = self._buffer(self.cmp_capacity + 1, num_kv_heads, v_head_dim)
+        self.k_cmp, self.v_cmp = self.cmp_slots_k[:, :self.cmp_capacity], self.cmp_slots_v[:, :self.cmp_capacity]
         self.ring_size = config.cmp_block - 1 + max_trim
         self.ring_k = self._buffer(self.ring_size, num_kv_heads, head_dim)
         self.ring_v = self._buffer(self.ring_size, num_kv_heads, v_head_dim)
@@ -203,48 +208,47 @@ class NSACache(LayerCache):
         """First raw position a row of n tokens will need again: the start of its next compressed block."""
         return min(self.config.num_cmp_tokens(n) * self.config.cmp_stride, n)
 
-    def pending_blocks(self, raw_k: torch.Tensor, raw_v: torch.Tensor):
-        """The compressed tokens that S new raw cmp-branch tokens raw_k, raw_v [B, S, Hkv, D] complete, or None
-        when they complete none (most decoding steps: one in d for S = 1).
+    def completed_blocks(self, raw_k: torch.Tensor, raw_v: torch.Tensor):
+        """The compressed tokens that S new raw cmp-branch tokens raw_k, raw_v [B, S, Hkv, D] complete, with shapes
+        fixed by B and S and no host data (a step stays capturable in a CUDA graph).
 
-        Compressed token i of row b (length L_b) is complete once raw token i*d + l - 1 < L_b + S: the new
-        ones are i in [num_cmp_tokens(L_b), num_cmp_tokens(L_b + S)). Returns (rows, slots) long [N] and
-        their raw blocks k_blocks [N, l, Hkv, Dk], v_blocks [N, l, Hkv, Dv] (un-rotated, in order).
+        Compressed token i of row b (length L_b) is complete once raw token i*d + l - 1 < L_b + S: the new ones
+        are i in [num_cmp_tokens(L_b), num_cmp_tokens(L_b + S)), at most C = ceil(S / d) of them. Every row gets
+        C candidates i = num_cmp_tokens(L_b) + c. Returns ids long [B, C] (the candidates' i), slots long [B, C]
+        (i where candidate c is complete, else the spare slot cmp_capacity) and their raw blocks
+        k_blocks [B, C, l, Hkv, Dk], v_blocks [B, C, l, Hkv, Dv] (un-rotated, in order; filler for the others).
         """
         cfg, R = self.config, self.ring_size
         l, d, S = cfg.cmp_block, cfg.cmp_stride, raw_k.shape[1]
-        rows, slots, starts = [], [], []
-        for b, n in enumerate(self.seq_lens):
-            for i in range(cfg.num_cmp_tokens(n), cfg.num_cmp_tokens(n + S)):
-                rows.append(b)
-                slots.append(i)
-                starts.append(i * d - (n - R))  # block start inside the context below
-        if not rows:
-            return None
-        rows, slots, starts = (torch.tensor(v, dtype=torch.long, device=self.device) for v in (rows, slots, starts))
-        # context of row b: raw positions L_b - R .. L_b + S - 1 (the ring unrolled, then the new tokens)
-        ring_pos = self.lengths.long()[:, None] - R + torch.arange(R, device=self.device)  # [B, R]
-        index = (ring_pos % R)[:, :, None, None]
+        L = self.lengths.long()[:, None]  # [B, 1]
+        ids = torch.where(L >= l, (L - l) // d + 1, 0) + torch.arange(-(-S // d), device=self.device)  # [B, C]
+        complete = ids * d + l <= L + S
+        slots = torch.where(complete, ids, self.cmp_capacity)
+        # context of row b: raw positions L_b - R .. L_b + S - 1 (the ring unrolled, then the new tokens); a complete
+        # block starts at or after L_b - R (R >= l - 1), the others are clamped inside
+        starts = (ids * d - (L - R)).clamp(0, R + S - l)
+        rows = torch.arange(self.batch_size, device=self.device)[:, None, None]
+        offsets = starts[:, :, None] + torch.arange(l, device=self.device)  # [B, C, l]
+        index = ((L - R + torch.arange(R, device=self.device)) % R)[:, :, None, None]  # ring slot of each position
         blocks = []
         for ring, new in ((self.ring_k, raw_k), (self.ring_v, raw_v)):
             context = torch.cat((ring.gather(1, index.expand(-1, -1, *ring.shape[2:])), new), dim=1)
-            blocks.append(context[rows[:, None], starts[:, None] + torch.arange(l, device=self.device)])
-        return rows, slots, blocks[0], blocks[1]
+            blocks.append(context[rows, offsets])
+        return ids, slots, blocks[0], blocks[1]
 
-    def append(self, positions: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.Tensor, compressed=None) -> None:
+    def append(self, positions: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.Tensor, slots: torch.Tensor,
+               k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> None:
         """Stores the new tokens' raw cmp-branch keys/values [B, S, Hkv, D] (at positions long [B, S]) in the ring
-        and compressed = (rows [N], slots [N], k_cmp [N, Hkv, Dk], v_cmp [N, Hkv, Dv]), if any, in those slots of
-        those rows; then advances lengths by S (the raw selection/window tokens were written by write())."""
+        and the compressed tokens k_cmp [B, C, Hkv, Dk], v_cmp [B, C, Hkv, Dv] in slots long [B, C] (from
+        completed_blocks); then advances lengths by S (the raw selection/window tokens were written by write())."""
         keep = min(raw_k.shape[1], self.ring_size)  # only the last R raw tokens can be needed again
         batch = torch.arange(self.batch_size, device=self.device)[:, None]
         ring_slots = positions[:, -keep:] % self.ring_size
         self.ring_k[batch, ring_slots] = raw_k[:, -keep:].detach()
         self.ring_v[batch, ring_slots] = raw_v[:, -keep:].detach()
-        if compressed is not None:
-            rows, slots, k_cmp, v_cmp = compressed
-            self.check_dtype(k_cmp)
-            self.k_cmp[rows, slots] = k_cmp.detach()
-            self.v_cmp[rows, slots] = v_cmp.detach()
+        self.check_dtype(k_cmp)
+        self.cmp_slots_k[batch, slots] = k_cmp.detach()
+        self.cmp_slots_v[batch, slots] = v_cmp.detach()
         self.advance(raw_k.shape[1])
 
     def fill_cmp(self, seq_lens: list[int], raw_k: torch.Tensor, raw_v: torch.Tensor, k_cmp: torch.Tensor,

@@ -137,7 +137,7 @@ class NativeSparseAttention(nn.Module):
         return q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates
 
     def _compress(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Compressed tokens from raw un-rotated blocks [B, N, l, Hkv, Dk or Dv] with indices ids long [N]:
+        """Compressed tokens from raw un-rotated blocks [B, N, l, Hkv, Dk or Dv] with indices ids long [N] or [B, N]:
         k_cmp = RoPE(phi_k(block), i*d + (l - 1) / 2) [B, N, Hkv, Dk], v_cmp = phi_v(block) [B, N, Hkv, Dv]."""
         centre = ids.double() * self.config.cmp_stride + (self.config.cmp_block - 1) / 2
         return apply_rope(self.compress_k(k_blocks), centre, self.rope_base), self.compress_v(v_blocks)
@@ -211,13 +211,9 @@ class NativeSparseAttention(nn.Module):
         positions = cache.next_positions(x.shape[1])  # [B, S]
         q, k_raw, v_raw, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
         cache.write(positions, **self._raw(k_slc, v_slc, k_swa, v_swa))
-        pending = cache.pending_blocks(k_raw, v_raw)  # rows, slots [N], blocks [N, l, Hkv, D]; None if N = 0
-        compressed = None
-        if pending is not None:
-            rows, slots, k_blocks, v_blocks = pending
-            k_cmp, v_cmp = self._compress(k_blocks[None], v_blocks[None], slots)
-            compressed = (rows, slots, k_cmp[0], v_cmp[0])
-        cache.append(positions, k_raw, v_raw, compressed)
+        ids, slots, k_blocks, v_blocks = cache.completed_blocks(k_raw, v_raw)  # [B, C], blocks [B, C, l, Hkv, D]
+        k_cmp, v_cmp = self._compress(k_blocks, v_blocks, ids)  # every candidate: static shapes, no host branch
+        cache.append(positions, k_raw, v_raw, slots, k_cmp, v_cmp)
         o = nsa_decode_attention(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa,
                                  gates, cache.lengths, self.config, backend=self.backend)  # [B, S, Hq, Dv]
         return self.o_proj(o.flatten(2))

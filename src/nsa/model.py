@@ -7,6 +7,7 @@ the rotary embedding inside attention.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache, LayerCache, ModelCache, NSACache
 from .config import NSAConfig
+from .graph import DecodeGraph
 from .layer import NativeSparseAttention
 from .rope import apply_rope, positions_from_cu_seqlens
 
@@ -101,15 +103,18 @@ class CausalSelfAttention(nn.Module):
         return self._attend(q, k, v, None)
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Appends S new tokens x [B, S, C] to every cache row -> their outputs [B, S, C]."""
+        """Appends S new tokens x [B, S, C] to every cache row -> their outputs [B, S, C].
+
+        Attends over the whole capacity, masked by position (static shapes, like the NSA step, so that a step
+        can be captured in a CUDA graph): size the cache to what it will hold."""
         cache.check_new(x, x.shape[1])
         positions = cache.next_positions(x.shape[1])  # [B, S]
         q, k, v = self._qkv(x, positions)
         cache.write(positions, k=k, v=v)
         cache.advance(x.shape[1])
-        L = max(cache.seq_lens)
-        visible = torch.arange(L, device=x.device) <= positions[:, None, :, None]  # [B, 1, S, L]: key u <= query p
-        return self._attend(q, cache.k[:, :L], cache.v[:, :L], visible)
+        slots = torch.arange(cache.capacity, device=x.device)
+        visible = slots <= positions[:, None, :, None]  # [B, 1, S, capacity]: key u <= query p
+        return self._attend(q, cache.k, cache.v, visible)
 
 
 class SwiGLU(nn.Module):
@@ -217,7 +222,7 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float | None = None,
                  stop_tokens: list[int] | None = None, callback=None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
         """Appends up to max_new_tokens tokens to the prompts idx long [B, T] -> [B, T + n], n <= max_new_tokens.
 
         temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature), restricted
@@ -227,15 +232,27 @@ class LanguageModel(nn.Module):
         callback(tokens long [B]) is called with each step's new tokens, as soon as they are chosen.
         use_cache: prefill a KV cache with the prompt, then feed one token per step (ModelCache); False
         re-runs the whole sequence every step. Both give the same tokens (up to float rounding in near-ties).
+        cuda_graph: replay the one-token step from a CUDA graph (DecodeGraph) after the prefill and one eager
+        step; the same tokens as eager steps, without their host overhead. None: on when decoding from a cache on
+        a GPU (if capturing fails, a warning and eager steps).
         """
         B = idx.shape[0]
+        if cuda_graph and not (use_cache and idx.is_cuda):
+            raise ValueError("cuda_graph=True needs use_cache=True and CUDA inputs")
+        graph_wanted = use_cache and idx.is_cuda if cuda_graph is None else cuda_graph
+        graph = None
         cache = self.new_cache(B, idx.shape[1] + max_new_tokens, device=idx.device) if use_cache else None
         stop = torch.tensor(list(stop_tokens or []), dtype=torch.long, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         ended_with = torch.zeros(B, dtype=torch.long, device=idx.device)  # the stop token that ended each row
         new = idx  # the tokens not yet fed to the model
-        for _ in range(max_new_tokens):
-            logits = (self(new, cache=cache) if use_cache else self(idx))[0][:, -1].float()  # [B, vocab]
+        for i in range(max_new_tokens):
+            if graph_wanted and i == 2:  # after the prefill and one eager step, which compiled every kernel
+                graph = self._capture_step(cache, required=bool(cuda_graph))
+            if graph is not None:
+                logits = graph(new[:, 0]).float()
+            else:
+                logits = (self(new, cache=cache) if use_cache else self(idx))[0][:, -1].float()  # [B, vocab]
             next_idx = torch.where(done, ended_with, sample(logits, temperature, top_p, generator))
             ends = torch.isin(next_idx, stop) & ~done
             ended_with, done = torch.where(ends, next_idx, ended_with), done | ends
@@ -245,6 +262,17 @@ class LanguageModel(nn.Module):
             if stop.numel() and done.all():  # reads `done` back: only when a row can end early
                 break
         return idx
+
+    def _capture_step(self, cache: ModelCache, required: bool) -> DecodeGraph | None:
+        """generate()'s decoding step as a DecodeGraph; None with a warning when capturing fails and not required."""
+        try:
+            return DecodeGraph(self, cache)
+        except RuntimeError as e:
+            if required:
+                raise
+            warnings.warn(f"nsa: could not capture the decoding step in a CUDA graph ({str(e).splitlines()[0]}); "
+                          "decoding with eager steps, which are host-bound on small models")
+            return None
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float | None = None,
