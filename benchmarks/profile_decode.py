@@ -5,8 +5,9 @@ Part 1: shape P (Hq 64, Hkv 4, D 128, bfloat16), every row at L tokens; each of 
 the CUDA profiler (mean over --iters eager calls), for several split targets (programs per key-splitting
 launch = factor x SMs; the library's choice is 1); with --sweep, the cmp and sparse kernels under each
 (tile, num_warps, num_stages) of SWEEP.
-Part 2: torch.profiler over --steps decoding steps of LanguageModel.generate after a --prompt token prompt,
-NSA and full attention: total CPU and CUDA time per step and the operations with the most CPU time.
+Part 2: torch.profiler over --steps one-token steps of the small model after a --prompt token prompt, NSA and
+full attention, eager and replayed from a CUDA graph (DecodeGraph, generate's default): total CPU and CUDA time
+per step and the operations with the most CPU time (eager) or device time (graph).
 
     PYTHONPATH=src python benchmarks/profile_decode.py
 """
@@ -19,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import nsa
+from nsa.graph import DecodeGraph
 from nsa.ops.triton import decode
 
 from bench_decode import make_step, nsa_step
@@ -95,27 +97,31 @@ def sweep_launch(args):
 
 
 def profile_generate(args):
+    """torch.profiler over --steps decoding steps of the small model, eager and replayed from a CUDA graph."""
     for attention in ("nsa", "full"):
         cfg = nsa.ModelConfig(n_layer=4, n_embd=512, n_head=8, n_kv_head=2, attention=attention)
         model = nsa.LanguageModel(cfg).to("cuda", torch.bfloat16).eval()
         prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), device="cuda")
-        cache = model.new_cache(1, args.prompt + args.steps + 8, device="cuda")
+        cache = model.new_cache(1, args.prompt + 2 * args.steps + 8, device="cuda")
         with torch.no_grad():
             model(prompt, cache=cache)
             token = prompt[:, -1:]
             model(token, cache=cache)  # warm up the step's kernels
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.steps):
-                    model(token, cache=cache)
+            graph = DecodeGraph(model, cache)
+            for mode, step in (("eager", lambda: model(token, cache=cache)), ("graph", lambda: graph(token[:, 0]))):
+                step()
                 torch.cuda.synchronize()
-        events = prof.key_averages()
-        cpu = sum(e.self_cpu_time_total for e in events) / args.steps
-        cuda = sum(e.self_device_time_total for e in events) / args.steps
-        print(f"\n{attention}: per step {cpu / 1e3:.2f} ms CPU (self, all ops), {cuda / 1e3:.2f} ms CUDA")
-        print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=50))
-        del model, cache
-        torch.cuda.empty_cache()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(args.steps):
+                        step()
+                    torch.cuda.synchronize()
+                events = prof.key_averages()
+                cpu = sum(e.self_cpu_time_total for e in events) / args.steps
+                cuda = sum(e.self_device_time_total for e in events) / args.steps
+                print(f"\n{attention}, {mode} steps: per step {cpu / 1e3:.2f} ms CPU (self, all ops), "
+                      f"{cuda / 1e3:.2f} ms CUDA")
+                sort = "self_cpu_time_total" if mode == "eager" else "self_device_time_total"
+                print(events.table(sort_by=sort, row_limit=args.rows, max_name_column_width=50))
 
 
 def main():
