@@ -4,7 +4,8 @@ Variants: programmatic dependent launch on / off (decode.USE_PDL) x cache storag
 or head-major [B, Hkv, T, D] (viewed as [B, T, Hkv, D]; the same values). For each, at every (B, L): outputs
 bitwise equal to the first variant's, the step replayed as a CUDA graph (bench_decode.bench: do_bench median,
 L2 flushed), the per-layer time inside one graph of --graph-layers layers (own caches, batch 1 only), and each
-kernel's CUDA-profiler time (eager calls).
+kernel's CUDA-profiler time (eager calls; with PDL a kernel's time includes its wait for the previous one, so
+only the step times compare). Then the registers, spills and shared memory of each compiled kernel.
 
     PYTHONPATH=src:benchmarks python benchmarks/ab_decode.py --B 1 32 --L 65536
 """

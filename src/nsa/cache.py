@@ -128,8 +128,13 @@ class LayerCache:
 
     def advance(self, new_tokens: int) -> None:
         """Every row grows by new_tokens: on the device in place (no host-to-device copy per decoding step)."""
+        self.lengths += new_tokens
+        self.advance_host(new_tokens)
+
+    def advance_host(self, new_tokens: int) -> None:
+        """The host mirror alone grows by new_tokens: after replaying a captured step (nsa.graph.DecodeGraph),
+        whose device part already advanced lengths."""
         self.seq_lens = [n + new_tokens for n in self.seq_lens]
-        self.lengths += new_tokens  # the one device op: a replayed CUDA graph of a step repeats only this part
 
     def set_lengths(self, seq_lens: list[int]) -> None:
         self.seq_lens = list(seq_lens)

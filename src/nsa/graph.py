@@ -32,8 +32,10 @@ class DecodeGraph:
         try:
             with torch.no_grad(), torch.cuda.graph(self.graph):
                 self.logits = model(self.tokens, cache=cache)[0][:, -1]
-        finally:  # capturing (or failing to) ran only the host side of the step: the device lengths did not
-            for layer, lengths in zip(cache.layers, host_lengths):  # move, so neither may their host mirror
+        finally:
+            # Capturing (or failing to) ran only the host side of the step: the device lengths did not move, so
+            # their host mirrors go back to what they were.
+            for layer, lengths in zip(cache.layers, host_lengths):
                 layer.seq_lens = lengths
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -41,5 +43,5 @@ class DecodeGraph:
         self.tokens.copy_(tokens[:, None])
         self.graph.replay()
         for layer in self.cache.layers:
-            layer.seq_lens = [n + 1 for n in layer.seq_lens]
+            layer.advance_host(1)
         return self.logits

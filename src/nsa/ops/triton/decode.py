@@ -354,8 +354,8 @@ def _sparse_kernel(Q, KS, VS, KW, VW, KEYS, IDS, SEQ_LENS, M, L, ACC,
         all_ids = _selected_blocks(KEYS, group, S, CHUNKS, CHUNKS_PAD, N_SELECT, N_PAD, S_PAD)  # [S_PAD, N_PAD]
         queries, slots = tl.arange(0, S_PAD), tl.arange(0, N_PAD)
         ids_group = IDS + group * S * N_SELECT
-        # Every selected program of the group stores the same ids (the step's IDS output), then reads them
-        # back per item, the loads the unfused kernel had and the loop's pipeliner schedules ahead.
+        # Every selected program of the group stores the same ids (the step's IDS output) and reads back its
+        # rows' selections and each item's block (picking them out of registers instead measured the same).
         tl.store(ids_group + queries[:, None] * N_SELECT + slots[None, :], all_ids,
                  mask=(queries < S)[:, None] & (slots < N_SELECT)[None, :])
         tl.debug_barrier()  # the CTA's stores are visible to all its threads
@@ -461,7 +461,7 @@ def _launch_options(kernel: str, tile_bytes: int) -> dict:
 
 # Programmatic dependent launch (Hopper and later): each launch after the first starts while the previous one
 # runs and waits inside (griddepcontrol) for its results, so launch latency and prologues overlap (the step is
-# five short launches; at batch 1 each is a few microseconds). A switch so benchmarks can compare.
+# four short launches; at batch 1 each is a few microseconds). A switch so benchmarks can compare.
 USE_PDL = True
 
 
