@@ -75,13 +75,13 @@ def test_decode_other_configs(config):
     torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_dispatch_and_single_split(monkeypatch):
+def test_decode_dispatch_and_single_split():
     """The public entry runs these kernels with backend='triton'; one program per group (no split) gives the same."""
     args64, args, seq_lens, _ = decode_case([70, 37, 1], 1, 4, 2, 16, 16, CONFIG_A, torch.float32, 80)
     o = nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton")
-    monkeypatch.setattr(decode, "target_programs", lambda device: 1)
-    torch.testing.assert_close(decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 16 ** -0.5), o,
-                               rtol=1e-5, atol=1e-5)
+    one_program = nsa.KernelOptions(decode_programs=1)
+    torch.testing.assert_close(nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton",
+                                                    kernel_options=one_program), o, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("capacity", [80, 64])

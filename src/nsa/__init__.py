@@ -2,7 +2,8 @@
 from .config import NSAConfig
 from .layer import NativeSparseAttention
 from .model import LanguageModel, ModelConfig
-from .ops import nsa_attention, nsa_decode_attention, select_blocks
+from .ops import KernelOptions, Launch, NSAInputs, nsa_attention, nsa_decode_attention, select_blocks
 
-__all__ = ["NSAConfig", "nsa_attention", "nsa_decode_attention", "select_blocks", "NativeSparseAttention", "LanguageModel", "ModelConfig"]
+__all__ = ["NSAConfig", "nsa_attention", "nsa_decode_attention", "select_blocks", "NSAInputs", "KernelOptions", "Launch",
+           "NativeSparseAttention", "LanguageModel", "ModelConfig"]
 __version__ = "0.1.0"

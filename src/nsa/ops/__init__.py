@@ -18,6 +18,9 @@ from ..config import NSAConfig
 from . import reference
 from .checks import (check_attention_inputs, check_decode_inputs, check_decode_lengths, check_scale,
                      check_select_inputs)
+from .types import KernelOptions, Launch, NSAInputs, check_kernel_options
+
+__all__ = ["nsa_attention", "select_blocks", "nsa_decode_attention", "KernelOptions", "Launch", "NSAInputs"]
 
 BACKENDS = ("reference", "triton")
 
@@ -50,42 +53,49 @@ def _resolve_backend(backend, device: torch.device) -> str:
 
 
 def _interpreting() -> bool:
+    """TRITON_INTERPRET=1 (read here without importing triton, which the reference backend does not need)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config: NSAConfig = NSAConfig(), *,
-                  scale=None, cu_seqlens=None, backend=None):
+                  scale=None, cu_seqlens=None, backend=None, kernel_options: KernelOptions | None = None):
     """Native Sparse Attention (SPEC.md).
 
     q [B, T, Hq, Dk]; k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv] (compressed tokens);
     k_slc, v_slc, k_swa, v_swa [B, T, Hkv, Dk or Dv]; gates [B, T, Hq, 3] in (0, 1), order (cmp, slc, swa).
     cu_seqlens: int32 [N + 1] for packed sequences ([1, total, H, D] inputs, k_cmp packed per sequence).
+    kernel_options: an nsa.KernelOptions tuning the Triton kernels (None: the library's choices).
     Returns o [B, T, Hq, Dv] in q's dtype.
     """
     seq_lens = check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, cu_seqlens)
     scale = check_scale(scale, q.shape[-1])
+    options = check_kernel_options(kernel_options)
     args = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale)
     if _resolve_backend(backend, q.device) == "triton":
         from .triton import nsa_attention as triton_nsa_attention
-        return triton_nsa_attention(*args, cu_seqlens=cu_seqlens, seq_lens=seq_lens)
+        return triton_nsa_attention(*args, cu_seqlens=cu_seqlens, seq_lens=seq_lens, kernel_options=options)
     return reference.nsa_attention(*args, seq_lens=seq_lens)
 
 
-def select_blocks(q, k_cmp, config: NSAConfig = NSAConfig(), *, scale=None, cu_seqlens=None, backend=None):
+def select_blocks(q, k_cmp, config: NSAConfig = NSAConfig(), *, scale=None, cu_seqlens=None, backend=None,
+                  kernel_options: KernelOptions | None = None):
     """Top-n selection blocks of each query's GQA group (SPEC.md, branch 2).
 
     q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] -> long [B, T, Hkv, n]: ids ascending, then -1 in unused slots.
     """
     seq_lens = check_select_inputs(q, k_cmp, config, cu_seqlens)
     scale = check_scale(scale, q.shape[-1])
+    options = check_kernel_options(kernel_options)
     if _resolve_backend(backend, q.device) == "triton":
         from .triton import select_blocks as triton_select_blocks
-        return triton_select_blocks(q, k_cmp, config, scale, cu_seqlens=cu_seqlens, seq_lens=seq_lens)
+        return triton_select_blocks(q, k_cmp, config, scale, cu_seqlens=cu_seqlens, seq_lens=seq_lens,
+                                    kernel_options=options)
     return reference.select_blocks(q, k_cmp, config, scale, seq_lens=seq_lens)
 
 
 def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens,
-                         config: NSAConfig = NSAConfig(), *, scale=None, backend=None):
+                         config: NSAConfig = NSAConfig(), *, scale=None, backend=None,
+                         kernel_options: KernelOptions | None = None):
     """One decoding step: the S newest tokens of each batch row attend through a KV cache.
 
     q [B, S, Hq, Dk], gates [B, S, Hq, 3] for the new tokens (S = 1, or a few for speculative decoding);
@@ -97,9 +107,11 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     """
     check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config)
     scale = check_scale(scale, q.shape[-1])
+    options = check_kernel_options(kernel_options)
     if _resolve_backend(backend, q.device) == "triton":
-        from .triton.decode import nsa_decode_attention as triton_decode
-        return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config, scale)
+        from .triton import nsa_decode_attention as triton_decode
+        return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config, scale,
+                             kernel_options=options)
     lens = seq_lens.tolist()
     check_decode_lengths(lens, q.shape[1], k_slc.shape[1], k_cmp.shape[1], config)
     return reference.nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, lens, config, scale)

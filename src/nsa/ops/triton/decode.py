@@ -56,9 +56,9 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ...config import NSAConfig
-from . import _check_backend_inputs
-from .utils import (LOG2E, block_ids, block_keys, check_pooling, dot_precision, interpreting, keys_upto, pool_probs,
-                    pow2_at_least, top_keys, visible)
+from ..types import KernelOptions
+from .utils import (LOG2E, block_ids, block_keys, check_backend_inputs, check_pooling, dot_precision, interpreting,
+                    keys_upto, pool_probs, pow2_at_least, top_keys, visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,7 +426,8 @@ def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride
 # Host side
 
 
-# Launch options of the two key-reading kernels on a GPU: "block", the tokens of a key tile (BLOCK_C of the cmp
+# Launch options of the two key-reading kernels on a GPU (KernelOptions.decode_* override them): "block", the
+# tokens of a key tile (BLOCK_C of the cmp
 # kernel, BLOCK_L and BLOCK_W of the sparse kernel), then num_warps and num_stages (overriding the shared-memory
 # rule of _launch_options); "score": num_warps of the block-score kernel. Chosen on an H100 with
 # benchmarks/profile_decode.py --sweep at 64k (BENCHMARKS.md): batch 32, cmp 105 us at 64 tokens / 4 warps /
@@ -434,8 +435,9 @@ def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride
 # it had, up to 59); block scores 7.7 us at 4 warps (8.5-11 for 1, 2, 8). The sparse kernel is capped at 128
 # registers a thread (maxnreg; 137 uncapped since it computes the selection): 4 programs of 4 warps per SM, its
 # 512 programs at batch 32 in one wave (50 us against 54 uncapped, no spills; benchmarks/ab_decode.py).
-LAUNCH = {"cmp": dict(block=64, num_warps=4), "sparse": dict(block=32, num_warps=4, num_stages=2, maxnreg=128),
-          "score": dict(num_warps=4)}
+CMP_LAUNCH = dict(block=64, num_warps=4)
+SPARSE_LAUNCH = dict(block=32, num_warps=4, num_stages=2, maxnreg=128)
+SCORE_LAUNCH = dict(num_warps=4)
 
 
 def _combine_tiling(rows: int, block_dv: int, split_chunk: int, programs: int, gpu: bool) -> tuple[int, int]:
@@ -452,17 +454,16 @@ def _combine_tiling(rows: int, block_dv: int, split_chunk: int, programs: int, g
     return cols, 1 if split_chunk * cols <= 512 else 4
 
 
-def _launch_options(kernel: str, tile_bytes: int) -> dict:
-    """Launch keywords of "cmp" or "sparse" from LAUNCH (all but its tile size). Unless LAUNCH names num_stages:
-    software pipelining keeps num_stages copies of the key/value tile (tile_bytes) in shared memory (227 KB on an
-    H100), so 3 stages for tiles under 64 KB, else 2."""
-    return {"num_stages": 3 if tile_bytes < 65536 else 2, **{k: v for k, v in LAUNCH[kernel].items() if k != "block"}}
+def _launch_options(launch: dict, tile_bytes: int) -> dict:
+    """Launch keywords of a key-reading kernel (all but its tile size). Unless `launch` names num_stages: software
+    pipelining keeps num_stages copies of the key/value tile (tile_bytes) in shared memory (227 KB on an H100), so
+    3 stages for tiles under 64 KB, else 2."""
+    return {"num_stages": 3 if tile_bytes < 65536 else 2, **{k: v for k, v in launch.items() if k != "block"}}
 
 
-# Programmatic dependent launch (Hopper and later): each launch after the first starts while the previous one
-# runs and waits inside (griddepcontrol) for its results, so launch latency and prologues overlap (the step is
-# four short launches; at batch 1 each is a few microseconds). A switch so benchmarks can compare.
-USE_PDL = True
+# Programmatic dependent launch (Hopper and later; KernelOptions.pdl): each launch after the first starts while the
+# previous one runs and waits inside (griddepcontrol) for its results, so launch latency and prologues overlap (the
+# step is four short launches; at batch 1 each is a few microseconds).
 
 
 @functools.lru_cache(maxsize=None)
@@ -479,12 +480,15 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def target_programs(device: torch.device) -> int:
-    """Programs per key-splitting launch to aim for: one per SM (8 in the interpreter, so tests cross splits).
+def target_programs(device: torch.device, options: KernelOptions = KernelOptions()) -> int:
+    """Programs per key-splitting launch to aim for: options.decode_programs if set, else one per SM (8 in the
+    interpreter, so tests cross splits).
 
     One per SM measured faster than two or four on an H100 at 64k and 128k, batch 1 and 32 (benchmarks/
     profile_decode.py): more splits add merge work and do not make the memory-bound kernels faster.
     """
+    if options.decode_programs is not None:
+        return options.decode_programs
     if interpreting() or device.type != "cuda":
         return 8
     return _sm_count(_device_index(device))
@@ -499,7 +503,7 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config: NSAConfig, scale,
-                         *, return_block_ids: bool = False):
+                         *, return_block_ids: bool = False, kernel_options: KernelOptions = KernelOptions()):
     """One NSA decoding step (inputs validated by ops/checks.py: check_decode_inputs).
 
     q [B, S, Hq, Dk], gates [B, S, Hq, 3]; k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, Dk / Dv];
@@ -508,7 +512,7 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     (other strides are free). Returns o [B, S, Hq, Dv] in q's dtype; with return_block_ids also the
     selection, int32 [B, S, Hkv, n] (ids ascending, then -1).
     """
-    _check_backend_inputs(q, (q.shape[-1], v_cmp.shape[-1]))
+    check_backend_inputs(q, (q.shape[-1], v_cmp.shape[-1]))
     check_pooling(config, q.dtype)
     tensors = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
@@ -523,14 +527,17 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     dev = q.device
     block_dk, block_dv = pow2_at_least(Dk), pow2_at_least(Dv)
     gpu = not interpreting()
-    pdl = gpu and USE_PDL and _has_pdl(_device_index(dev))
+    options = kernel_options
+    cmp_launch = options.decode_cmp.over(CMP_LAUNCH)
+    sparse_launch = options.decode_sparse.over(SPARSE_LAUNCH)
+    pdl = gpu and options.pdl and _has_pdl(_device_index(dev))
     dependent = dict(PDL=pdl, launch_pdl=pdl)  # a launch that waits for the previous one inside
 
     # Tiles (the interpreter's are small so that the tests cross tile and split boundaries).
     block_r = min(pow2_at_least(rows), (64 if max(block_dk, block_dv) <= 128 else 32) if gpu else 16)
     row_tiles = triton.cdiv(rows, block_r)
     per_block, halo = lp // d, l // d - 1
-    cmp_tile, sparse_tile = (LAUNCH["cmp"]["block"], LAUNCH["sparse"]["block"]) if gpu else (16, 16)
+    cmp_tile, sparse_tile = (cmp_launch["block"], sparse_launch["block"]) if gpu else (16, 16)
     block_c = max(cmp_tile, triton.next_power_of_2(per_block + halo))
     nbj = (block_c - halo) // per_block  # whole selection blocks per compressed tile
     block_j = pow2_at_least(nbj)
@@ -542,7 +549,8 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     chunks = triton.cdiv(triton.cdiv(k_slc.shape[1], lp), chunk)  # over the blocks a row can hold
 
     # Splits: enough programs to fill the GPU even with one sequence, at most one tile (block) per program.
-    want = triton.cdiv(target_programs(dev), B * Hkv * row_tiles)
+    programs = target_programs(dev, options)
+    want = triton.cdiv(programs, B * Hkv * row_tiles)
     cmp_splits = _splits(want, tiles_cap)
     slc_splits = _splits(want, S * n)
     swa_splits = _splits(want, triton.cdiv(config.window + S - 1, block_w))
@@ -569,12 +577,12 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
         S, G, Hkv, rows, total, nb_cap, tiles_cap, qk_scale,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, SPLITS=cmp_splits, BLOCK_C=block_c, BLOCK_J=block_j,
         PRECISION=precision, SPLIT_POOL=q.dtype != torch.float32, PDL=pdl, **common,
-        **_launch_options("cmp", block_c * token_bytes))
+        **_launch_options(cmp_launch, block_c * token_bytes))
     _block_score_kernel[(chunks * S, Hkv, B)](
         m_part, l_part, pooled, tile_max, keys, seq_lens, S, G, Hkv, rows, total, nb_cap, tiles_cap,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, CMP_SPLITS=cmp_splits, SPLIT_CHUNK=split_chunk, BLOCK_C=block_c,
         CHUNKS=chunks, CHUNK=chunk, N_SELECT=n, N_PAD=n_pad, G_PAD=triton.next_power_of_2(G), **dependent,
-        **LAUNCH["score"])
+        **options.decode_score.over(SCORE_LAUNCH))
     _sparse_kernel[((slc_splits + swa_splits) * row_tiles, Hkv, B)](
         q, k_slc, v_slc, k_swa, v_swa, keys, ids, seq_lens, *partials, *_strides(q),
         *_strides(k_slc), *_strides(v_slc), *_strides(k_swa), *_strides(v_swa), S, G, Hkv, rows, total, qk_scale,
@@ -582,8 +590,8 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
         CHUNKS=chunks, CHUNKS_PAD=triton.next_power_of_2(chunks), S_PAD=triton.next_power_of_2(S),
         CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SWA_SPLITS=swa_splits,
         BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common, **dependent,
-        **_launch_options("sparse", max(block_l, block_w) * token_bytes))
-    block_cols, combine_warps = _combine_tiling(B * Hkv * rows, block_dv, split_chunk, target_programs(dev), gpu)
+        **_launch_options(sparse_launch, max(block_l, block_w) * token_bytes))
+    block_cols, combine_warps = _combine_tiling(B * Hkv * rows, block_dv, split_chunk, programs, gpu)
     _combine_kernel[(rows * triton.cdiv(Dv, block_cols), Hkv, B)](
         *partials, gates, o, *_strides(gates), *_strides(o), S, G, Hkv, rows, total,
         CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_COLS=block_cols,

@@ -15,11 +15,54 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E); the kernels use exp2
+LN2 = 0.6931471805599453  # log(x) == log2(x) * LN2
+LOG2E_K: tl.constexpr = tl.constexpr(LOG2E)  # the same two constants, usable inside kernels
+LN2_K: tl.constexpr = tl.constexpr(LN2)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # head dims are padded to a power of two >= 16 in registers; 256 is the largest that fits
 
 
 def interpreting() -> bool:
     """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_backend_inputs(q: torch.Tensor, head_dims) -> None:
+    """What every Triton entry needs: CUDA tensors (or the interpreter), a kernel dtype, head dims <= 256."""
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the triton backend needs CUDA tensors, got {q.device} "
+                         "(or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)")
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the triton backend takes float16, bfloat16 or float32 inputs, got {q.dtype}; "
+                        "use backend='reference' for float64")
+    if q.dtype == torch.bfloat16 and interpreting():
+        raise TypeError("Triton's CPU interpreter (TRITON_INTERPRET=1) computes tl.dot on bfloat16 wrongly: use "
+                        "float16 or float32 there, or backend='reference'")
+    if max(head_dims) > MAX_HEAD_DIM:
+        raise ValueError(f"the triton backend supports head dims up to {MAX_HEAD_DIM}, got {tuple(head_dims)}")
+
+
+def _let_interpreter_index_with_numpy_2_4() -> None:
+    """Triton 3.6's interpreter holds scalars as 1-element numpy arrays and turns them into Python ints with
+    int(array), which NumPy >= 2.4 refuses: `range(lo, hi)` with run-time bounds fails inside kernels.
+    Re-registers tensor.__index__ through .item() (the same result on older NumPy; skipped on Triton versions
+    without this hook)."""
+    import triton.runtime.interpreter as interpreter
+
+    patch_lang_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_lang_tensor is None or getattr(patch_lang_tensor, "nsa_patched", False):
+        return
+
+    def patch_with_index(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_with_index.nsa_patched = True
+    interpreter._patch_lang_tensor = patch_with_index
+
+
+if interpreting():
+    _let_interpreter_index_with_numpy_2_4()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -34,7 +77,7 @@ def pow2_at_least(x: int, floor: int = 16) -> int:
 
 def check_kernel_dtype(*tensors: torch.Tensor) -> None:
     for x in tensors:
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if x.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 tensors, got {x.dtype}")
 
 

@@ -3,7 +3,7 @@ computation given the same block ids: forward, backward (bitwise reproducible), 
 import pytest
 import torch
 
-from nsa.ops.triton.selected import selected_attention_bwd, selected_attention_fwd
+from nsa.ops.triton.selected_attention import selected_attention_bwd, selected_attention_fwd
 
 
 def random_block_ids(T, Hkv, n, block, gen, drop=0.3):

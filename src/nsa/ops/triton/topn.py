@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ...config import NSAConfig
-from .utils import (LOG2E, block_ids, block_keys, check_kernel_dtype, check_pooling, dot_precision, interpreting,
+from .utils import (LOG2E, LOG2E_K, block_ids, block_keys, check_kernel_dtype, check_pooling, dot_precision, interpreting,
                     keys_upto, last_dim_contiguous, pool_probs, seq_bounds, top_keys, visible)
 
 
@@ -86,7 +86,7 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
         row_ok = (h0 + row_h < G) & (row_t < T_seq)
         q = tl.load(Qb + row_t.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + cols[None, :],
                     mask=row_ok[:, None] & (cols < DK)[None, :], other=0.0)
-        lse2 = tl.load(LSE + (batch * Hq + head) * T + q0 + row_t, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + (batch * Hq + head) * T + q0 + row_t, mask=row_ok, other=0.0) * LOG2E_K
         carried = tl.zeros([BLOCK_T * HEADS, CHUNK], tl.float32)  # d * pooled p_cmp of the next chunk's blocks
         for j0 in range(0, num_blocks, CHUNK):
             i = j0 * R + tl.arange(0, BLOCK_C)
@@ -146,13 +146,13 @@ def _score_params(G: int, tokens_per_block: int, block_dk: int) -> dict:
     heads = min(heads_pow2, rows)
     # 3 stages at D 128: 18.7 ms against 20.7 with 2 (H100, shape P, 64k, when pooling was tf32x3)
     stages = 3 if block_c * block_dk <= 8192 else 2 if block_c * block_dk <= 32768 else 1
-    # 4 warps: 8.3 ms against 10.7 ms with 8 for 128 rows (H100, shape P, 64k; benchmarks/profile_selection.py)
+    # 4 warps: 8.3 ms against 10.7 ms with 8 for 128 rows (H100, shape P, 64k; benchmarks/profile_selection.py, since retired)
     return dict(BLOCK_T=rows // heads, HEADS=heads, CHUNK=chunk, num_warps=4, num_stages=stages)
 
 
 def _top_n_params(nb_pad: int) -> dict:
     """Tile of _top_n_kernel: one query's row of nb_pad keys, a warp per 1024 keys (H100, 64k: 2.7 ms for shape P,
-    against 3.7 ms for 4 rows on 4 warps and 8.6 ms for 16 rows on 8 warps; benchmarks/profile_selection.py).
+    against 3.7 ms for 4 rows on 4 warps and 8.6 ms for 16 rows on 8 warps; benchmarks/profile_selection.py, since retired).
     Interpreter: 16 rows, since its cost is per program."""
     if interpreting():
         return dict(BLOCK_R=16, num_warps=1)

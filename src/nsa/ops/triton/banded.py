@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (LOG2E, check_kernel_dtype, dot_precision, interpreting, key_end, keys_upto,
+from ..types import KernelOptions
+from .utils import (LOG2E, LOG2E_K, LN2_K, check_kernel_dtype, dot_precision, interpreting, key_end, keys_upto,
                     last_dim_contiguous, seq_bounds, visible)
 
 
@@ -162,7 +163,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     _store_tile(O + batch * stride_ob + q0 * stride_ot + h * stride_oh, o, t, T_seq, stride_ot,
                 tl.arange(0, BLOCK_DV), DV)
-    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
+    lse = (m_i + tl.log2(l_i)) * LN2_K
     tl.store(LSE + (batch * Hq + h) * T + q0 + t, lse, mask=t < T_seq)
 
 
@@ -200,7 +201,7 @@ def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
         t = start + tl.arange(0, BLOCK_M)
         q = _load_tile(Qh, t, T, stride_qt, cols_k, DK)
         do = _load_tile(DOh, t, T, stride_dot, cols_v, DV)
-        lse2 = tl.load(LSEh + t, mask=t < T, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSEh + t, mask=t < T, other=0.0) * LOG2E_K
         delta = tl.load(DELTAh + t, mask=t < T, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
         if MASK:
@@ -309,7 +310,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    tl.arange(0, BLOCK_DK), DK)
     do = _load_tile(DO + batch * stride_dob + q0 * stride_dot + h * stride_doh, t, T_seq, stride_dot,
                     tl.arange(0, BLOCK_DV), DV)
-    lse2 = tl.load(LSE + (batch * Hq + h) * T + q0 + t, mask=t < T_seq, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + (batch * Hq + h) * T + q0 + t, mask=t < T_seq, other=0.0) * LOG2E_K
     delta = tl.load(DELTA + (batch * Hq + h) * T + q0 + t, mask=t < T_seq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     lo, full_lo, full_hi, hi = _key_blocks(m0, tl.minimum(m0 + BLOCK_M, T_seq) - 1, Tk_seq, BLOCK_N,
@@ -328,11 +329,21 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # Host side
 # ----------------------------------------------------------------------------------------------
 
-def launch_params(head_dim_k: int, head_dim_v: int) -> dict:
-    """Block sizes and launch shape of each kernel for the given head dims (padded to powers of two).
+def launch_params(head_dim_k: int, head_dim_v: int, options: KernelOptions = KernelOptions()) -> dict:
+    """Block sizes and launch shape of each kernel for the given head dims (padded to powers of two), with the
+    overrides of options.banded_fwd / banded_dkdv / banded_dq.
 
     Interpreter: 16 x 16 tiles (tl.dot's minimum on the GPU), so that small tests cross many blocks.
     """
+    tiles = dict(block_m="BLOCK_M", block_n="BLOCK_N")
+    choice = _default_launch(head_dim_k, head_dim_v)
+    choice["fwd"] = options.banded_fwd.over(choice["fwd"], **tiles)
+    choice["dkdv"] = options.banded_dkdv.over(choice["dkdv"], **tiles)
+    choice["dq"] = options.banded_dq.over(choice["dq"], **tiles)
+    return choice
+
+
+def _default_launch(head_dim_k: int, head_dim_v: int) -> dict:
     dk, dv = triton.next_power_of_2(head_dim_k), triton.next_power_of_2(head_dim_v)
     if interpreting():
         tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
@@ -395,12 +406,14 @@ def branch_band(branch: str, config) -> dict:
 
 
 def banded_attention_fwd(q, k, v, scale, *, key_stride, key_span, window=None,
-                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None):
+                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                         options: KernelOptions = KernelOptions()):
     """Banded attention forward.
 
     q [B, T, Hq, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv] (Hq % Hkv == 0), float16/bfloat16/float32.
     Packed: B == 1 and cu_seqlens_q, cu_seqlens_k int32 [N + 1] (positions restart at 0 per sequence).
     Returns o [B, T, Hq, Dv] (q's dtype) and lse [B, Hq, T] float32 (natural log; -inf where nothing is visible).
+    options: launch overrides (KernelOptions.banded_*).
     """
     check_kernel_dtype(q, k, v)
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
@@ -414,7 +427,7 @@ def banded_attention_fwd(q, k, v, scale, *, key_stride, key_span, window=None,
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     if T == 0:
         return o, lse
-    cfg = launch_params(Dk, Dv)
+    cfg = launch_params(Dk, Dv, options)
     fwd = cfg["fwd"]
     grid = (triton.cdiv(max_t, fwd["BLOCK_M"]), Hq, nb)
     _fwd_kernel[grid](
@@ -439,7 +452,8 @@ def _dkdv_splits(programs: int, G: int, device: torch.device) -> int:
 
 
 def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, window=None,
-                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, head_splits=None):
+                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, head_splits=None,
+                         options: KernelOptions = KernelOptions()):
     """Banded attention backward: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
     do, o [B, T, Hq, Dv] and lse [B, Hq, T] as returned by banded_attention_fwd; other arguments as there.
@@ -454,7 +468,7 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     G = Hq // Hkv
     band = _band_args(key_stride, key_span, window)
     nb, max_t, varlen = _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
-    cfg = launch_params(Dk, Dv)
+    cfg = launch_params(Dk, Dv, options)
     meta = dict(**band, IS_VARLEN=varlen, DK=Dk, DV=Dv, BLOCK_DK=cfg["BLOCK_DK"], BLOCK_DV=cfg["BLOCK_DV"],
                 PRECISION=dot_precision(q.dtype))
 

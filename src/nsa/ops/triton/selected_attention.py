@@ -36,17 +36,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LOG2E, dot_precision, pow2_at_least
+from ..types import KernelOptions
+from .utils import LN2_K, LOG2E, LOG2E_K, MAX_HEAD_DIM, dot_precision, pow2_at_least
 
-MAX_HEAD_DIM = 256
 # Rows (query, head pairs) per program: the query-major kernels (forward, dq) take ceil(TILE_ROWS / G)
 # consecutive queries, whose block union grows when neighbours disagree, so 16 (the tl.dot minimum);
 # the kv-major kernel gathers queries that all selected its block, so a larger tile wastes nothing.
 TILE_ROWS = 16
 KV_TILE_ROWS = 64
-# Launch options of the forward, dq and kv-major kernels (benchmarks/tune_kernels.py, H100, shape P at 64k).
-LAUNCH = {"fwd": dict(num_warps=2, num_stages=3), "dq": dict(num_warps=2, num_stages=3),
-          "kv": dict(num_warps=4, num_stages=2)}
+# Launch options of the forward, dq and kv-major kernels (benchmarks/tune_kernels.py, H100, shape P at 64k);
+# KernelOptions.selected_* override them.
+FWD_LAUNCH = dict(num_warps=2, num_stages=3)
+DQ_LAUNCH = dict(num_warps=2, num_stages=3)
+KV_LAUNCH = dict(num_warps=4, num_stages=2)
 
 
 def query_tile(G: int, min_rows: int = TILE_ROWS) -> tuple[int, int]:
@@ -160,7 +162,7 @@ def _fwd_kernel(Q, K, V, BID, O, LSE, CU, qk_scale, T, HQ, HKV, DK, DV,
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2_K, float("-inf"))
     tl.store(O + (tok0 + t)[:, None] * (HQ * DV) + h[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + lse0 + h * T + t, lse, mask=row_ok)
@@ -192,7 +194,7 @@ def _bwd_dq_kernel(Q, K, V, BID, O, DO, LSE, DQ, DELTA, CU, qk_scale, scale, T, 
     do = tl.load(DO + o_off, mask=dv_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * tl.load(O + o_off, mask=dv_mask, other=0.0).to(tl.float32), axis=1)
     lse = tl.load(LSE + lse0 + h * T + t, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # empty rows: p = 0 below anyway
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E_K  # empty rows: p = 0 below anyway
     tl.store(DELTA + lse0 + h * T + t, delta, mask=row_ok)
     bid_row = (tok0 + t) * (HKV * N_SLOTS) + g * N_SLOTS
 
@@ -257,7 +259,7 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITEM_HI, P
                     mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
         do = tl.load(DO + tok[:, None] * (HQ * DV) + h[:, None] * DV + offs_dv[None, :],
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse2 = tl.load(LSE + lse0 + h * T + t, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + lse0 + h * T + t, mask=row_ok, other=0.0) * LOG2E_K
         delta = tl.load(DELTA + lse0 + h * T + t, mask=row_ok, other=0.0)
         visible = row_ok[:, None] & key_ok[None, :] & (u[None, :] <= t[:, None])
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -327,7 +329,8 @@ def _meta(G, DK, DV, block_size, n, dtype):
                 DOT_PREC=dot_precision(dtype))
 
 
-def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None):
+def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None,
+                           options: KernelOptions = KernelOptions()):
     """q [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], block_ids int32 [B, T, Hkv, n]
     (ascending, -1 trailing) -> o [B, T, Hq, Dv] (q's dtype), lse [B, Hq, T] float32 (natural log).
     Packed sequences: B = 1, cu_seqlens int32 [N + 1]; block ids and positions are per sequence."""
@@ -340,7 +343,7 @@ def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=
     lse = torch.full((B, HQ, T), float("-inf"), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV)
     _fwd_kernel[grid](q, k, v, block_ids, o, lse, cu_seqlens, scale * LOG2E, T, HQ, HKV, DK, DV,
-                      IS_VARLEN=cu_seqlens is not None, **meta, **LAUNCH["fwd"])
+                      IS_VARLEN=cu_seqlens is not None, **meta, **options.selected_fwd.over(FWD_LAUNCH))
     return o, lse
 
 
@@ -379,7 +382,7 @@ def _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk):
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None,
-                           chunk=None):
+                           chunk=None, options: KernelOptions = KernelOptions()):
     """Gradients of selected_attention_fwd: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
     dq query-major, dk/dv kv-major over the inverse index, no float atomics.
@@ -397,7 +400,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     qk_scale = scale * LOG2E
     delta = torch.zeros(B, HQ, T, device=q.device, dtype=torch.float32)
     _bwd_dq_kernel[grid](q, k, v, block_ids, o, do, lse, dq, delta, cu_seqlens, qk_scale, scale,
-                         T, HQ, HKV, DK, DV, IS_VARLEN=varlen, **meta, **LAUNCH["dq"])
+                         T, HQ, HKV, DK, DV, IS_VARLEN=varlen, **meta, **options.selected_dq.over(DQ_LAUNCH))
     num_blocks = triton.cdiv(max_len, block_size)
     if chunk is None:  # about twice the average queries per block: most blocks take one item
         chunk = max(256, 2 * block_ids.shape[3] * block_size)
@@ -406,12 +409,13 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     num_items = item_key.numel()
     pdk = torch.empty(num_items, block_s, block_dk, device=q.device, dtype=torch.float32)
     pdv = torch.empty(num_items, block_s, block_dv, device=q.device, dtype=torch.float32)
-    block_q, block_m = query_tile(G, KV_TILE_ROWS)
+    kv = options.selected_dkdv.over(dict(BLOCK_M=KV_TILE_ROWS, **KV_LAUNCH), block_m="BLOCK_M")
+    block_q, block_m = query_tile(G, kv.pop("BLOCK_M"))
     if num_items:
         _bwd_kv_kernel[(num_items,)](q, k, v, do, lse, delta, qlist, item_key, lo, hi, pdk, pdv, cu_seqlens,
                                      qk_scale, scale, T, HQ, HKV, DK, DV, num_blocks, G=G, SLC_BLOCK=block_size,
                                      BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_DK=block_dk,
-                                     BLOCK_DV=block_dv, IS_VARLEN=varlen, DOT_PREC=meta["DOT_PREC"], **LAUNCH["kv"])
+                                     BLOCK_DV=block_dv, IS_VARLEN=varlen, DOT_PREC=meta["DOT_PREC"], **kv)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     _bwd_kv_reduce_kernel[(nb * HKV * num_blocks,)](pdk, pdv, key_items, dk, dv, cu_seqlens, T, HKV, DK, DV, num_blocks,

@@ -13,8 +13,8 @@ import triton.language as tl
 from nsa import NSAConfig
 from nsa.ops import reference
 from nsa.ops.reference import cmp_slc_overlap
-from nsa.ops.triton.flash import banded_attention_fwd
-from nsa.ops.triton.selection import select_blocks_fwd
+from nsa.ops.triton.banded import banded_attention_fwd
+from nsa.ops.triton.topn import select_blocks_fwd
 from nsa.ops.triton.utils import top_keys
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log2(0) in the interpreter

@@ -1,4 +1,4 @@
-"""Banded flash attention (ops/triton/flash.py) against a dense float64 masked attention.
+"""Banded flash attention (ops/triton/banded.py) against a dense float64 masked attention.
 
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py), so the CPU cases are tiny;
 @pytest.mark.gpu cases use bfloat16 and long sequences.
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nsa import NSAConfig
-from nsa.ops.triton.flash import banded_attention_bwd, banded_attention_fwd, branch_band
+from nsa.ops.triton.banded import banded_attention_bwd, banded_attention_fwd, branch_band
 
 # log2(0) = -inf for rows that see nothing is intended; the interpreter's NumPy warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
