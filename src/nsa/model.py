@@ -19,6 +19,7 @@ from .cache import KVCache, LayerCache, ModelCache, NSACache
 from .config import NSAConfig
 from .graph import DecodeGraph
 from .layer import NativeSparseAttention
+from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens
 
 ATTENTIONS = ("nsa", "full")
@@ -90,6 +91,7 @@ class CausalSelfAttention(nn.Module):
         if cu_seqlens is None:
             positions, mask = torch.arange(T, device=x.device), None
         else:
+            check_cu_seqlens(cu_seqlens, T, x.shape[0], x.device)
             positions = positions_from_cu_seqlens(cu_seqlens)
             seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=x.device), cu_seqlens.diff().long())
             mask = (seq[:, None] == seq[None, :]).tril()  # [total, total]: same sequence and u <= t
