@@ -47,7 +47,7 @@ def test_folder_is_split_by_file_deterministically(tmp_path):
 def test_default_corpus_is_the_stdlib_capped():
     corpus = load_corpus(max_bytes=100_000)
     assert "stdlib" in corpus.source
-    assert 100_000 <= len(corpus.train) + len(corpus.val) < 100_000 + 2_000_000  # stops after the file crossing the cap
+    assert 100_000 - 4 < len(corpus.train) + len(corpus.val) <= 100_000  # the file crossing the cap is cut there
     assert len(corpus.val) > 0 and b"import" in bytes(corpus.train.tolist())
 
 
