@@ -177,3 +177,39 @@ def test_cache_on_cuda_by_name_takes_inputs_on_cuda_0():
     assert x.device == cache.device == torch.device("cuda", torch.cuda.current_device())
     layer.prefill(x[:, :19], cache)
     layer.step(x[:, 19:], cache)
+
+
+@pytest.mark.parametrize("new_len", [5.0, True, [5, 5.0], [5], "5", torch.tensor(5), [-1, 3], None])
+def test_trim_rejects_what_is_not_an_int_length(new_len):
+    layer = make_layer()
+    cache = NSACache.create(layer, 2, 12)
+    layer.prefill(randn(2, 10, HIDDEN), cache)
+    with pytest.raises(ValueError, match="new_len must be a non-negative int"):
+        cache.trim(new_len)
+    assert cache.seq_lens == [10, 10]
+
+
+@pytest.mark.parametrize("rows", [[-1], [2], [True], [0.0], 0, "0", torch.tensor([0])])
+def test_reset_rejects_rows_out_of_range_or_not_ints(rows):
+    layer = make_layer()
+    cache = NSACache.create(layer, 2, 12)
+    layer.prefill(randn(2, 10, HIDDEN), cache)
+    with pytest.raises(ValueError, match=r"rows must be None or a list of row indices in \[0, 2\)"):
+        cache.reset(rows)
+    assert cache.seq_lens == [10, 10]
+
+
+def test_cache_arguments_accept_numpy_ints():
+    np = pytest.importorskip("numpy")
+    layer = make_layer()
+    cache = NSACache.create(layer, np.int64(2), np.int32(12), max_trim=np.int64(4))
+    assert (cache.batch_size, cache.capacity, cache.max_trim) == (2, 12, 4)
+    layer.prefill(randn(2, 10, HIDDEN), cache)
+    cache.trim(np.int64(8))
+    cache.trim([np.int32(7), 6])
+    assert cache.seq_lens == [7, 6]
+    cache.reset(np.array([1]))
+    assert cache.seq_lens == [7, 0]
+    model_cache = ModelCache([cache])
+    with pytest.raises(ValueError, match="new_len"):
+        model_cache.trim(2.5)

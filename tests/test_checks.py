@@ -93,3 +93,26 @@ def test_select_blocks_checks_its_inputs():
         nsa.select_blocks(x["q"], x["k_cmp"][:, :3], SMALL)
     with pytest.raises(ValueError, match="q must have 4 dims"):
         nsa.select_blocks(x["q"][0], x["k_cmp"], SMALL)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), -float("inf"), 0, True, "0.5"])
+def test_scale_must_be_finite_and_positive(scale):
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        call(scale=scale)
+
+
+def test_scale_accepts_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(call(scale=np.float32(0.25)), call(scale=0.25))
+    torch.testing.assert_close(call(scale=np.int64(1)), call(scale=1.0))
+
+
+def test_head_dim_zero_is_a_clear_error():
+    x = good()
+    q = torch.randn(1, 20, 4, 0)
+    with pytest.raises(ValueError, match=r"q must have at least one head and a head dim >= 1"):
+        call(q=q, k_cmp=x["k_cmp"][..., :0], k_slc=x["k_slc"][..., :0], k_swa=x["k_swa"][..., :0])
+    with pytest.raises(ValueError, match=r"q must have at least one head and a head dim >= 1"):
+        nsa.select_blocks(q, x["k_cmp"][..., :0], SMALL)
+    with pytest.raises(ValueError, match=r"v_cmp must have at least one head and a head dim >= 1"):
+        call(v_cmp=x["v_cmp"][..., :0], v_slc=x["v_slc"][..., :0], v_swa=x["v_swa"][..., :0])

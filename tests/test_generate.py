@@ -102,3 +102,81 @@ def test_cuda_graph_capture_failure_warns_and_decodes_eagerly():
     with pytest.warns(UserWarning, match="could not capture the decoding step"):
         out = model.generate(prompt, 6, temperature=0)
     assert torch.equal(out, model.generate(prompt, 6, temperature=0, cuda_graph=False))
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(temperature=-1), ValueError, ["temperature", ">= 0"]),  # used to sample the inverted distribution
+    (dict(temperature=float("nan")), ValueError, ["temperature"]),
+    (dict(temperature=float("inf")), ValueError, ["temperature", "finite"]),
+    (dict(temperature=True), ValueError, ["temperature"]),
+    (dict(temperature="0.5"), ValueError, ["temperature"]),
+    (dict(top_p=0), ValueError, ["top_p", "(0, 1]"]),
+    (dict(top_p=1.5), ValueError, ["top_p", "(0, 1]"]),
+    (dict(top_p=float("nan")), ValueError, ["top_p"]),
+    (dict(max_new_tokens=-1), ValueError, ["max_new_tokens", "non-negative int"]),
+    (dict(max_new_tokens=2.0), ValueError, ["max_new_tokens", "non-negative int"]),
+    (dict(max_new_tokens=True), ValueError, ["max_new_tokens"]),
+    (dict(stop_tokens=[256]), ValueError, ["stop_tokens", "[0, 256)"]),
+    (dict(stop_tokens=[-1]), ValueError, ["stop_tokens", "[0, 256)"]),
+    (dict(stop_tokens=[1.0]), ValueError, ["stop_tokens"]),
+    (dict(stop_tokens=5), TypeError, ["stop_tokens", "iterable"]),
+    (dict(stop_tokens="\n"), TypeError, ["stop_tokens", "iterable"]),
+    (dict(callback=3), TypeError, ["callback", "callable"]),
+])
+def test_generate_rejects_bad_sampling_arguments(kwargs, error, words):
+    model = make_model("nsa")
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(error) as info:
+        model.generate(PROMPT, **args)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize("prompt, error, words", [
+    (torch.tensor([1, 2, 3]), ValueError, ["[B, T]", "idx[None]"]),
+    (torch.zeros(2, 0, dtype=torch.long), ValueError, ["[B, T]", "T >= 1"]),
+    (torch.zeros(0, 4, dtype=torch.long), ValueError, ["[B, T]"]),
+    (torch.tensor([[1, 256]]), ValueError, ["idx", "[0, 256)", "256"]),
+    (torch.tensor([[-1, 2]]), ValueError, ["idx", "[0, 256)", "-1"]),
+    (torch.tensor([[1.0, 2.0]]), TypeError, ["idx", "int64"]),
+    ([[1, 2]], TypeError, ["idx", "tensor"]),
+])
+def test_generate_and_prefill_reject_bad_prompts(prompt, error, words):
+    model = make_model("nsa")
+    for call in (lambda: model.generate(prompt, 2), lambda: model.prefill(prompt, model.new_cache(1, 8))):
+        with pytest.raises(error) as info:
+            call()
+        for word in words:
+            assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize("chunk_size", [0, -4, 2.5, True])
+def test_prefill_rejects_bad_chunk_size(chunk_size):
+    model = make_model("nsa")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        model.prefill(PROMPT, model.new_cache(3, 10), chunk_size=chunk_size)
+
+
+def test_sample_rejects_bad_arguments():
+    logits = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="temperature"):
+        nsa.model.sample(logits, -1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        nsa.model.sample(logits, 1.0, top_p=2)
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    model = make_model("nsa")
+    expected = model.generate(PROMPT, 5, temperature=0, stop_tokens=[7])
+    out = model.generate(PROMPT, np.int64(5), temperature=np.float64(0), top_p=np.float32(0.9),
+                         stop_tokens=np.array([7]))
+    assert torch.equal(out, expected)
+    sampled = model.generate(PROMPT, np.int32(4), temperature=np.float32(0.7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, model.generate(PROMPT, 4, temperature=0.7, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(model.prefill(PROMPT, model.new_cache(3, 10), chunk_size=np.int64(4)),
+                               model.prefill(PROMPT, model.new_cache(3, 10), chunk_size=4))
+
+
+def test_zero_new_tokens_returns_the_prompt():
+    assert torch.equal(make_model("nsa").generate(PROMPT, 0), PROMPT)

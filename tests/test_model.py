@@ -90,3 +90,18 @@ def test_tied_and_untied_lm_head():
 def test_bad_config(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+@pytest.mark.parametrize("cu_seqlens, error, words", [
+    (torch.tensor([0, 10, 24]), TypeError, ["cu_seqlens", "int32"]),
+    (torch.tensor([0, 10, 20], dtype=torch.int32), ValueError, ["cu_seqlens", "24"]),
+    (torch.tensor([0, 15, 10, 24], dtype=torch.int32), ValueError, ["cu_seqlens", "non-decreasing"]),
+    ([0, 10, 24], TypeError, ["cu_seqlens", "Tensor"]),
+])
+def test_both_attentions_check_cu_seqlens_alike(attention, cu_seqlens, error, words):
+    model = make_model(attention)
+    with pytest.raises(error) as info:
+        model(torch.randint(0, 256, (1, 24)), cu_seqlens=cu_seqlens)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))

@@ -24,6 +24,8 @@ The caches only store (detached values: decoding is inference only); the layers 
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .config import NSAConfig
@@ -40,8 +42,9 @@ class LayerCache:
     def __init__(self, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
                  dtype: torch.dtype, device):
         for name, value in (("batch_size", batch_size), ("capacity", capacity)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        batch_size, capacity = int(batch_size), int(capacity)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.batch_size, self.capacity, self.dtype = batch_size, capacity, dtype
@@ -141,18 +144,34 @@ class LayerCache:
         self.lengths.copy_(torch.tensor(seq_lens, dtype=torch.int32))
 
     def reset(self, rows: list[int] | None = None) -> None:
-        """Empties the given rows (all by default); the buffers are kept for reuse."""
-        rows = range(self.batch_size) if rows is None else rows
+        """Empties the given rows (a list of indices in [0, batch_size); None: all); the buffers are kept for reuse."""
+        if rows is None:
+            rows = range(self.batch_size)
+        elif isinstance(rows, (str, bytes, torch.Tensor)) or not hasattr(rows, "__iter__") or \
+                not all(_is_int(b) and 0 <= b < self.batch_size for b in rows):
+            raise ValueError(f"rows must be None or a list of row indices in [0, {self.batch_size}), got {rows!r}")
+        rows = {int(b) for b in rows}
         self.set_lengths([0 if b in rows else n for b, n in enumerate(self.seq_lens)])
 
     def trim(self, new_len: int | list[int]) -> None:
         """Rolls every row back to new_len tokens (an int for all rows, or one per row), e.g. to drop
         rejected speculative tokens; rows already shorter are left alone. Stepping again from there equals
         never having stepped past new_len."""
-        new = [new_len] * self.batch_size if isinstance(new_len, int) else list(new_len)
-        if len(new) != self.batch_size or any(not isinstance(n, int) or n < 0 for n in new):
-            raise ValueError(f"new_len must be a non-negative int or {self.batch_size} of them, got {new_len!r}")
-        self.set_lengths([min(n, old) for n, old in zip(new, self.seq_lens)])
+        if _is_int(new_len):
+            new = [new_len] * self.batch_size
+        elif isinstance(new_len, (str, bytes, torch.Tensor)) or not hasattr(new_len, "__iter__"):
+            new = None
+        else:
+            new = list(new_len)
+        if new is None or len(new) != self.batch_size or not all(_is_int(n) and n >= 0 for n in new):
+            raise ValueError(f"new_len must be a non-negative int or a list of {self.batch_size} of them "
+                             f"(ints; bools and floats are refused), got {new_len!r}")
+        self.set_lengths([min(int(n), old) for n, old in zip(new, self.seq_lens)])
+
+
+def _is_int(x) -> bool:
+    """A Python or numpy int, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 class KVCache(LayerCache):
@@ -184,8 +203,9 @@ class NSACache(LayerCache):
         self.RAW = ("k_slc", "v_slc") if share_kv else ("k_slc", "v_slc", "k_swa", "v_swa")
         super().__init__(batch_size, capacity, num_kv_heads, head_dim, v_head_dim, dtype, device)
         max_trim = config.cmp_block if max_trim is None else max_trim
-        if not isinstance(max_trim, int) or isinstance(max_trim, bool) or max_trim < 0:
+        if not _is_int(max_trim) or max_trim < 0:
             raise ValueError(f"max_trim must be a non-negative int, got {max_trim!r}")
+        max_trim = int(max_trim)
         self.config, self.share_kv, self.max_trim = config, share_kv, max_trim
         self.cmp_capacity = config.num_cmp_tokens(capacity)
         # slots 0 .. cmp_capacity - 1, then the spare slot that completed_blocks points idle candidates to

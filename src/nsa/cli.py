@@ -6,6 +6,8 @@ final losses, saves a plot of both loss curves and prints a sample from each.
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +49,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def require_cli_deps() -> None:
+    """Raises ModuleNotFoundError naming the fix when the `nsa` command's optional dependencies are missing."""
+    missing = []
+    for name in ("tqdm", "matplotlib"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ModuleNotFoundError(f"the nsa command needs {' and '.join(missing)}: pip install \"nsa[cli]\"")
+
+
+def check_out(given: Path, out: Path) -> None:
+    """The plot can be saved at `out` (the PNG name of --out `given`): neither is a folder and the nearest
+    existing folder above `out` is writable (missing folders are made when saving)."""
+    for path in (given, out):
+        if path.is_dir():
+            raise ValueError(f"--out: {path} is a folder; give a file name such as {path / 'loss.png'}")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"--out: {out} exists and is not writable")
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out: {folder} is not a folder, so {out} cannot be saved under it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: the folder {folder} is not writable; choose another --out")
+
+
 def plot_losses(history: dict[str, History], path: Path, title: str) -> None:
     """Saves train (faint) and validation (markers) loss curves of every model to a PNG."""
     import matplotlib
@@ -71,6 +102,10 @@ def demo(steps: int | None = None, seq_len: int | None = None, batch_size: int |
          sample_len: int | None = None, progress: bool = True) -> dict[str, History]:
     """Trains NSA and full attention side by side; None options take the device's preset. Returns the histories."""
     start = time.time()
+    require_cli_deps()
+    given = Path(out)
+    out = given if given.suffix.lower() == ".png" else given.with_name(given.name + ".png")  # always a PNG
+    check_out(given, out)  # before training, not after
     dev = resolve_device(device)
     preset = GPU_PRESET if dev.type == "cuda" else CPU_PRESET
     overrides = {"steps": steps, "seq_len": seq_len, "batch_size": batch_size}
@@ -95,9 +130,6 @@ def demo(steps: int | None = None, seq_len: int | None = None, batch_size: int |
     for name, h in history.items():
         train_loss = sum(h.train_loss[-10:]) / len(h.train_loss[-10:])
         print(f"  {name:>4}: train {train_loss:.3f}  validation {h.val_loss[-1]:.3f}  (start {h.val_loss[0]:.3f})")
-    out = Path(out)
-    if out.suffix.lower() != ".png":  # the plot is a PNG whatever name it is given
-        out = out.with_name(out.name + ".png")
     plot_losses(history, out, f"NSA vs full attention, byte-level LM, T = {train_cfg.seq_len}")
     print(f"loss plot saved to {out.resolve()}")
 
@@ -128,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-len", type=int, help=f"bytes generated per sample (default: {CPU_PRESET.sample_len} on "
                                                   f"CPU, {GPU_PRESET.sample_len} on GPU)")
     args = parser.parse_args(argv)
+    try:
+        require_cli_deps()
+    except ModuleNotFoundError as e:
+        parser.exit(1, f"nsa: {e}\n")
     demo(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
          out=args.out, data=args.data, seed=args.seed, sample_len=args.sample_len)
     return 0

@@ -1,7 +1,10 @@
 """NSAConfig: the block parameters of Native Sparse Attention (SPEC.md, "Notation")."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
+
+INT32_LIMIT = 2 ** 31  # the kernels index tokens and blocks in int32
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,11 @@ class NSAConfig:
     def __post_init__(self) -> None:
         for name in ("cmp_block", "cmp_stride", "slc_block", "num_selected", "window"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"NSAConfig.{name} must be a positive int, got {value!r}")
+            if value >= INT32_LIMIT:
+                raise ValueError(f"NSAConfig.{name} must be < 2**31 (the kernels index in int32), got {value}")
+            object.__setattr__(self, name, int(value))  # numpy ints become Python ints (the config is frozen)
         l, d, lp = self.cmp_block, self.cmp_stride, self.slc_block
         if l < d:
             raise ValueError(

@@ -2,13 +2,18 @@
 
 The default corpus is the Python standard library's own .py files (found at run time, so nothing is
 downloaded), capped at DEFAULT_MAX_BYTES. Files are taken in a fixed pseudo-random order and every
-VAL_EVERY-th one goes to validation, so the split is by file and the same on every run.
+VAL_EVERY-th one goes to validation, so the split is by file and the same on every run. Only regular
+files are read (FIFOs, sockets, devices and broken symlinks are skipped with a warning), and never
+more bytes than the cap has left.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import random
+import stat
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +25,8 @@ SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
 def _as_tensor(data: bytes) -> torch.Tensor:
+    if not data:  # frombuffer refuses an empty buffer (a one-byte file has no validation part)
+        return torch.zeros(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
@@ -51,23 +58,38 @@ def _walk(root: Path, suffix: str | None) -> list[Path]:
     return sorted(found)
 
 
-def _read_text(path: Path) -> bytes | None:
-    """The file's bytes if it is UTF-8 text (no NUL byte), else None."""
-    data = path.read_bytes()
-    if b"\0" in data:
-        return None
+def _read_text(path: Path, limit: int) -> tuple[bytes | None, bool]:
+    """Reads at most `limit` bytes of a regular file -> (them if UTF-8 text without NUL bytes, else None;
+    whether the read reached the limit, where a cut character's incomplete tail is dropped).
+
+    Anything but a regular file (FIFO, socket, device, broken symlink) is skipped with a warning, unopened.
+    """
     try:
-        data.decode("utf-8")
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        warnings.warn(f"nsa data: skipping {path}: a broken symlink", stacklevel=3)
+        return None, False
+    if not stat.S_ISREG(mode):
+        warnings.warn(f"nsa data: skipping {path}: not a regular file (a FIFO, socket or device)", stacklevel=3)
+        return None, False
+    with open(path, "rb") as f:
+        data = f.read(limit)
+    full = len(data) == limit
+    if b"\0" in data:
+        return None, full
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        decoder.decode(data, final=not full)  # at the limit the last character may be cut
     except UnicodeDecodeError:
-        return None
-    return data
+        return None, full
+    return data[:len(data) - len(decoder.getstate()[0])], full
 
 
 def load_corpus(path: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:
     """Loads a byte corpus: the stdlib's .py files (path None), one text file, or every text file under a folder.
 
-    Several files: split by file (see the module docstring), reading stops once max_bytes are loaded.
-    One file: its first 90% of bytes train, the last 10% validate (capped at max_bytes too).
+    Several files: split by file (see the module docstring), reading stops once max_bytes are loaded (the
+    last file read may be cut short). One file: its first max_bytes, of which 90% train and 10% validate.
     """
     if path is None:
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -76,22 +98,25 @@ def load_corpus(path: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
         root = Path(path)
         if not root.exists():
             raise FileNotFoundError(f"--data: {root} does not exist")
+        if not (root.is_dir() or root.is_file()):
+            raise ValueError(f"--data: {root} is neither a regular file nor a folder (a FIFO, socket or device?); "
+                             "give a text file or a folder of text files")
         files, source = (_walk(root, None), f"text files under {root}") if root.is_dir() else ([root], str(root))
 
     random.Random(0).shuffle(files)
     texts, total = [], 0
     for f in files:
-        if total >= max_bytes:
-            break
-        data = _read_text(f)
+        data, full = _read_text(f, max_bytes - total)
         if data:
             texts.append(data)
             total += len(data)
+        if data is not None and full:  # the cap is reached (but for a character cut at the end)
+            break
     if not texts:
         raise ValueError(f"no UTF-8 text found in {source}")
 
     if len(texts) == 1:
-        data = texts[0][:max_bytes]
+        data = texts[0]
         cut = int(len(data) * 0.9)
         train, val = data[:cut], data[cut:]
     else:

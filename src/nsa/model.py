@@ -7,6 +7,7 @@ the rotary embedding inside attention.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from .cache import KVCache, LayerCache, ModelCache, NSACache
 from .config import NSAConfig
 from .graph import DecodeGraph
 from .layer import NativeSparseAttention
+from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens
 
 ATTENTIONS = ("nsa", "full")
@@ -89,6 +91,7 @@ class CausalSelfAttention(nn.Module):
         if cu_seqlens is None:
             positions, mask = torch.arange(T, device=x.device), None
         else:
+            check_cu_seqlens(cu_seqlens, T, x.shape[0], x.device)
             positions = positions_from_cu_seqlens(cu_seqlens)
             seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=x.device), cu_seqlens.diff().long())
             mask = (seq[:, None] == seq[None, :]).tril()  # [total, total]: same sequence and u <= t
@@ -215,8 +218,12 @@ class LanguageModel(nn.Module):
         chunk_size tokens through one decoding step of S = chunk_size (exact either way); None: one chunk.
         Prompts of different lengths: forward(idx, cache=cache, lengths=...) on an empty cache.
         """
+        check_prompt(idx, self.cfg.vocab_size)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None (the whole prompt at once), got {chunk_size!r}")
         cache.reset()
-        chunk = chunk_size or idx.shape[1]
+        chunk = idx.shape[1] if chunk_size is None else int(chunk_size)
         return torch.cat([self(idx[:, s:s + chunk], cache=cache)[0] for s in range(0, idx.shape[1], chunk)], dim=1)
 
     @torch.no_grad()
@@ -236,13 +243,21 @@ class LanguageModel(nn.Module):
         step; the same tokens as eager steps, without their host overhead. None: on when decoding from a cache on
         a GPU (if capturing fails, a warning and eager steps).
         """
+        check_prompt(idx, self.cfg.vocab_size)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
+        temperature, top_p = check_sampling(temperature, top_p)
+        stop_tokens = check_stop_tokens(stop_tokens, self.cfg.vocab_size)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
         B = idx.shape[0]
         if cuda_graph and not (use_cache and idx.is_cuda):
             raise ValueError("cuda_graph=True needs use_cache=True and CUDA inputs")
         graph_wanted = use_cache and idx.is_cuda if cuda_graph is None else cuda_graph
         graph = None
         cache = self.new_cache(B, idx.shape[1] + max_new_tokens, device=idx.device) if use_cache else None
-        stop = torch.tensor(list(stop_tokens or []), dtype=torch.long, device=idx.device)
+        stop = torch.tensor(stop_tokens, dtype=torch.long, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         ended_with = torch.zeros(B, dtype=torch.long, device=idx.device)  # the stop token that ended each row
         new = idx  # the tokens not yet fed to the model
@@ -279,6 +294,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens long [B] from logits [B, vocab]: argmax if temperature == 0, else a draw from
     softmax(logits / temperature) restricted to the top_p nucleus."""
+    temperature, top_p = check_sampling(temperature, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -288,3 +304,44 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float | None = None,
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_sampling(temperature, top_p) -> tuple[float, float | None]:
+    """Validates the sampling arguments (host-side, no device sync); returns them as Python floats."""
+    if not _is_real(temperature) or not 0 <= temperature < math.inf:  # NaN fails both comparisons
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None (no nucleus), got {top_p!r}")
+    return float(temperature), None if top_p is None else float(top_p)
+
+
+def check_stop_tokens(stop_tokens, vocab_size: int) -> list[int]:
+    """stop_tokens (None or an iterable of token ids in [0, vocab_size)) as a list of ints."""
+    if stop_tokens is None:
+        return []
+    if isinstance(stop_tokens, (str, bytes, torch.Tensor)) or not hasattr(stop_tokens, "__iter__"):
+        raise TypeError(f"stop_tokens must be None or an iterable of int token ids (e.g. [10]), "
+                        f"got {type(stop_tokens).__name__}; for a tensor pass stop_tokens.tolist()")
+    tokens = list(stop_tokens)
+    for t in tokens:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size:
+            raise ValueError(f"stop_tokens must hold int token ids in [0, {vocab_size}), got {t!r}")
+    return [int(t) for t in tokens]
+
+
+def check_prompt(idx, vocab_size: int) -> None:
+    """idx is an integer tensor [B, T] with B, T >= 1 and token ids in [0, vocab_size) (reads idx once: call it
+    before generation, not inside a decoding step)."""
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"idx (the prompt) must be an int64 tensor [B, T] of token ids, got "
+                        f"{idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__}; use idx.long()")
+    if idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] < 1:
+        raise ValueError(f"idx (the prompt) must have shape [B, T] with B, T >= 1, got {tuple(idx.shape)}; "
+                         "a single prompt [T] becomes [1, T] with idx[None]")
+    low, high = idx.min().item(), idx.max().item()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"idx (the prompt) must hold token ids in [0, {vocab_size}), got values in [{low}, {high}]")

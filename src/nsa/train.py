@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .data import Corpus, get_batch
 
@@ -103,8 +102,8 @@ def train(models: dict[str, nn.Module], corpus: Corpus, cfg: TrainConfig, device
             history[name].val_loss.append(evaluate(model, val_batches))
 
     record_val(0)
-    bar = tqdm(range(cfg.steps), desc="training " + " & ".join(models), disable=not progress)
-    for step in bar:
+    steps = _progress_bar(cfg.steps, "training " + " & ".join(models)) if progress else range(cfg.steps)
+    for step in steps:
         x, y = get_batch(corpus.train, cfg.batch_size, cfg.seq_len, generator, device)
         for name, model in models.items():
             opt = optimizers[name]
@@ -120,5 +119,16 @@ def train(models: dict[str, nn.Module], corpus: Corpus, cfg: TrainConfig, device
             history[name].train_loss.append(loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             record_val(step + 1)
-        bar.set_postfix({f"{name} loss": f"{h.train_loss[-1]:.3f}" for name, h in history.items()})
+        if progress:
+            steps.set_postfix({f"{name} loss": f"{h.train_loss[-1]:.3f}" for name, h in history.items()})
     return history
+
+
+def _progress_bar(total: int, desc: str):
+    """A tqdm bar over range(total); tqdm is an optional dependency (the `cli` extra)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:
+        raise ModuleNotFoundError('train(progress=True) needs tqdm: pip install "nsa[cli]" '
+                                  "(or pass progress=False)") from e
+    return tqdm(range(total), desc=desc)

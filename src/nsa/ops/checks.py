@@ -1,6 +1,9 @@
 """Input validation shared by every backend: each error names the argument and the fix."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from ..config import NSAConfig
@@ -15,6 +18,9 @@ def _check_tensor(name: str, x, rank: int) -> None:
         raise ValueError(f"{name} must have {rank} dims, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if rank == 4 and (x.shape[2] < 1 or x.shape[3] < 1):
+        raise ValueError(f"{name} must have at least one head and a head dim >= 1 ([B, T, H, D]), "
+                         f"got shape {tuple(x.shape)}")
 
 
 def _expect(name: str, x: torch.Tensor, dim: int, expected: int, meaning: str) -> None:
@@ -53,8 +59,8 @@ def check_cu_seqlens(cu_seqlens, total: int, batch: int, device: torch.device) -
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number or None (for Dk ** -0.5), got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a finite positive number or None (for Dk ** -0.5), got {scale!r}")
     return float(scale)
 
 
