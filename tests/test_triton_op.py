@@ -168,3 +168,20 @@ def test_gpu_bfloat16_8k(G):
     for name, a, b in zip(("o",) + NAMES, (o,) + grads, (o_ref,) + grads_ref):
         err = (a.float() - b).norm() / b.norm().clamp_min(1e-6)
         assert err < 2e-2, f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", [16, 4])
+def test_gpu_training_step_has_no_host_sync(G):
+    """Forward + backward of the op never waits for the device (dense batch: nothing to read back)."""
+    config, T, Hkv, D = NSAConfig(), 4096, 2, 64
+    x = make_inputs(2, T, Hkv, G, D, D, config, dtype=torch.bfloat16, device="cuda", seed=G)
+    xg = [x[n].clone().requires_grad_() for n in NAMES]
+    nsa.nsa_attention(*xg, config, backend="triton").sum().backward()  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o = nsa.nsa_attention(*xg, config, backend="triton")
+        torch.autograd.grad(o, xg, torch.ones_like(o))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

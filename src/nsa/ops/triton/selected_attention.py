@@ -10,17 +10,20 @@ Backward (FlashAttention's identities): delta = rowsum(do * o), dp = do . v, ds 
 Layout of the work (the paper's group-centric kernel, generalized to any G). One program owns a
 tile of BLOCK_T consecutive queries of one KV group; its M = BLOCK_T * G rows (padded to a power
 of two, at least 16 so that tl.dot fills the matrix units) are the (query, head) pairs of the tile.
-The program walks the union of the blocks its queries selected, in ascending order, with a k-way
-merge over the sorted rows of block_ids: each step takes the smallest pending id, loads that KV
-block once for all M rows, and masks out the rows that did not select it. With G >= 16,
-BLOCK_T = 1 and this is exactly the paper's kernel (one query, its G heads, n blocks); with small
-G, neighbouring queries share most of their blocks (the forced ones at least), so the union stays
-close to n and every KV load serves BLOCK_T * G rows.
+The program walks the union of the blocks its queries selected, one block per trip of a `for` loop
+whose trip count (the union's size) is known on entry, so Triton software-pipelines the block loads
+(a k-way merge in a `while` loop, as before, left every load exposed); each block is loaded once for
+all M rows and the rows that did not select it are masked out. The unions are made on the device
+before the launch (_tile_unions: sort, drop repeats, sort; no host sync); with G >= 16, BLOCK_T = 1 and
+the union is the query's own row of block_ids, exactly the paper's kernel (one query, its G heads, n
+blocks); with small G, neighbouring queries share most of their blocks (the forced ones at least),
+so the union stays close to n and every KV load serves BLOCK_T * G rows.
 
 Backward, dq (and delta): the same query-major walk, recomputing p from the saved lse.
 Backward, dk/dv: a scatter from queries to the blocks they chose, done as a gather with no float
 atomics. The inverse index (for each (sequence, group, block) the ascending list of the queries that
-selected it) is built with a stable torch.sort; the lists are cut into work items of at most `chunk`
+selected it) is built with a stable torch.sort and sized by a static bound, so nothing is read back to
+the host; the lists are cut into work items of at most `chunk`
 queries (so block 0, selected by every query, does not serialize on one program); a kv-block-major
 kernel gathers each item's queries and writes a float32 partial dk/dv per item; a reduction kernel
 sums the items of each block in a fixed order. Gradients are bitwise reproducible (and on an H100
@@ -82,10 +85,31 @@ def _sequence(CU, pid_b, T, HQ, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _next_ids(BID, bid_row, ptr, row_ok, N_SLOTS: tl.constexpr, NO_BLOCK: tl.constexpr):
-    """Each row's pending block id (slot `ptr` of its sorted row of block_ids), NO_BLOCK when done."""
-    ids = tl.load(BID + bid_row + ptr, mask=row_ok & (ptr < N_SLOTS), other=-1)
-    return tl.where(ids >= 0, ids, NO_BLOCK)
+def _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN: tl.constexpr,
+                 U_SLOTS: tl.constexpr, U_PAD: tl.constexpr):
+    """(first slot of the tile's union row in UNION [tiles, HKV, U_SLOTS], number of blocks in it).
+
+    The union row holds the distinct blocks the tile's queries selected, ascending, then entries < 0 or
+    >= 2^30 (none); tile index = TILE_OFF[sequence] + pid_t (packed) or pid_b * TILES + pid_t (dense)."""
+    if IS_VARLEN:
+        tile = tl.load(TILE_OFF + pid_b).to(tl.int64) + pid_t
+    else:
+        tile = pid_b.to(tl.int64) * TILES + pid_t
+    row = (tile * HKV + g) * U_SLOTS
+    slots = tl.arange(0, U_PAD)
+    ids = tl.load(UNION + row + slots, mask=slots < U_SLOTS, other=-1)
+    return row, tl.sum(((ids >= 0) & (ids < 1073741824)).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _selected_rows(BID, bid_row, row_ok, blk, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, ONE_QUERY: tl.constexpr):
+    """Rows whose query selected block blk (all valid rows when the tile is one query: its union is its row)."""
+    if ONE_QUERY:
+        return row_ok
+    slots = tl.arange(0, N_PAD)
+    ids = tl.load(BID + bid_row[:, None] + slots[None, :], mask=row_ok[:, None] & (slots < N_SLOTS)[None, :],
+                  other=-1)
+    return tl.sum((ids == blk).to(tl.int32), axis=1) > 0
 
 
 @triton.jit
@@ -97,7 +121,7 @@ def _block_scores(q, K, tok0, k_row, blk, s0, seqlen, t, sel, qk_scale, DK, HKV_
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_DK)
     u = blk * SLC_BLOCK + s0 + offs_n
-    key_ok = (s0 + offs_n < SLC_BLOCK) & (u < seqlen)
+    key_ok = (s0 + offs_n < SLC_BLOCK) & (u >= 0) & (u < seqlen)
     k = tl.load(K + (tok0 + u)[:, None] * HKV_DK + k_row + offs_d[None, :],
                 mask=key_ok[:, None] & (offs_d[None, :] < DK), other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -120,11 +144,13 @@ def _rows(pid_t, g, BLOCK_T: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, BID, O, LSE, CU, qk_scale, T, HQ, HKV, DK, DV,
-                G: tl.constexpr, N_SLOTS: tl.constexpr, SLC_BLOCK: tl.constexpr, NO_BLOCK: tl.constexpr,
+def _fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, qk_scale, T, HQ, HKV, DK, DV, TILES,
+                G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
+                U_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """grid (cdiv(T or max_seqlen, BLOCK_T), B or N sequences, HKV); online softmax over the union of blocks."""
+    """grid (cdiv(T or max_seqlen, BLOCK_T), B or N sequences, HKV); online softmax over the tile's union of
+    blocks, one block per trip of a loop whose trip count is known on entry (so Triton pipelines the loads)."""
     pid_t, pid_b, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok0, seqlen, lse0 = _sequence(CU, pid_b, T, HQ, IS_VARLEN)
     if pid_t * BLOCK_T >= seqlen:
@@ -135,16 +161,15 @@ def _fwd_kernel(Q, K, V, BID, O, LSE, CU, qk_scale, T, HQ, HKV, DK, DV,
     q = tl.load(Q + (tok0 + t)[:, None] * (HQ * DK) + h[:, None] * DK + offs_dk[None, :],
                 mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
     bid_row = (tok0 + t) * (HKV * N_SLOTS) + g * N_SLOTS
+    union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    ptr = tl.zeros([BLOCK_M], tl.int32)
-    nxt = _next_ids(BID, bid_row, ptr, row_ok, N_SLOTS, NO_BLOCK)
-    blk = tl.min(nxt, axis=0)
-    while blk < NO_BLOCK:  # k-way merge: blocks of the union, ascending
-        sel = nxt == blk
-        for s0 in range(0, SLC_BLOCK, BLOCK_N):
+    for i in range(0, num_blocks):
+        blk = tl.load(UNION + union_row + i)
+        sel = _selected_rows(BID, bid_row, row_ok, blk, N_SLOTS, N_PAD, BLOCK_T == 1)
+        for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_N):
             s, u, key_ok, k = _block_scores(q, K, tok0, g * DK, blk, s0, seqlen, t, sel, qk_scale, DK, HKV * DK,
                                             SLC_BLOCK, BLOCK_N, BLOCK_DK, DOT_PREC)
             v = tl.load(V + (tok0 + u)[:, None] * (HKV * DV) + g * DV + offs_dv[None, :],
@@ -156,9 +181,6 @@ def _fwd_kernel(Q, K, V, BID, O, LSE, CU, qk_scale, T, HQ, HKV, DK, DV,
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
-        ptr += sel.to(tl.int32)
-        nxt = _next_ids(BID, bid_row, ptr, row_ok, N_SLOTS, NO_BLOCK)
-        blk = tl.min(nxt, axis=0)
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -173,8 +195,9 @@ def _fwd_kernel(Q, K, V, BID, O, LSE, CU, qk_scale, T, HQ, HKV, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, BID, O, DO, LSE, DQ, DELTA, CU, qk_scale, scale, T, HQ, HKV, DK, DV,
-                   G: tl.constexpr, N_SLOTS: tl.constexpr, SLC_BLOCK: tl.constexpr, NO_BLOCK: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU, qk_scale, scale, T, HQ, HKV, DK, DV,
+                   TILES, G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
+                   U_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
     """Query-major backward, grid as the forward: dq = scale * sum_u ds k over the union of blocks,
@@ -197,14 +220,13 @@ def _bwd_dq_kernel(Q, K, V, BID, O, DO, LSE, DQ, DELTA, CU, qk_scale, scale, T, 
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E_K  # empty rows: p = 0 below anyway
     tl.store(DELTA + lse0 + h * T + t, delta, mask=row_ok)
     bid_row = (tok0 + t) * (HKV * N_SLOTS) + g * N_SLOTS
+    union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
-    ptr = tl.zeros([BLOCK_M], tl.int32)
-    nxt = _next_ids(BID, bid_row, ptr, row_ok, N_SLOTS, NO_BLOCK)
-    blk = tl.min(nxt, axis=0)
-    while blk < NO_BLOCK:
-        sel = nxt == blk
-        for s0 in range(0, SLC_BLOCK, BLOCK_N):
+    for i in range(0, num_blocks):
+        blk = tl.load(UNION + union_row + i)
+        sel = _selected_rows(BID, bid_row, row_ok, blk, N_SLOTS, N_PAD, BLOCK_T == 1)
+        for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_N):
             s, u, key_ok, k = _block_scores(q, K, tok0, g * DK, blk, s0, seqlen, t, sel, qk_scale, DK, HKV * DK,
                                             SLC_BLOCK, BLOCK_N, BLOCK_DK, DOT_PREC)
             v = tl.load(V + (tok0 + u)[:, None] * (HKV * DV) + g * DV + offs_dv[None, :],
@@ -213,9 +235,6 @@ def _bwd_dq_kernel(Q, K, V, BID, O, DO, LSE, DQ, DELTA, CU, qk_scale, scale, T, 
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-        ptr += sel.to(tl.int32)
-        nxt = _next_ids(BID, bid_row, ptr, row_ok, N_SLOTS, NO_BLOCK)
-        blk = tl.min(nxt, axis=0)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=dk_mask)
 
 
@@ -230,9 +249,11 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITEM_HI, P
     key = (sequence * HKV + g) * NUM_BLOCKS + j; it writes the item's partial dk/dv of that block
     (BLOCK_S >= SLC_BLOCK rows) to PDK [items, BLOCK_S, BLOCK_DK] / PDV [items, BLOCK_S, BLOCK_DV]."""
     item = tl.program_id(0).to(tl.int64)
-    key = tl.load(ITEM_KEY + item)
     lo = tl.load(ITEM_LO + item)
     hi = tl.load(ITEM_HI + item)
+    if lo >= hi:  # the grid is an upper bound on the items (its size needs no host sync); the rest are empty
+        return
+    key = tl.load(ITEM_KEY + item)
     j = key % NUM_BLOCKS
     g = (key // NUM_BLOCKS) % HKV
     tok0, seqlen, lse0 = _sequence(CU, key // (NUM_BLOCKS * HKV), T, HQ, IS_VARLEN)
@@ -249,8 +270,7 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITEM_HI, P
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     r = tl.arange(0, BLOCK_M)  # row r: query QLIST[i0 + r // G], head g * G + r % G
     h = g * G + r % G
-    i0 = lo
-    while i0 < hi:  # (a while loop: Triton's interpreter cannot range() over loaded bounds)
+    for i0 in range(lo, hi, BLOCK_Q):
         idx = i0 + r // G
         row_ok = (r < BLOCK_Q * G) & (idx < hi)
         tok = tl.load(QLIST + idx, mask=row_ok, other=0).to(tl.int64)
@@ -267,7 +287,6 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITEM_HI, P
         ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PREC) - delta[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
-        i0 += BLOCK_Q
     tl.store(PDK + item * (BLOCK_S * BLOCK_DK) + offs_s[:, None] * BLOCK_DK + offs_dk[None, :], dk * scale)
     tl.store(PDV + item * (BLOCK_S * BLOCK_DV) + offs_s[:, None] * BLOCK_DV + offs_dv[None, :], dv)
 
@@ -289,12 +308,10 @@ def _bwd_kv_reduce_kernel(PDK, PDV, KEY_ITEMS, DKO, DVO, CU, T, HKV, DK, DV, NUM
     offs_dv = tl.arange(0, BLOCK_DV)
     dk = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
-    item = tl.load(KEY_ITEMS + key).to(tl.int64)
-    end = tl.load(KEY_ITEMS + key + 1)
-    while item < end:
-        dk += tl.load(PDK + item * (BLOCK_S * BLOCK_DK) + offs_s[:, None] * BLOCK_DK + offs_dk[None, :])
-        dv += tl.load(PDV + item * (BLOCK_S * BLOCK_DV) + offs_s[:, None] * BLOCK_DV + offs_dv[None, :])
-        item += 1
+    first = tl.load(KEY_ITEMS + key).to(tl.int64)
+    for i in range(0, tl.load(KEY_ITEMS + key + 1) - tl.load(KEY_ITEMS + key)):
+        dk += tl.load(PDK + (first + i) * (BLOCK_S * BLOCK_DK) + offs_s[:, None] * BLOCK_DK + offs_dk[None, :])
+        dv += tl.load(PDV + (first + i) * (BLOCK_S * BLOCK_DV) + offs_s[:, None] * BLOCK_DV + offs_dv[None, :])
     u = j * SLC_BLOCK + offs_s
     key_ok = (offs_s < SLC_BLOCK) & (u < seqlen)
     tl.store(DKO + (tok0 + u)[:, None] * (HKV * DK) + g * DK + offs_dk[None, :], dk.to(DKO.dtype.element_ty),
@@ -324,9 +341,61 @@ def _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen):
 
 def _meta(G, DK, DV, block_size, n, dtype):
     block_t, block_m = query_tile(G)
-    return dict(G=G, N_SLOTS=n, SLC_BLOCK=block_size, NO_BLOCK=2 ** 30, BLOCK_T=block_t, BLOCK_M=block_m,
-                BLOCK_N=min(pow2_at_least(block_size), 64), BLOCK_DK=pow2_at_least(DK), BLOCK_DV=pow2_at_least(DV),
-                DOT_PREC=dot_precision(dtype))
+    return dict(G=G, N_SLOTS=n, N_PAD=triton.next_power_of_2(n), SLC_BLOCK=block_size, BLOCK_T=block_t,
+                BLOCK_M=block_m, BLOCK_N=min(pow2_at_least(block_size), 64), BLOCK_DK=pow2_at_least(DK),
+                BLOCK_DV=pow2_at_least(DV), DOT_PREC=dot_precision(dtype))
+
+
+def _sequence_ids(B: int, T: int, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence of every token [B*T], first token of every sequence [N]) of a dense or packed batch, on the device."""
+    tok = torch.arange(B * T, device=device)
+    if cu_seqlens is None:
+        return tok // max(T, 1), torch.arange(B, device=device) * T
+    starts = cu_seqlens[:-1].long()
+    return torch.searchsorted(cu_seqlens[1:].long(), tok, right=True), starts
+
+
+_NO_BLOCK = 2 ** 30  # sorts after every block id
+
+
+def _tile_unions(block_ids, block_t: int, cu_seqlens, max_len: int):
+    """The blocks each tile of block_t consecutive queries of a sequence walks: their union, on the device.
+
+    block_ids int32 [B, T, Hkv, n] -> (union int32 [tiles, Hkv, U], tile_off int32 [N] or None): union row
+    (tile, g) holds the distinct ids the tile's queries chose, ascending, then _NO_BLOCK; tile k of sequence s
+    is row tile_off[s] + k (packed) or s * cdiv(T, block_t) + k (dense). One query per tile (G >= 16): the rows
+    of block_ids are already that (ascending, then -1), so they serve as the union as they are.
+    """
+    B, T, Hkv, n = block_ids.shape
+    if block_t == 1:
+        return block_ids.reshape(B * T, Hkv, n), (cu_seqlens if cu_seqlens is None else cu_seqlens[:-1])
+    dev = block_ids.device
+    seq, starts = _sequence_ids(B, T, cu_seqlens, dev)
+    tok = torch.arange(B * T, device=dev)
+    t = tok - starts[seq]
+    if cu_seqlens is None:
+        tiles_of_seq = torch.full_like(starts, triton.cdiv(T, block_t))
+    else:
+        tiles_of_seq = (cu_seqlens[1:] - cu_seqlens[:-1] + block_t - 1).long() // block_t
+    tile_off = torch.cumsum(tiles_of_seq, 0) - tiles_of_seq
+    tiles = (B * T) // block_t + tiles_of_seq.numel()  # a bound on sum(tiles_of_seq): static, no host read
+    slots = torch.full((tiles, block_t, Hkv, n), -1, dtype=torch.int32, device=dev)
+    slots[tile_off[seq] + t // block_t, t % block_t] = block_ids.reshape(B * T, Hkv, n)
+    union = slots.permute(0, 2, 1, 3).reshape(tiles, Hkv, block_t * n)
+    union = torch.where(union >= 0, union, _NO_BLOCK).sort(-1).values
+    repeat = torch.zeros_like(union, dtype=torch.bool)
+    repeat[..., 1:] = union[..., 1:] == union[..., :-1]
+    union = torch.where(repeat, _NO_BLOCK, union).sort(-1).values
+    return union, (None if cu_seqlens is None else tile_off.to(torch.int32))
+
+
+def _launch_selected(kernel, grid, q, block_ids, cu_seqlens, max_len, meta, tensors, scalars, launch):
+    """Launches the forward or dq kernel with its tiles' block unions."""
+    union, tile_off = _tile_unions(block_ids, meta["BLOCK_T"], cu_seqlens, max_len)
+    u_slots = union.shape[-1]
+    kernel[grid](*tensors[:4], union, tile_off, *tensors[4:], cu_seqlens, *scalars, triton.cdiv(q.shape[1], meta["BLOCK_T"]),
+                 U_SLOTS=u_slots, U_PAD=triton.next_power_of_2(u_slots), IS_VARLEN=cu_seqlens is not None, **meta,
+                 **launch)
 
 
 def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None,
@@ -341,42 +410,40 @@ def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=
     meta = _meta(HQ // HKV, DK, DV, block_size, block_ids.shape[3], q.dtype)
     o = torch.zeros(B, T, HQ, DV, device=q.device, dtype=q.dtype)
     lse = torch.full((B, HQ, T), float("-inf"), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV)
-    _fwd_kernel[grid](q, k, v, block_ids, o, lse, cu_seqlens, scale * LOG2E, T, HQ, HKV, DK, DV,
-                      IS_VARLEN=cu_seqlens is not None, **meta, **options.selected_fwd.over(FWD_LAUNCH))
+    if T:
+        grid = (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV)
+        _launch_selected(_fwd_kernel, grid, q, block_ids, cu_seqlens, max_len, meta, (q, k, v, block_ids, o, lse),
+                         (scale * LOG2E, T, HQ, HKV, DK, DV), options.selected_fwd.over(FWD_LAUNCH))
     return o, lse
 
 
 def _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk):
     """For every key (sequence, group, block j) the ascending global token ids of the queries that selected
     it (QLIST), cut into work items of at most `chunk` queries. Returns (QLIST, ITEM_KEY, ITEM_LO, ITEM_HI,
-    KEY_ITEMS) with KEY_ITEMS [keys + 1] the first item of each key. Only deterministic torch ops."""
+    KEY_ITEMS) with KEY_ITEMS [keys + 1] the first item of each key. Deterministic torch ops, no host sync:
+    the item arrays have a static length, a bound on the real count (items past it have ITEM_LO == ITEM_HI)."""
     B, _, HKV, n = block_ids.shape
     dev = block_ids.device
-    tok = torch.arange(B * T, device=dev)
-    if cu_seqlens is None:
-        seq = tok // T
-        nseq = B
-    else:
-        seq = torch.searchsorted(cu_seqlens[1:].long(), tok, right=True)
-        nseq = cu_seqlens.numel() - 1
+    seq, starts = _sequence_ids(B, T, cu_seqlens, dev)
+    nseq = starts.numel()
+    num_keys = nseq * HKV * num_blocks
     ids = block_ids.reshape(B * T, HKV, n).long()
     g = torch.arange(HKV, device=dev)[None, :, None]
-    keys = (seq[:, None, None] * HKV + g) * num_blocks + ids
-    valid = ids >= 0
+    valid = (ids >= 0) & (ids < num_blocks)
+    keys = torch.where(valid, (seq[:, None, None] * HKV + g) * num_blocks + ids, num_keys)  # invalid: sorts last
     # flattened (token, group, slot) order + stable sort => tokens ascending inside every key
-    sorted_keys, order = torch.sort(keys[valid], stable=True)
-    qlist = tok[:, None, None].expand_as(keys)[valid][order].to(torch.int32)
-    num_keys = nseq * HKV * num_blocks
+    sorted_keys, order = torch.sort(keys.flatten(), stable=True)
+    qlist = (order // (HKV * n)).to(torch.int32)
     bounds = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, device=dev))
-    counts = bounds[1:] - bounds[:-1]
-    items_per_key = (counts + chunk - 1) // chunk
+    items_per_key = (bounds[1:] - bounds[:-1] + chunk - 1) // chunk
     key_items = torch.zeros(num_keys + 1, device=dev, dtype=torch.long)
     key_items[1:] = torch.cumsum(items_per_key, 0)
-    num_items = int(key_items[-1])
-    item_key = torch.repeat_interleave(torch.arange(num_keys, device=dev), items_per_key, output_size=num_items)
-    lo = bounds[item_key] + (torch.arange(num_items, device=dev) - key_items[item_key]) * chunk
+    max_items = num_keys + keys.numel() // chunk  # sum over keys of ceil(count / chunk)
+    item = torch.arange(max_items, device=dev)
+    item_key = torch.searchsorted(key_items[1:], item, right=True).clamp_(max=num_keys - 1)
+    lo = bounds[item_key] + (item - key_items[item_key]) * chunk
     hi = torch.minimum(lo + chunk, bounds[item_key + 1])
+    lo = torch.where(item < key_items[-1], lo, hi)  # past the real items: empty
     i32 = torch.int32
     return qlist, item_key.to(i32), lo.to(i32), hi.to(i32), key_items.to(i32)
 
@@ -385,7 +452,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
                            chunk=None, options: KernelOptions = KernelOptions()):
     """Gradients of selected_attention_fwd: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
-    dq query-major, dk/dv kv-major over the inverse index, no float atomics.
+    dq query-major, dk/dv kv-major over the inverse index, no float atomics, no host sync.
     chunk: queries per kv-major work item (default from the average load)."""
     q, k, v, o, do, block_ids = (x.contiguous() for x in (q, k, v, o, do, block_ids.to(torch.int32)))
     lse = lse.contiguous()
@@ -396,11 +463,15 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     meta = _meta(G, DK, DV, block_size, block_ids.shape[3], q.dtype)
     varlen = cu_seqlens is not None
     dq = torch.empty_like(q)
-    grid = (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    if T == 0:
+        return dq, dk, dv
     qk_scale = scale * LOG2E
     delta = torch.zeros(B, HQ, T, device=q.device, dtype=torch.float32)
-    _bwd_dq_kernel[grid](q, k, v, block_ids, o, do, lse, dq, delta, cu_seqlens, qk_scale, scale,
-                         T, HQ, HKV, DK, DV, IS_VARLEN=varlen, **meta, **options.selected_dq.over(DQ_LAUNCH))
+    _launch_selected(_bwd_dq_kernel, (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV), q, block_ids, cu_seqlens,
+                     max_len, meta, (q, k, v, block_ids, o, do, lse, dq, delta), (qk_scale, scale, T, HQ, HKV, DK, DV),
+                     options.selected_dq.over(DQ_LAUNCH))
     num_blocks = triton.cdiv(max_len, block_size)
     if chunk is None:  # about twice the average queries per block: most blocks take one item
         chunk = max(256, 2 * block_ids.shape[3] * block_size)
@@ -411,13 +482,10 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     pdv = torch.empty(num_items, block_s, block_dv, device=q.device, dtype=torch.float32)
     kv = options.selected_dkdv.over(dict(BLOCK_M=KV_TILE_ROWS, **KV_LAUNCH), block_m="BLOCK_M")
     block_q, block_m = query_tile(G, kv.pop("BLOCK_M"))
-    if num_items:
-        _bwd_kv_kernel[(num_items,)](q, k, v, do, lse, delta, qlist, item_key, lo, hi, pdk, pdv, cu_seqlens,
-                                     qk_scale, scale, T, HQ, HKV, DK, DV, num_blocks, G=G, SLC_BLOCK=block_size,
-                                     BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_DK=block_dk,
-                                     BLOCK_DV=block_dv, IS_VARLEN=varlen, DOT_PREC=meta["DOT_PREC"], **kv)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    _bwd_kv_kernel[(num_items,)](q, k, v, do, lse, delta, qlist, item_key, lo, hi, pdk, pdv, cu_seqlens,
+                                 qk_scale, scale, T, HQ, HKV, DK, DV, num_blocks, G=G, SLC_BLOCK=block_size,
+                                 BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_DK=block_dk,
+                                 BLOCK_DV=block_dv, IS_VARLEN=varlen, DOT_PREC=meta["DOT_PREC"], **kv)
     _bwd_kv_reduce_kernel[(nb * HKV * num_blocks,)](pdk, pdv, key_items, dk, dv, cu_seqlens, T, HKV, DK, DV, num_blocks,
                                                     SLC_BLOCK=block_size, BLOCK_S=block_s, BLOCK_DK=block_dk,
                                                     BLOCK_DV=block_dv, IS_VARLEN=varlen)
