@@ -204,10 +204,12 @@ def guarded(fn: Callable, *args, **kwargs):
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # OOM, missing package, a kernel that does not compile, an unsupported shape
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        return None, reason(e)
+        why = reason(e)
+    # Out of the except block: the traceback, and the tensors its frames held, are gone before the cache is freed.
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return None, why
 
 
 def do_bench_ms(fn: Callable, warmup: int = 25, rep: int = 100) -> float:
