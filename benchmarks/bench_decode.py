@@ -13,112 +13,55 @@ cache (a model's decoding step), where those caches fit in memory.
 Part 2, end to end: LanguageModel.generate (greedy, KV cache, bfloat16 weights) of a small model, NSA and
 full attention, after a prompt of --prompt tokens: prefill time and decoding tokens/s (batch --e2e-B), the
 decoding steps replayed from a CUDA graph (generate's default on a GPU) and eager.
-Prints markdown tables; writes results.json to --out.
+Prints markdown tables (after a header naming the date, GPU and versions); writes results.json to --out.
 
     python benchmarks/bench_decode.py --L 8192 16384 32768 65536 131072 --B 1 32 --out bench_out
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
 import time
 
 import torch
 
+import common
 import nsa
+from common import decode_args, decode_inputs, decode_step, fmt
 from nsa import NSAConfig
 
-HQ, HKV, D = 64, 4, 128
-CACHE = ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa")
-
-
-def make_step(B, L, config, seed=0, head_major=True):
-    """A decoding step's inputs: q [B, 1, Hq, D], gates, cache buffers [B, T, Hkv, D] holding L tokens per row
-    (stored [B, Hkv, T, D] with head_major, as NSACache stores them, else token-major; the same values either
-    way), seq_lens."""
-    g = torch.Generator("cuda").manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
-
-    def cache(T):
-        x = rand(B, T, HKV, D)
-        return x.transpose(1, 2).contiguous().transpose(1, 2) if head_major else x
-
-    Tc = config.num_cmp_tokens(L)
-    x = dict(q=rand(B, 1, HQ, D), k_cmp=cache(Tc), v_cmp=cache(Tc),
-             **{name: cache(L) for name in ("k_slc", "v_slc", "k_swa", "v_swa")},
-             gates=torch.sigmoid(rand(B, 1, HQ, 3)))
-    x["seq_lens"] = torch.full((B,), L, dtype=torch.int32, device="cuda")
-    return x
-
-
-def step_args(x):
-    """make_step's inputs in nsa_decode_attention's order (before the config)."""
-    return [x[n] for n in ("q", *CACHE, "gates", "seq_lens")]
-
-
-def nsa_step(x, config):
-    """The Triton decoding step on make_step's inputs x, as a callable of no arguments."""
-    args = step_args(x)
-    return lambda: nsa.nsa_decode_attention(*args, config, backend="triton")
+SHAPE = common.SHAPES["P"]
 
 
 def bytes_read(B, L, config):
     """Cache bytes one decoding step must read: (NSA, SDPA)."""
-    per_token = B * HKV * 2 * D * 2  # K and V of every KV head of every row, bf16
+    per_token = B * SHAPE.Hkv * 2 * SHAPE.D * 2  # K and V of every KV head of every row, bf16
     nsa_tokens = config.num_cmp_tokens(L) + min(config.num_selected * config.slc_block, L) + min(config.window, L)
     return per_token * nsa_tokens, per_token * L
 
 
-def graphed(fn):
-    """fn replayed from a CUDA graph, or fn itself when capture fails: (callable, captured?)."""
-    fn()  # compile / autotune outside the capture
-    torch.cuda.synchronize()
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay, True
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return fn, False
-
-
 def bench(fn, warmup, rep):
-    """{ms (median), graph, error}; ms None with the error when fn cannot run."""
-    import triton.testing
-    try:
-        run, captured = graphed(fn)
-        return dict(ms=triton.testing.do_bench(run, warmup=warmup, rep=rep, return_mode="median"),
-                    graph=captured, error=None)
-    except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as e:
-        torch.cuda.empty_cache()
-        return dict(ms=None, graph=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    """{ms (median), graph, error} of fn replayed from a CUDA graph (eager when capture fails); ms None with the
+    error when fn cannot run."""
+    def run():
+        replay, captured = common.graphed(fn)
+        return dict(ms=common.do_bench_ms(replay, warmup, rep), graph=captured, error=None)
+    rec, err = common.guarded(run)
+    return rec if err is None else dict(ms=None, graph=None, error=err)
 
 
 def copy_bandwidth(gib=1.0):
     """GB/s of a device-to-device copy of `gib` GiB (bytes read + bytes written over time): the HBM yardstick."""
-    import triton.testing
     src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    ms = common.do_bench_ms(lambda: dst.copy_(src), 25, 100)
     return 2 * src.numel() / ms / 1e6
 
 
 def check_correctness(config, L=8192):
     """The Triton step against the float32 reference on two rows of L tokens."""
-    x = make_step(2, L, config, seed=1)
-    o = nsa_step(x, config)()
+    x = decode_inputs(2, L, config, SHAPE, seed=1)
+    o = decode_step(x, config)()
     x32 = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
-    ref = nsa.nsa_decode_attention(*step_args(x32), config, backend="reference")
+    ref = nsa.nsa_decode_attention(*decode_args(x32), config, backend="reference")
     err = ((o.float() - ref).norm() / ref.norm()).item()
     print(f"check L={L}: relative error of the Triton step vs the float32 reference {err:.2e}")
     if err > 2e-2:
@@ -138,8 +81,8 @@ def run_attention(B, L, config, warmup, rep, graph_layers):
                 return sdpa(q, k, v, enable_gqa=True)  # the newest query sees every cached token
         return fn
 
-    x = make_step(B, L, config)
-    fns = {"nsa": nsa_step(x, config), "sdpa_flash": sdpa_fn(x, SDPBackend.FLASH_ATTENTION),
+    x = decode_inputs(B, L, config, SHAPE)
+    fns = {"nsa": decode_step(x, config), "sdpa_flash": sdpa_fn(x, SDPBackend.FLASH_ATTENTION),
            "sdpa_cudnn": sdpa_fn(x, SDPBackend.CUDNN_ATTENTION)}
     nsa_bytes, full_bytes = bytes_read(B, L, config)
     out = {"B": B, "L": L, "kernels": {}, "per_layer": {}}
@@ -153,8 +96,8 @@ def run_attention(B, L, config, warmup, rep, graph_layers):
         # A model's decoding step replays one graph over all its layers: per-layer time there, each layer with
         # its own cache (so they do not share the L2), where graph_layers caches fit in memory.
         if graph_layers and B * L * graph_layers <= 6 * 2**20:
-            layers = [make_step(B, L, config, seed=i) for i in range(graph_layers)]
-            for name, make in (("nsa", lambda x: nsa_step(x, config)),
+            layers = [decode_inputs(B, L, config, SHAPE, seed=i) for i in range(graph_layers)]
+            for name, make in (("nsa", lambda x: decode_step(x, config)),
                                ("sdpa_cudnn", lambda x: sdpa_fn(x, SDPBackend.CUDNN_ATTENTION))):
                 steps = [make(x) for x in layers]
                 rec = bench(lambda: [step() for step in steps], warmup, rep)
@@ -194,10 +137,6 @@ def run_generate(attention, B, prompt_len, new_tokens, args, cuda_graph):
     return out
 
 
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
 def print_tables(attention, e2e, hbm, floor, graph_layers):
     print("\n| B | L | NSA ms | flash ms | cuDNN ms | vs flash | vs cuDNN | NSA MB read | SDPA MB read "
           "| NSA GB/s | NSA % of copy | flash GB/s | cuDNN GB/s | graphs (nsa, flash, cuDNN) |")
@@ -232,12 +171,13 @@ def print_tables(attention, e2e, hbm, floor, graph_layers):
         print("|---|---|---|---|---|---|")
         for r in e2e:
             steps = "CUDA graph" if r["cuda_graph"] else "eager"
-            print(f"| {r['attention']} | {steps} | {r['B']} | {r['prompt']} | {r['prefill_s']:.2f} | "
-                  f"{r['decode_tok_s']:.0f} |")
+            err = r.get("error")
+            print(f"| {r['attention']} | {steps} | {r['B']} | {r['prompt']} | {fmt(r.get('prefill_s'), '.2f', err)} | "
+                  f"{fmt(r.get('decode_tok_s'), '.0f', err)} |")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--L", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072],
                         help="context lengths (tokens held by each row)")
     parser.add_argument("--B", type=int, nargs="+", default=[1, 32], help="batch sizes")
@@ -248,15 +188,12 @@ def main():
     parser.add_argument("--dim", type=int, default=512, help="end to end model: width")
     parser.add_argument("--heads", type=int, default=8, help="end to end model: query heads")
     parser.add_argument("--kv-heads", type=int, default=2, help="end to end model: key/value heads")
-    parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
-    parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     parser.add_argument("--graph-layers", type=int, default=8,
                         help="also time steps inside one graph of this many layers, where they fit (0: skip)")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_decode.py needs a CUDA device")
+    common.require_cuda("bench_decode.py")
+    env = common.environment()
     config = NSAConfig()
     if not args.no_check:
         check_correctness(config)
@@ -273,15 +210,16 @@ def main():
         for name in ("nsa", "full"):
             for cuda_graph in (True, False):
                 print(f"generate {name} prompt={args.prompt} cuda_graph={cuda_graph} ...", flush=True)
-                e2e.append(run_generate(name, args.e2e_B, args.prompt, args.new_tokens, args, cuda_graph))
+                rec, err = common.guarded(run_generate, name, args.e2e_B, args.prompt, args.new_tokens, args,
+                                          cuda_graph)
+                e2e.append(rec or dict(attention=name, cuda_graph=cuda_graph, B=args.e2e_B, prompt=args.prompt,
+                                       error=err))
+    common.print_header("decoding step", env)
     print_tables(attention, e2e, hbm, floor, args.graph_layers)
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_gb_s=hbm, graph_floor_ms=floor,
-                config=dataclasses.asdict(config),
-                shape=dict(Hq=HQ, Hkv=HKV, D=D, dtype="bfloat16"), args=vars(args))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(meta=meta, attention=attention, generate=e2e), f, indent=1)
-    print(f"wrote {args.out}/results.json")
+    meta = dict(env, copy_gb_s=hbm, graph_floor_ms=floor, config=config,
+                shape=dict(SHAPE._asdict(), dtype="bfloat16"), args=vars(args))
+    path = common.write_json(args.out, meta, attention=attention, generate=e2e)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,45 +1,58 @@
-"""Benchmark of the NSA op (Triton backend) against full causal attention (torch SDPA), CUDA only.
+"""The cross-implementation benchmark, CUDA only: the NSA op beside full attention and fla-core's NSA, one run.
 
-Shapes (B = 1, bfloat16, default NSAConfig):
-  P: Hq = 64, Hkv = 4,  Dk = Dv = 128   (G = 16, the paper's setting)
-  S: Hq = 32, Hkv = 8,  Dk = Dv = 128   (G = 4)
-For each T: forward and forward+backward time (triton.testing.do_bench, median) of the whole op and of
-each branch alone (compressed, selection, selected, window), and of torch SDPA causal with
-enable_gqa=True under the flash and the cuDNN backends, measured in the same run; peak memory
-(torch.cuda.max_memory_allocated above the inputs) and achieved TFLOP/s (useful FLOPs: only the
-visible query-key pairs; backward counted as 2.5x forward, as FlashAttention does).
-Prints a markdown table; writes results.json and speedup.png (SDPA time / NSA time vs T) to --out.
+Part "op" (B = 1, bfloat16, default NSAConfig; shapes P: Hq 64, Hkv 4, D 128 and S: Hq 32, Hkv 8, D 128), at
+each T (8k..128k), forward and forward+backward, median ms (triton.testing.do_bench) and peak memory
+(torch.cuda.max_memory_allocated above what was allocated before the call) of:
+  nsa         nsa.nsa_attention(backend="triton"): compressed + selection + selected + window branches, gated;
+              also each branch alone (compressed, selection, selected, window) unless --no-branches;
+  sdpa_flash  torch SDPA, full causal attention, enable_gqa=True, under SDPBackend.FLASH_ATTENTION;
+  sdpa_cudnn  the same under SDPBackend.CUDNN_ATTENTION;
+  fla         fla-core's fla.ops.nsa.parallel_nsa, when importable (see FLA below).
+Ratios: baseline time / NSA time (> 1: NSA faster). Achieved TFLOP/s of our kernels counts useful FLOPs only
+(visible query-key pairs; backward 2.5x forward, as FlashAttention counts).
 
-    python benchmarks/bench_op.py --T 8192 16384 --shapes P S --out bench_out
+FLA: what fla-core's parallel_nsa computes, read from its source (fla/ops/nsa/parallel.py, 0.6.0), and how it is
+fed here: one k, v [B, T, Hkv, D] for all branches (ours take separate k/v per branch; it gets our k_slc, v_slc);
+gates g_cmp, g_slc, g_swa [B, T, Hq] (our gates[..., 0/1/2]). It computes inside the call: the compressed keys as
+the MEAN of each non-overlapping 64-token block (l = d = 64: T/64 compressed tokens, against our l = 32, d = 16,
+T/16 tokens that the op takes as inputs from the layer's compression MLP), compressed attention, the top-16 blocks
+(block 64, from the compressed scores; first and two local blocks forced) and selected attention. Its window
+branch calls the flash_attn package; without it (window_size = 0 here) fla has NO window branch and the "fla"
+cells time three branches against our four: compare with nsa minus our "window" column. It needs Hq / Hkv a
+power of two >= 16, so shape S (G = 4) is n/a. Backward: gradients of q, k, v and the gates.
+Install on a machine without network from a wheel downloaded beforehand:
+    python -m pip install --no-deps --no-index .whl/fla_core-0.6.0-py3-none-any.whl   (needs einops)
+
+Part "model": one training step (forward + backward, bfloat16 autocast, fp32 weights) of
+nsa.LanguageModel(ModelConfig(n_layer=2, n_embd=2048, n_head=16, n_kv_head=1, head_dim=128, vocab 256)), B = 1,
+attention "nsa" against "full" (SDPA, torch's default backend choice), at --model-T: median ms (CUDA events),
+tokens/s, full / nsa time, peak memory.
+
+Every configuration is guarded: an OOM, a missing package or an unsupported shape prints 'n/a (reason)' and the
+run goes on. Prints a header (date, GPU, versions, command) and markdown tables; writes results.json and
+speedup.png (baseline time / NSA time against T) to --out.
+
+    python benchmarks/bench_op.py --T 8192 16384 32768 65536 131072 --warmup 10 --rep 25 --out bench_out
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
+import importlib.metadata
+import importlib.util
 
 import torch
 
+import common
 import nsa
+from common import OP_NAMES, SHAPES, fmt, measure, op_args, op_inputs, ratio
 from nsa import NSAConfig
 
-SHAPES = {"P": dict(Hq=64, Hkv=4, D=128), "S": dict(Hq=32, Hkv=8, D=128)}
-NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa", "gates")
+BRANCHES = ("compressed", "selection", "selected", "window")
+BASELINES = ("sdpa_flash", "sdpa_cudnn", "fla")
 
 
-def make_inputs(T, Hq, Hkv, D, config, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator("cuda").manual_seed(seed)
-    Tc = config.num_cmp_tokens(T)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, device="cuda", dtype=dtype)
-
-    x = dict(q=rand(1, T, Hq, D), k_cmp=rand(1, Tc, Hkv, D), v_cmp=rand(1, Tc, Hkv, D), k_slc=rand(1, T, Hkv, D),
-             v_slc=rand(1, T, Hkv, D), k_swa=rand(1, T, Hkv, D), v_swa=rand(1, T, Hkv, D),
-             gates=torch.sigmoid(rand(1, T, Hq, 3)))
-    return {k: v.requires_grad_() for k, v in x.items()}
-
+# ----------------------------------------------------------------------------------------------------------------
+# The op and its branches
+# ----------------------------------------------------------------------------------------------------------------
 
 def visible_pairs(T, config):
     """Visible query-key pairs per head of each branch (and of full causal attention)."""
@@ -52,30 +65,28 @@ def visible_pairs(T, config):
     return dict(compressed=cmp, selection=cmp, selected=slc, window=swa, nsa=cmp + slc + swa, full=T * (T + 1) / 2)
 
 
-def bench(fn, warmup, rep):
-    """(median ms, peak extra MiB) of fn(); (None, None) with the error when it cannot run."""
-    import triton.testing
-    try:
-        fn()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"), peak, None
-    except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as e:
-        torch.cuda.empty_cache()
-        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+def op_fns(x, config):
+    """(forward, forward+backward) of the whole op."""
+    do = torch.randn_like(x["q"][..., :x["v_cmp"].shape[-1]])
+    args = op_args(x)
+
+    def fwd():
+        with torch.no_grad():
+            return nsa.nsa_attention(*args, config, backend="triton")
+
+    def fwd_bwd():
+        return torch.autograd.grad(nsa.nsa_attention(*args, config, backend="triton"), args, do)
+    return fwd, fwd_bwd
 
 
 def branch_fns(x, config, scale):
-    """name -> (forward fn, forward+backward fn or None) of each branch alone."""
-    from nsa.ops.triton.flash import banded_attention_bwd, banded_attention_fwd, branch_band
-    from nsa.ops.triton.selected import selected_attention_bwd, selected_attention_fwd
-    from nsa.ops.triton.selection import select_blocks_fwd
+    """name -> (forward fn, forward+backward fn or None) of each branch alone, through the kernels' host
+    functions with the library's launch choices."""
+    from nsa.ops.triton.banded import banded_attention_bwd, banded_attention_fwd, branch_band
+    from nsa.ops.triton.selected_attention import selected_attention_bwd, selected_attention_fwd
+    from nsa.ops.triton.topn import select_blocks_fwd
 
-    q, kc, vc, ks, vs, kw, vw = (x[n].detach() for n in NAMES[:7])
+    q, kc, vc, ks, vs, kw, vw = (x[n].detach() for n in OP_NAMES[:7])
     cmp_band, swa_band = branch_band("cmp", config), branch_band("swa", config)
     o_cmp, lse_cmp = banded_attention_fwd(q, kc, vc, scale, **cmp_band)
     ids = select_blocks_fwd(q, kc, lse_cmp, config, scale)
@@ -103,20 +114,31 @@ def branch_fns(x, config, scale):
             "window": banded(kw, vw, swa_band)}
 
 
-def op_fns(x, config):
-    do = torch.randn_like(x["q"][..., :x["v_cmp"].shape[-1]])
+def check_correctness(config, T=2048):
+    """Triton op vs the float32 reference (bfloat16 inputs) on rows whose block selections agree."""
+    for name, (Hq, Hkv) in {"G16": (16, 1), "G4": (8, 2)}.items():
+        x = {k: v.detach() for k, v in op_inputs(T, common.Shape(Hq, Hkv, 128), config, seed=1).items()}
+        o = nsa.nsa_attention(*op_args(x), config, backend="triton").float()
+        x32 = {k: v.float() for k, v in x.items()}
+        o_ref = nsa.nsa_attention(*op_args(x32), config, backend="reference")
+        ids = nsa.select_blocks(x["q"], x["k_cmp"], config, backend="triton")
+        ids_ref = nsa.select_blocks(x32["q"], x32["k_cmp"], config, backend="reference")
+        match = (ids == ids_ref).all(-1)
+        rows = match.repeat_interleave(Hq // Hkv, dim=2)
+        err = ((o - o_ref)[rows].norm() / o_ref[rows].norm()).item()
+        print(f"check {name} T={T}: selections agree on {match.float().mean().item():.4f} of rows; "
+              f"relative error of o there {err:.2e}")
+        if err > 2e-2:
+            raise SystemExit(f"correctness check failed for {name}: relative error {err:.3g}")
 
-    def fwd():
-        with torch.no_grad():
-            return nsa.nsa_attention(*(x[n] for n in NAMES), config, backend="triton")
 
-    def fwd_bwd():
-        o = nsa.nsa_attention(*(x[n] for n in NAMES), config, backend="triton")
-        return torch.autograd.grad(o, [x[n] for n in NAMES], do)
-    return fwd, fwd_bwd
-
+# ----------------------------------------------------------------------------------------------------------------
+# Baselines
+# ----------------------------------------------------------------------------------------------------------------
 
 def sdpa_fns(x, backend):
+    """(forward, forward+backward) of torch SDPA causal attention with GQA under one backend, over the window
+    branch's keys and values (any [B, T, Hkv, D] pair would do)."""
     from torch.nn.attention import sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -138,126 +160,267 @@ def sdpa_fns(x, backend):
     return fwd, fwd_bwd
 
 
-def check_correctness(config, T=2048):
-    """Triton op vs the float32 reference (bfloat16 inputs) on rows whose block selections agree."""
-    for name, (Hq, Hkv) in {"G16": (16, 1), "G4": (8, 2)}.items():
-        x = {k: v.detach() for k, v in make_inputs(T, Hq, Hkv, 128, config, seed=1).items()}
-        o = nsa.nsa_attention(*(x[n] for n in NAMES), config, backend="triton").float()
-        x32 = {k: v.float() for k, v in x.items()}
-        o_ref = nsa.nsa_attention(*(x32[n] for n in NAMES), config, backend="reference")
-        ids = nsa.select_blocks(x["q"], x["k_cmp"], config, backend="triton")
-        ids_ref = nsa.select_blocks(x32["q"], x32["k_cmp"], config, backend="reference")
-        match = (ids == ids_ref).all(-1)
-        rows = match.repeat_interleave(Hq // Hkv, dim=2)
-        err = ((o - o_ref)[rows].norm() / o_ref[rows].norm()).item()
-        print(f"check {name} T={T}: selections agree on {match.float().mean().item():.4f} of rows; "
-              f"relative error of o there {err:.2e}")
-        if err > 2e-2:
-            raise SystemExit(f"correctness check failed for {name}: relative error {err:.3g}")
+def fla_status(config):
+    """(parallel_nsa or None, note): what fla-core computes in this run, or why it is n/a."""
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception as e:  # not installed, or an import-time failure (a missing dependency)
+        return None, f"fla-core not importable: {common.reason(e)}"
+    if importlib.util.find_spec("flash_attn") is not None:  # fla's window branch calls it
+        window, win_note = config.window, f"window {config.window} through flash_attn"
+    else:
+        window, win_note = 0, "NO window branch (flash_attn not installed: window_size=0)"
+    version = importlib.metadata.version("fla-core")
+    note = (f"fla-core {version} parallel_nsa: compressed = mean of 64-token blocks (l = d = {config.slc_block}), "
+            f"top-{config.num_selected} selection of {config.slc_block}-token blocks, selected attention, "
+            f"{win_note}; one k/v for all branches")
+    return (parallel_nsa, window), note
 
 
-def run_shape(shape, T, config, warmup, rep):
+def fla_fns(x, config, fla):
+    """(forward, forward+backward) of fla's parallel_nsa fed our inputs: q, k = k_slc, v = v_slc, gates split."""
+    parallel_nsa, window = fla
+    Hq, Hkv = x["q"].shape[2], x["k_slc"].shape[2]
+    G = Hq // Hkv
+    if G < 16 or G & (G - 1):
+        raise ValueError(f"fla's parallel_nsa needs Hq/Hkv a power of two >= 16, here {G}")
+    q = x["q"].detach().requires_grad_()
+    k = x["k_slc"].detach().requires_grad_()
+    v = x["v_slc"].detach().requires_grad_()
+    g = [x["gates"].detach()[..., i].contiguous().requires_grad_() for i in range(3)]
+    do = torch.randn_like(q[..., :v.shape[-1]])
+    leaves = (q, k, v, *g)
+
+    def run():
+        return parallel_nsa(q, k, v, g_cmp=g[0], g_slc=g[1], g_swa=g[2], block_counts=config.num_selected,
+                            block_size=config.slc_block, window_size=window, scale=q.shape[-1] ** -0.5)
+
+    def fwd():
+        with torch.no_grad():
+            return run()
+
+    def fwd_bwd():
+        return torch.autograd.grad(run(), leaves, do)
+    return fwd, fwd_bwd
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Part "op"
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_shape(shape_name, T, config, args, fla):
     from torch.nn.attention import SDPBackend
 
-    dims = SHAPES[shape]
-    Hq, Hkv, D = dims["Hq"], dims["Hkv"], dims["D"]
-    x = make_inputs(T, Hq, Hkv, D, config)
-    scale = D ** -0.5
+    shape = SHAPES[shape_name]
+    out = {"shape": shape_name, "T": T, **shape._asdict(), "kernels": {}}
+    x, err = common.guarded(op_inputs, T, shape, config)
+    if err:
+        out["error"] = err
+        return out
+    scale = shape.D ** -0.5
     pairs = visible_pairs(T, config)
-    fns = {"nsa": op_fns(x, config), **branch_fns(x, config, scale),
-           "sdpa_flash": sdpa_fns(x, SDPBackend.FLASH_ATTENTION),
-           "sdpa_cudnn": sdpa_fns(x, SDPBackend.CUDNN_ATTENTION)}
-    out = {"shape": shape, "T": T, **dims, "kernels": {}}
-    for name, (fwd, fwd_bwd) in fns.items():
-        key = "full" if name.startswith("sdpa") else name
-        flops_fwd = 2 * Hq * pairs[key] * (D + D) * (0.5 if name == "selection" else 1.0)  # selection: q.k only
-        rec = {}
-        for mode, fn, flops in (("fwd", fwd, flops_fwd), ("fwd_bwd", fwd_bwd, 3.5 * flops_fwd)):
-            if fn is None:
-                continue
-            ms, peak, err = bench(fn, warmup, rep)
-            rec[mode] = dict(ms=ms, peak_mib=peak, tflops=None if ms is None else flops / ms / 1e9, error=err)
-        out["kernels"][name] = rec
-    del x, fns
-    torch.cuda.empty_cache()
-    return out
+    makers = {"nsa": lambda: op_fns(x, config)}
+    if not args.no_branches:
+        makers["branches"] = lambda: branch_fns(x, config, scale)
+    makers["sdpa_flash"] = lambda: sdpa_fns(x, SDPBackend.FLASH_ATTENTION)
+    makers["sdpa_cudnn"] = lambda: sdpa_fns(x, SDPBackend.CUDNN_ATTENTION)
+    makers["fla"] = (lambda: fla_fns(x, config, fla[0])) if fla[0] else None
+    for name, make in makers.items():
+        if make is None:
+            out["kernels"][name] = {m: dict(ms=None, peak_mib=None, error=fla[1]) for m in ("fwd", "fwd_bwd")}
+            continue
+        fns, err = common.guarded(make)
+        if err:
+            out["kernels"][name] = {m: dict(ms=None, peak_mib=None, error=err) for m in ("fwd", "fwd_bwd")}
+            continue
+        for kname, (fwd, fwd_bwd) in (fns.items() if name == "branches" else [(name, fns)]):
+            key = "full" if kname.startswith("sdpa") else kname
+            rec = {}
+            for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+                if fn is None:
+                    continue
+                rec[mode] = measure(fn, args.warmup, args.rep)
+                if key in pairs and rec[mode]["ms"] is not None:
+                    flops = 2 * shape.Hq * pairs[key] * 2 * shape.D * (0.5 if kname == "selection" else 1.0)
+                    rec[mode]["tflops"] = flops * (3.5 if mode == "fwd_bwd" else 1.0) / rec[mode]["ms"] / 1e9
+            out["kernels"][kname] = rec
+        del fns
+        torch.cuda.empty_cache()
+    return out  # x and the closures over it go with this frame (run_model's caller empties the cache)
+
+
+def _rec(r, name, mode):
+    return r["kernels"].get(name, {}).get(mode) or {}
 
 
 def _ms(r, name, mode):
-    rec = r["kernels"].get(name, {}).get(mode)
-    return None if rec is None else rec["ms"]
+    return _rec(r, name, mode).get("ms")
 
 
-def print_table(results):
-    cols = ["nsa", "compressed", "selection", "selected", "window", "sdpa_flash", "sdpa_cudnn"]
-    print("\n| shape | T | mode | " + " | ".join(cols) + " | vs flash | vs cuDNN | NSA peak MiB |")
-    print("|" + "---|" * (len(cols) + 6))
+def op_table(results, branches):
+    cols = ["nsa", *(BRANCHES if branches else ()), *BASELINES]
+    headers = ["shape", "T", "mode", *(f"{c} ms" for c in cols), "flash / nsa", "cuDNN / nsa", "fla / nsa",
+               "nsa MiB", "cuDNN MiB", "fla MiB"]
+    rows = []
     for r in results:
         for mode in ("fwd", "fwd_bwd"):
-            ms = [_ms(r, c, mode) for c in cols]
-            cells = ["-" if m is None else f"{m:.2f}" for m in ms]
-            speed = ["-" if (ms[0] is None or b is None) else f"{b / ms[0]:.2f}x" for b in ms[-2:]]
-            peak = r["kernels"]["nsa"].get(mode, {}).get("peak_mib")
-            print(f"| {r['shape']} | {r['T']} | {mode} | " + " | ".join(cells) + f" | {' | '.join(speed)} | "
-                  + ("-" if peak is None else f"{peak:.0f}") + " |")
-    print("\nTFLOP/s (useful FLOPs):")
+            if r.get("error"):
+                rows.append([r["shape"], r["T"], mode, f"n/a ({r['error']})"] + [""] * (len(headers) - 4))
+                continue
+            cells = [fmt(_ms(r, c, mode), ".2f", _rec(r, c, mode).get("error")) if c in r["kernels"] else "-"
+                     for c in cols]
+            nsa_ms = _ms(r, "nsa", mode)
+            speed = [ratio(_ms(r, b, mode), nsa_ms) for b in BASELINES]
+            peaks = [fmt(_rec(r, c, mode).get("peak_mib"), ".0f") for c in ("nsa", "sdpa_cudnn", "fla")]
+            rows.append([r["shape"], r["T"], mode, *cells, *speed, *peaks])
+    return common.table(headers, rows)
+
+
+def tflops_lines(results):
+    lines = []
     for r in results:
-        parts = [f"{c}/{m} {r['kernels'][c][m]['tflops']:.0f}" for c in cols for m in ("fwd", "fwd_bwd")
-                 if m in r["kernels"].get(c, {}) and r["kernels"][c][m]["tflops"] is not None]
-        print(f"  {r['shape']} T={r['T']}: " + ", ".join(parts))
+        parts = [f"{c}/{m} {rec['tflops']:.0f}" for c, recs in r["kernels"].items() for m, rec in recs.items()
+                 if rec.get("tflops") is not None]
+        if parts:
+            lines.append(f"  {r['shape']} T={r['T']}: " + ", ".join(parts))
+    return "\n".join(lines)
 
 
-def plot(results, path):
+def plot(results, model, path):
+    """Baseline time / NSA time against T: op forward, op forward+backward, and the model step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, mode in zip(axes, ("fwd", "fwd_bwd")):
         for shape in sorted({r["shape"] for r in results}):
             rs = sorted((r for r in results if r["shape"] == shape), key=lambda r: r["T"])
-            for base, style in (("sdpa_flash", "-o"), ("sdpa_cudnn", "--s")):
+            for base, style in (("sdpa_flash", "-o"), ("sdpa_cudnn", "--s"), ("fla", ":^")):
                 pts = [(r["T"], _ms(r, base, mode) / _ms(r, "nsa", mode)) for r in rs
                        if _ms(r, base, mode) and _ms(r, "nsa", mode)]
                 if pts:
-                    ax.plot(*zip(*pts), style, label=f"{shape}: vs SDPA {base.split('_')[1]}")
+                    ax.plot(*zip(*pts), style, label=f"{shape}: {base} / nsa")
+        ax.set_title("op, forward" if mode == "fwd" else "op, forward + backward")
+    ax = axes[2]
+    pts = sorted((m["T"], m["full_ms"] / m["nsa_ms"]) for m in model if m.get("nsa_ms") and m.get("full_ms"))
+    if pts:
+        ax.plot(*zip(*pts), "-o", label="full / nsa")
+    ax.set_title("model training step (2 layers, n_embd 2048)")
+    for ax in axes:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("T")
-        ax.set_title("forward" if mode == "fwd" else "forward + backward")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("speedup of NSA (SDPA time / NSA time)")
-    axes[0].legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("time of baseline / time of NSA (> 1: NSA faster)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Part "model"
+# ----------------------------------------------------------------------------------------------------------------
+
+def model_config(attention):
+    return nsa.ModelConfig(vocab_size=256, n_layer=2, n_embd=2048, n_head=16, n_kv_head=1, head_dim=128,
+                           attention=attention)
+
+
+def model_step(attention, T, iters):
+    """{ms, peak_mib, tok_s, params} of one forward+backward of the model on B = 1 random tokens."""
+    model = nsa.LanguageModel(model_config(attention)).cuda().train()
+    idx = torch.randint(0, 256, (1, T + 1), device="cuda")
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(inputs, targets)
+        loss.backward()
+    rec = measure(step, timer="events", iters=iters)
+    rec.update(tok_s=None if rec["ms"] is None else T / rec["ms"] * 1e3, params=model.num_params())
+    return rec  # the model goes with this frame; run_model empties the cache
+
+
+def run_model(Ts, iters):
+    rows = []
+    for T in Ts:
+        row = {"T": T}
+        for attention in ("nsa", "full"):
+            print(f"model step {attention} T={T} ...", flush=True)
+            rec, err = common.guarded(model_step, attention, T, iters)
+            torch.cuda.empty_cache()
+            rec = rec or dict(ms=None, peak_mib=None, tok_s=None, error=err)
+            row.update({f"{attention}_ms": rec["ms"], f"{attention}_tok_s": rec["tok_s"],
+                        f"{attention}_peak_mib": rec["peak_mib"], f"{attention}_error": rec["error"],
+                        "params_" + attention: rec.get("params")})
+        rows.append(row)
+    return rows
+
+
+def model_table(rows):
+    out = []
+    for r in rows:
+        cells = []
+        for a in ("nsa", "full"):
+            err = r[f"{a}_error"]
+            cells += [fmt(r[f"{a}_ms"], ".1f", err), fmt(r[f"{a}_tok_s"], ".0f", err), fmt(r[f"{a}_peak_mib"], ".0f")]
+        out.append([r["T"], *cells, ratio(r["full_ms"], r["nsa_ms"])])
+    return common.table(["T", "nsa ms", "nsa tokens/s", "nsa MiB", "full ms", "full tokens/s", "full MiB",
+                         "full / nsa"], out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    parser = common.parser(__doc__)
+    parser.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072],
+                        help="sequence lengths of part 'op'")
     parser.add_argument("--shapes", nargs="+", default=["P", "S"], choices=sorted(SHAPES))
-    parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
-    parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    parser.add_argument("--parts", nargs="+", default=["op", "model"], choices=["op", "model"])
+    parser.add_argument("--no-branches", action="store_true", help="part 'op': skip the branch-alone timings")
+    parser.add_argument("--model-T", type=int, nargs="+", default=[8192, 32768, 65536],
+                        help="sequence lengths of part 'model'")
+    parser.add_argument("--model-iters", type=int, default=5, help="part 'model': timed steps (after 2 warm-up)")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_op.py needs a CUDA device")
+    common.require_cuda("bench_op.py")
+    env = common.environment()
     config = NSAConfig()
-    if not args.no_check:
+    if not args.no_check and "op" in args.parts:
         check_correctness(config)
-    results = []
-    for shape in args.shapes:
-        for T in args.T:
-            print(f"running {shape} T={T} ...", flush=True)
-            results.append(run_shape(shape, T, config, args.warmup, args.rep))
-    print_table(results)
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, config=dataclasses.asdict(config))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
-    plot(results, os.path.join(args.out, "speedup.png"))
-    print(f"wrote {args.out}/results.json and {args.out}/speedup.png")
+    results, model, fla_note = [], [], None
+    if "op" in args.parts:
+        fla = fla_status(config)
+        fla_note = fla[1]
+        print(fla_note, flush=True)
+        for shape in args.shapes:
+            for T in args.T:
+                print(f"op {shape} T={T} ...", flush=True)
+                results.append(run_shape(shape, T, config, args, fla))
+                torch.cuda.empty_cache()
+    if "model" in args.parts:
+        model = run_model(args.model_T, args.model_iters)
+
+    common.print_header("NSA op against SDPA and fla-core; model training step", env)
+    if results:
+        print(f"\nOp, B = 1, bfloat16, median ms (do_bench); ratio = baseline ms / nsa ms; MiB = peak above inputs.\n"
+              f"fla: {fla_note}.\n")
+        print(op_table(results, not args.no_branches))
+        print("\nTFLOP/s (useful FLOPs):\n" + tflops_lines(results))
+    if model:
+        cfg = model_config("nsa")
+        print(f"\nModel training step: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, n_head {cfg.n_head}, n_kv_head "
+              f"{cfg.n_kv_head}, head_dim {cfg.head_dim}, vocab {cfg.vocab_size}, B = 1, bf16 autocast, forward + "
+              f"backward; median of {args.model_iters} (CUDA events).\n")
+        print(model_table(model))
+    meta = dict(env, config=config, args=vars(args), fla=fla_note)
+    path = common.write_json(args.out, meta, op=results, model=model)
+    png = f"{args.out}/speedup.png"
+    _, err = common.guarded(plot, results, model, png)
+    print(f"\nwrote {path}" + (f" and {png}" if err is None else f"; no plot ({err})"))
 
 
 if __name__ == "__main__":

@@ -2,28 +2,24 @@
 banded flash kernels (compressed and window branches) and of the selected-attention kernels under variants of
 their tiles, warps and pipeline stages. Shape P (Hq 64, Hkv 4, D 128) by default, bfloat16, default NSAConfig.
 
-Each flash variant sets the forward, dk/dv and dq tiles at once (they are separate kernels, timed apart), so
-one compile per variant serves three comparisons. Prints one markdown table per part; the first row of each
-is the library's choice.
+Each variant is one nsa.KernelOptions passed as `options=` to the kernels' host functions (nothing global is
+changed). A banded variant sets the forward, dk/dv and dq launches at once (they are separate kernels, timed
+apart), so one compile per variant serves three comparisons. The first row of each table is the library's
+choice (KernelOptions()). Prints one markdown table per part.
 
-    PYTHONPATH=src:benchmarks python benchmarks/tune_kernels.py --T 65536
+    python benchmarks/tune_kernels.py --T 65536
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
+import common
 import nsa
-from nsa.ops.triton import flash, selected
-from nsa.ops.triton.flash import banded_attention_bwd, banded_attention_fwd, branch_band
-from nsa.ops.triton.selected import selected_attention_bwd, selected_attention_fwd
+from common import fmt, kernel_sum, kernel_times
+from nsa import KernelOptions, Launch
 
-from profile_decode import kernel_times
-
-SHAPES = {"P": (64, 4), "S": (32, 8)}
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, dk/dv and dq kernels, one variant per row.
-FLASH = [
+# (block_m, block_n, num_warps, num_stages) of the forward, dk/dv and dq kernels, one variant per row.
+BANDED = [
     ((64, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 2)),
     ((64, 64, 4, 2), (64, 128, 4, 2), (64, 32, 4, 3)),
     ((64, 128, 4, 2), (32, 128, 4, 2), (32, 64, 4, 2)),
@@ -32,7 +28,7 @@ FLASH = [
     ((128, 64, 4, 2), (16, 64, 4, 2), (64, 128, 4, 2)),
     ((64, 64, 8, 3), (64, 128, 8, 3), (32, 64, 2, 2)),
 ]
-# Selected attention: (forward (warps, stages), dq (warps, stages), kv-major (warps, stages), KV_TILE_ROWS).
+# Selected attention: (forward (warps, stages), dq (warps, stages), kv-major (warps, stages), kv-major rows).
 SELECTED = [
     ((2, 3), (2, 3), (4, 2), 64),
     ((1, 3), (1, 3), (4, 3), 64),
@@ -42,84 +38,86 @@ SELECTED = [
 ]
 
 
-def tile(spec):
+def tile(spec) -> Launch:
     m, n, warps, stages = spec
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+    return Launch(block_m=m, block_n=n, num_warps=warps, num_stages=stages)
+
+
+def banded_options(variant) -> KernelOptions:
+    fwd, dkdv, dq = variant
+    return KernelOptions(banded_fwd=tile(fwd), banded_dkdv=tile(dkdv), banded_dq=tile(dq))
+
+
+def selected_options(variant) -> KernelOptions:
+    fwd, dq, kv, rows = variant
+    return KernelOptions(selected_fwd=Launch(num_warps=fwd[0], num_stages=fwd[1]),
+                         selected_dq=Launch(num_warps=dq[0], num_stages=dq[1]),
+                         selected_dkdv=Launch(block_m=rows, num_warps=kv[0], num_stages=kv[1]))
 
 
 def times_ms(fn, iters, kernels):
-    """Mean device ms per call of each named kernel of fn (None if it failed to compile or run)."""
-    try:
-        t = kernel_times(fn, iters)
-    except Exception as e:  # out of shared memory / registers for this tile
-        print(f"  ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        torch.cuda.synchronize()
-        return [None] * len(kernels)
-    return [sum(v for k, v in t.items() if name in k) / 1e3 for name in kernels]
+    """(mean device ms per call of each named kernel of fn, None) or ([None...], reason) when the variant fails
+    to compile or run (out of shared memory or registers for this tile)."""
+    t, err = common.guarded(kernel_times, fn, iters)
+    return ([None] * len(kernels) if t is None else [kernel_sum(t, name) / 1e3 for name in kernels]), err
 
 
-def fmt(x):
-    return "-" if x is None else f"{x:.2f}"
+def sweep_banded(x, config, scale, iters):
+    from nsa.ops.triton.banded import banded_attention_bwd, banded_attention_fwd, branch_band
 
-
-def sweep_flash(x, config, scale, iters):
-    library = flash.launch_params
-    print("\n| branch | fwd tile | fwd ms | dk/dv tile | dk/dv ms | dq tile | dq ms |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []
     for branch, k, v in (("cmp", x["kc"], x["vc"]), ("swa", x["k"], x["v"])):
         band = branch_band(branch, config)
-        for fwd, dkdv, dq in FLASH:
-            flash.launch_params = lambda dk, dv, f=fwd, kv=dkdv, q=dq: {
-                **library(dk, dv), "fwd": tile(f), "dkdv": tile(kv), "dq": tile(q)}
+        for variant in [None, *BANDED]:
+            options = KernelOptions() if variant is None else banded_options(variant)
 
             def run():
-                o, lse = banded_attention_fwd(x["q"], k, v, scale, **band)
-                banded_attention_bwd(x["do"], x["q"], k, v, o, lse, scale, **band)
-            ms = times_ms(run, iters, ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"))
-            print(f"| {branch} | {fwd} | {fmt(ms[0])} | {dkdv} | {fmt(ms[1])} | {dq} | {fmt(ms[2])} |", flush=True)
-    flash.launch_params = library
+                o, lse = banded_attention_fwd(x["q"], k, v, scale, **band, options=options)
+                banded_attention_bwd(x["do"], x["q"], k, v, o, lse, scale, **band, options=options)
+            ms, err = times_ms(run, iters, ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"))
+            names = ("library",) * 3 if variant is None else variant
+            rows.append([branch, names[0], fmt(ms[0], ".2f", err), names[1], fmt(ms[1], ".2f", err),
+                         names[2], fmt(ms[2], ".2f", err)])
+            print(f"  banded {branch} {names[0]}: done", flush=True)
+    print("\nBanded kernels, tile = (block_m, block_n, num_warps, num_stages), ms:\n")
+    print(common.table(["branch", "fwd tile", "fwd ms", "dk/dv tile", "dk/dv ms", "dq tile", "dq ms"], rows))
 
 
 def sweep_selected(x, config, scale, iters):
-    library, rows = {k: dict(v) for k, v in selected.LAUNCH.items()}, selected.KV_TILE_ROWS
+    from nsa.ops.triton.selected_attention import selected_attention_bwd, selected_attention_fwd
+
     ids = nsa.select_blocks(x["q"], x["kc"], config, backend="triton")
     lp = config.slc_block
-    print("\n| fwd (warps, stages) | fwd ms | dq (warps, stages) | dq ms | kv (warps, stages) | kv rows | kv ms |")
-    print("|---|---|---|---|---|---|---|")
-    for fwd, dq, kv, kv_rows in SELECTED:
-        for name, (warps, stages) in (("fwd", fwd), ("dq", dq), ("kv", kv)):
-            selected.LAUNCH[name] = dict(num_warps=warps, num_stages=stages)
-        selected.KV_TILE_ROWS = kv_rows
+    rows = []
+    for variant in [None, *SELECTED]:
+        options = KernelOptions() if variant is None else selected_options(variant)
 
         def run():
-            o, lse = selected_attention_fwd(x["q"], x["k"], x["v"], ids, scale, lp)
-            selected_attention_bwd(x["do"], x["q"], x["k"], x["v"], o, lse, ids, scale, lp)
-        ms = times_ms(run, iters, ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_kv_kernel"))
-        print(f"| {fwd} | {fmt(ms[0])} | {dq} | {fmt(ms[1])} | {kv} | {kv_rows} | {fmt(ms[2])} |", flush=True)
-    selected.LAUNCH.update(library)
-    selected.KV_TILE_ROWS = rows
+            o, lse = selected_attention_fwd(x["q"], x["k"], x["v"], ids, scale, lp, options=options)
+            selected_attention_bwd(x["do"], x["q"], x["k"], x["v"], o, lse, ids, scale, lp, options=options)
+        ms, err = times_ms(run, iters, ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_kv_kernel"))
+        fwd, dq, kv, kv_rows = ("library",) * 4 if variant is None else variant
+        rows.append([fwd, fmt(ms[0], ".2f", err), dq, fmt(ms[1], ".2f", err), kv, kv_rows, fmt(ms[2], ".2f", err)])
+    print("\nSelected-attention kernels, (num_warps, num_stages), ms:\n")
+    print(common.table(["fwd", "fwd ms", "dq", "dq ms", "kv-major", "kv rows", "kv ms"], rows))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__, out=None, timing=False)
     parser.add_argument("--T", type=int, default=65536)
-    parser.add_argument("--shape", default="P", choices=sorted(SHAPES))
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--parts", nargs="+", default=["flash", "selected"], choices=["flash", "selected"])
+    parser.add_argument("--shape", default="P", choices=sorted(common.SHAPES))
+    parser.add_argument("--iters", type=int, default=3, help="profiled calls per variant")
+    parser.add_argument("--parts", nargs="+", default=["banded", "selected"], choices=["banded", "selected"])
     args = parser.parse_args()
+    common.require_cuda("tune_kernels.py")
     config = nsa.NSAConfig()
-    Hq, Hkv = SHAPES[args.shape]
-    T, D = args.T, 128
-
-    def rand(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-    Tc = config.num_cmp_tokens(T)
-    x = dict(q=rand(1, T, Hq, D), k=rand(1, T, Hkv, D), v=rand(1, T, Hkv, D), kc=rand(1, Tc, Hkv, D),
-             vc=rand(1, Tc, Hkv, D), do=rand(1, T, Hq, D))
-    scale = D ** -0.5
-    print(f"shape {args.shape} (Hq {Hq}, Hkv {Hkv}, D {D}), T {T}, bfloat16")
-    if "flash" in args.parts:
-        sweep_flash(x, config, scale, args.iters)
+    shape = common.SHAPES[args.shape]
+    x = common.op_inputs(args.T, shape, config, requires_grad=False)
+    x = dict(q=x["q"], k=x["k_slc"], v=x["v_slc"], kc=x["k_cmp"], vc=x["v_cmp"], do=torch.randn_like(x["q"]))
+    scale = shape.D ** -0.5
+    common.print_header(f"training-kernel launch sweep, shape {args.shape} {tuple(shape)}, T {args.T}, bfloat16")
+    if "banded" in args.parts:
+        sweep_banded(x, config, scale, args.iters)
     if "selected" in args.parts:
         sweep_selected(x, config, scale, args.iters)
 

@@ -1,0 +1,26 @@
+"""The benchmark scripts parse their arguments on any machine: each runs `python benchmarks/NAME.py --help` as a
+user would (no PYTHONPATH=benchmarks: `import common` must resolve from the script's own folder). No timing."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py")
+
+
+def test_the_kept_scripts():
+    assert SCRIPTS == ["bench_decode.py", "bench_op.py", "profile_decode.py", "tune_kernels.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: " + script), out.stdout[:200]
