@@ -200,7 +200,7 @@ def fla_fns(x, config, fla):
             return run()
 
     def fwd_bwd():
-        return torch.autograd.grad(run(), leaves, do)
+        return torch.autograd.grad(run(), leaves, do, allow_unused=True)
     return fwd, fwd_bwd
 
 

@@ -74,7 +74,7 @@ def sweep_banded(x, config, scale, iters):
             def run():
                 o, lse = banded_attention_fwd(x["q"], k, v, scale, **band, options=options)
                 banded_attention_bwd(x["do"], x["q"], k, v, o, lse, scale, **band, options=options)
-            ms, err = times_ms(run, iters, ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"))
+            ms, err = times_ms(run, iters, ("_banded_fwd_kernel", "_banded_dkdv_kernel", "_banded_dq_kernel"))
             names = ("library",) * 3 if variant is None else variant
             rows.append([branch, names[0], fmt(ms[0], ".2f", err), names[1], fmt(ms[1], ".2f", err),
                          names[2], fmt(ms[2], ".2f", err)])
@@ -95,7 +95,7 @@ def sweep_selected(x, config, scale, iters):
         def run():
             o, lse = selected_attention_fwd(x["q"], x["k"], x["v"], ids, scale, lp, options=options)
             selected_attention_bwd(x["do"], x["q"], x["k"], x["v"], o, lse, ids, scale, lp, options=options)
-        ms, err = times_ms(run, iters, ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_kv_kernel"))
+        ms, err = times_ms(run, iters, ("_selected_fwd_kernel", "_selected_dq_kernel", "_selected_dkdv_kernel"))
         fwd, dq, kv, kv_rows = ("library",) * 4 if variant is None else variant
         rows.append([fwd, fmt(ms[0], ".2f", err), dq, fmt(ms[1], ".2f", err), kv, kv_rows, fmt(ms[2], ".2f", err)])
     print("\nSelected-attention kernels, (num_warps, num_stages), ms:\n")

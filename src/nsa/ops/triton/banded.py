@@ -9,10 +9,10 @@ block only the query blocks that can see it), so the window branch costs O(T * w
 compressed branch O(T * Tc / 2). Blocks that every row of the tile sees entirely skip the mask.
 
 Kernels (FlashAttention-2; exp2 with log2(e) folded into the scale; statistics in float32):
-  _fwd_kernel      grid (query blocks, Hq, batch)             -> o, lse
-  _delta_kernel    grid (query blocks, Hq, batch)             -> delta = rowsum(do * o)
-  _dkdv_kernel     grid (key blocks, Hkv * splits, batch)     -> dk, dv
-  _dq_kernel       grid (query blocks, Hq, batch)             -> dq
+  _banded_fwd_kernel      grid (query blocks, Hq, batch)             -> o, lse
+  _banded_delta_kernel    grid (query blocks, Hq, batch)             -> delta = rowsum(do * o)
+  _banded_dkdv_kernel     grid (key blocks, Hkv * splits, batch)     -> dk, dv
+  _banded_dq_kernel       grid (query blocks, Hq, batch)             -> dq
 Every gradient has a single writer program that sums in a fixed order: no float atomics, so the backward
 is bitwise reproducible (and on an H100 faster than adding dq atomically from the dk/dv kernel).
 GQA: query head h reads key/value head h // G. A dk/dv program owns one key block of one key/value
@@ -122,7 +122,7 @@ def _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk, t, lo, hi, qk
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+def _banded_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                 T, Tk, Hq, G, qk_scale,
@@ -172,7 +172,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+def _banded_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
                   T, Hq, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """delta[b, h, t] = sum_c do[b, t, h, c] * o[b, t, h, c] (float32). DELTA [B, Hq, T]."""
     h, b = tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -215,7 +215,7 @@ def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K,
+def _banded_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K,
                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                  stride_dks, stride_dkb, stride_dkt, stride_dkh,
@@ -288,7 +288,7 @@ def _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk, t, lo, h
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+def _banded_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                stride_dqb, stride_dqt, stride_dqh,
@@ -430,7 +430,7 @@ def banded_attention_fwd(q, k, v, scale, *, key_stride, key_span, window=None,
     cfg = launch_params(Dk, Dv, options)
     fwd = cfg["fwd"]
     grid = (triton.cdiv(max_t, fwd["BLOCK_M"]), Hq, nb)
-    _fwd_kernel[grid](
+    _banded_fwd_kernel[grid](
         q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         T, Tk, Hq, Hq // Hkv, scale * LOG2E,
@@ -475,7 +475,7 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     dcfg = cfg["delta"]
     if T:
-        _delta_kernel[(triton.cdiv(T, dcfg["BLOCK_M"]), Hq, B)](
+        _banded_delta_kernel[(triton.cdiv(T, dcfg["BLOCK_M"]), Hq, B)](
             o, do, delta, *_strides(o), *_strides(do), T, Hq, DV=Dv, BLOCK_DV=cfg["BLOCK_DV"], **dcfg)
 
     # Keys past the last one the longest sequence can see get no gradient: no program for them.
@@ -490,7 +490,7 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     dv = torch.zeros(splits, B, Tk, Hkv, Dv, device=q.device, dtype=part_dtype or v.dtype)
     qk_scale = scale * LOG2E
     if programs:
-        _dkdv_kernel[(triton.cdiv(max_k, kv_cfg["BLOCK_N"]), Hkv * splits, nb)](
+        _banded_dkdv_kernel[(triton.cdiv(max_k, kv_cfg["BLOCK_N"]), Hkv * splits, nb)](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *dk.stride()[:4], *dv.stride()[:4],
@@ -498,7 +498,7 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     dq = torch.empty_like(q)
     if T:
         q_cfg = cfg["dq"]
-        _dq_kernel[(triton.cdiv(max_t, q_cfg["BLOCK_M"]), Hq, nb)](
+        _banded_dq_kernel[(triton.cdiv(max_t, q_cfg["BLOCK_M"]), Hq, nb)](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             T, Tk, Hq, G, qk_scale, scale, **meta, **q_cfg)

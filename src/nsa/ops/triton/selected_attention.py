@@ -46,12 +46,16 @@ from .utils import LN2_K, LOG2E, LOG2E_K, MAX_HEAD_DIM, dot_precision, pow2_at_l
 # consecutive queries, whose block union grows when neighbours disagree, so 16 (the tl.dot minimum);
 # the kv-major kernel gathers queries that all selected its block, so a larger tile wastes nothing.
 TILE_ROWS = 16
-KV_TILE_ROWS = 64
-# Launch options of the forward, dq and kv-major kernels (benchmarks/tune_kernels.py, H100, shape P at 64k);
-# KernelOptions.selected_* override them.
-FWD_LAUNCH = dict(num_warps=2, num_stages=3)
-DQ_LAUNCH = dict(num_warps=2, num_stages=3)
-KV_LAUNCH = dict(num_warps=4, num_stages=2)
+KV_TILE_ROWS = 128
+# Launch options of the forward, dq and kv-major kernels; KernelOptions.selected_* override them. Forward and dq
+# on one and two warps, two stages (H200, shapes P and S at 8k and 64k, after the for-loop walk: forward P 8k
+# 1.71 ms against 2.10 on two warps and 2.45 at three stages); kv-major on 128-row tiles, eight warps, work items
+# of at most 1024 queries (shape P: 8k 1.55 ms against 2.46 at 64 rows / 4 warps / 2048, 64k 13.7 against 15.1;
+# shape S: 8k 0.84 against 0.97, 64k 7.3 against 6.7).
+FWD_LAUNCH = dict(num_warps=1, num_stages=2)
+DQ_LAUNCH = dict(num_warps=2, num_stages=2)
+KV_LAUNCH = dict(num_warps=8, num_stages=2)
+KV_ITEM_QUERIES = 1024
 
 
 def query_tile(G: int, min_rows: int = TILE_ROWS) -> tuple[int, int]:
@@ -139,12 +143,41 @@ def _rows(pid_t, g, BLOCK_T: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexp
     return t, h, row_ok
 
 
+@triton.jit
+def _tile_union_kernel(BID, UNION, TILE_OFF, CU, T, HKV, TILES, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr,
+                       BLOCK_T: tl.constexpr, T_PAD: tl.constexpr, NO_BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """grid as the forward: the distinct blocks the tile's queries chose, ascending, then NO_BLOCK, written to
+    the tile's row of UNION [tiles, HKV, T_PAD * N_PAD] (every slot written once: a permutation of the tile's
+    sorted ids, the first occurrence of each id in front, repeats after them as NO_BLOCK)."""
+    pid_t, pid_b, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tok0, seqlen, _ = _sequence(CU, pid_b, T, 1, IS_VARLEN)
+    if pid_t * BLOCK_T >= seqlen:
+        return
+    K: tl.constexpr = T_PAD * N_PAD
+    r = tl.arange(0, T_PAD)
+    t = pid_t * BLOCK_T + r
+    slots = tl.arange(0, N_PAD)
+    ids = tl.load(BID + ((tok0 + t) * (HKV * N_SLOTS) + g * N_SLOTS)[:, None] + slots[None, :],
+                  mask=((r < BLOCK_T) & (t < seqlen))[:, None] & (slots < N_SLOTS)[None, :], other=-1)
+    ids = tl.sort(tl.reshape(tl.where(ids >= 0, ids, NO_BLOCK), (K,)))
+    i = tl.arange(0, K)
+    first = (i == 0) | (ids != tl.gather(ids, tl.maximum(i - 1, 0), 0))
+    rank = tl.cumsum(first.to(tl.int32), 0)  # distinct ids up to and including i
+    distinct = tl.sum(first.to(tl.int32), 0)
+    if IS_VARLEN:
+        tile = tl.load(TILE_OFF + pid_b).to(tl.int64) + pid_t
+    else:
+        tile = pid_b.to(tl.int64) * TILES + pid_t
+    dest = tl.where(first, rank - 1, distinct + i - rank)
+    tl.store(UNION + (tile * HKV + g) * K + dest, tl.where(first, ids, NO_BLOCK))
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, qk_scale, T, HQ, HKV, DK, DV, TILES,
+def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, qk_scale, T, HQ, HKV, DK, DV, TILES,
                 G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
                 U_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -195,7 +228,7 @@ def _fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, qk_scale, T, HQ, HKV,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU, qk_scale, scale, T, HQ, HKV, DK, DV,
+def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU, qk_scale, scale, T, HQ, HKV, DK, DV,
                    TILES, G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
                    U_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -239,7 +272,7 @@ def _bwd_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU, qk_
 
 
 @triton.jit
-def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITEM_HI, PDK, PDV, CU,
+def _selected_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITEM_HI, PDK, PDV, CU,
                    qk_scale, scale, T, HQ, HKV, DK, DV, NUM_BLOCKS,
                    G: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -292,7 +325,7 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITEM_HI, P
 
 
 @triton.jit
-def _bwd_kv_reduce_kernel(PDK, PDV, KEY_ITEMS, DKO, DVO, CU, T, HKV, DK, DV, NUM_BLOCKS,
+def _selected_dkdv_reduce_kernel(PDK, PDV, KEY_ITEMS, DKO, DVO, CU, T, HKV, DK, DV, NUM_BLOCKS,
                           SLC_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr,
                           BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr):
     """grid (sequences * HKV * NUM_BLOCKS,): dk/dv of block `key` = sum of its items' partials
@@ -342,8 +375,12 @@ def _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen):
 def _meta(G, DK, DV, block_size, n, dtype):
     block_t, block_m = query_tile(G)
     return dict(G=G, N_SLOTS=n, N_PAD=triton.next_power_of_2(n), SLC_BLOCK=block_size, BLOCK_T=block_t,
-                BLOCK_M=block_m, BLOCK_N=min(pow2_at_least(block_size), 64), BLOCK_DK=pow2_at_least(DK),
-                BLOCK_DV=pow2_at_least(DV), DOT_PREC=dot_precision(dtype))
+                BLOCK_M=block_m, BLOCK_DK=pow2_at_least(DK), BLOCK_DV=pow2_at_least(DV), DOT_PREC=dot_precision(dtype))
+
+
+def _walk_launch(launch, block_size: int, defaults: dict) -> dict:
+    """Launch keywords of the forward or dq kernel: BLOCK_N keys per tile (up to 64 of a block), warps, stages."""
+    return launch.over(dict(BLOCK_N=min(pow2_at_least(block_size), 64), **defaults), block_n="BLOCK_N")
 
 
 def _sequence_ids(B: int, T: int, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,44 +395,40 @@ def _sequence_ids(B: int, T: int, cu_seqlens, device) -> tuple[torch.Tensor, tor
 _NO_BLOCK = 2 ** 30  # sorts after every block id
 
 
-def _tile_unions(block_ids, block_t: int, cu_seqlens, max_len: int):
-    """The blocks each tile of block_t consecutive queries of a sequence walks: their union, on the device.
+def _tile_unions(block_ids, meta, cu_seqlens, grid):
+    """The blocks each tile of BLOCK_T consecutive queries of a sequence walks: their union, on the device.
 
     block_ids int32 [B, T, Hkv, n] -> (union int32 [tiles, Hkv, U], tile_off int32 [N] or None): union row
     (tile, g) holds the distinct ids the tile's queries chose, ascending, then _NO_BLOCK; tile k of sequence s
-    is row tile_off[s] + k (packed) or s * cdiv(T, block_t) + k (dense). One query per tile (G >= 16): the rows
+    is row tile_off[s] + k (packed) or s * cdiv(T, BLOCK_T) + k (dense). One query per tile (G >= 16): the rows
     of block_ids are already that (ascending, then -1), so they serve as the union as they are.
     """
     B, T, Hkv, n = block_ids.shape
+    block_t = meta["BLOCK_T"]
     if block_t == 1:
-        return block_ids.reshape(B * T, Hkv, n), (cu_seqlens if cu_seqlens is None else cu_seqlens[:-1])
-    dev = block_ids.device
-    seq, starts = _sequence_ids(B, T, cu_seqlens, dev)
-    tok = torch.arange(B * T, device=dev)
-    t = tok - starts[seq]
-    if cu_seqlens is None:
-        tiles_of_seq = torch.full_like(starts, triton.cdiv(T, block_t))
-    else:
-        tiles_of_seq = (cu_seqlens[1:] - cu_seqlens[:-1] + block_t - 1).long() // block_t
-    tile_off = torch.cumsum(tiles_of_seq, 0) - tiles_of_seq
-    tiles = (B * T) // block_t + tiles_of_seq.numel()  # a bound on sum(tiles_of_seq): static, no host read
-    slots = torch.full((tiles, block_t, Hkv, n), -1, dtype=torch.int32, device=dev)
-    slots[tile_off[seq] + t // block_t, t % block_t] = block_ids.reshape(B * T, Hkv, n)
-    union = slots.permute(0, 2, 1, 3).reshape(tiles, Hkv, block_t * n)
-    union = torch.where(union >= 0, union, _NO_BLOCK).sort(-1).values
-    repeat = torch.zeros_like(union, dtype=torch.bool)
-    repeat[..., 1:] = union[..., 1:] == union[..., :-1]
-    union = torch.where(repeat, _NO_BLOCK, union).sort(-1).values
-    return union, (None if cu_seqlens is None else tile_off.to(torch.int32))
+        return block_ids.reshape(B * T, Hkv, n), (None if cu_seqlens is None else cu_seqlens[:-1])
+    tile_off = None
+    tiles = B * triton.cdiv(T, block_t)
+    if cu_seqlens is not None:
+        tiles_of_seq = (cu_seqlens[1:] - cu_seqlens[:-1] + block_t - 1) // block_t
+        tile_off = (torch.cumsum(tiles_of_seq, 0) - tiles_of_seq).to(torch.int32)
+        tiles = T // block_t + tiles_of_seq.numel()  # a bound on sum(tiles_of_seq): static, no host read
+    t_pad = triton.next_power_of_2(block_t)
+    union = torch.empty(tiles, Hkv, t_pad * meta["N_PAD"], dtype=torch.int32, device=block_ids.device)
+    _tile_union_kernel[grid](block_ids, union, tile_off, cu_seqlens, T, Hkv, triton.cdiv(T, block_t),
+                             N_SLOTS=n, N_PAD=meta["N_PAD"], BLOCK_T=block_t, T_PAD=t_pad, NO_BLOCK=_NO_BLOCK,
+                             IS_VARLEN=cu_seqlens is not None)
+    return union, tile_off
 
 
-def _launch_selected(kernel, grid, q, block_ids, cu_seqlens, max_len, meta, tensors, scalars, launch):
-    """Launches the forward or dq kernel with its tiles' block unions."""
-    union, tile_off = _tile_unions(block_ids, meta["BLOCK_T"], cu_seqlens, max_len)
+def _launch_walk(kernel, grid, block_ids, cu_seqlens, meta, tensors, scalars, launch):
+    """Launches the forward or dq kernel (tensors: Q, K, V, BID, then the kernel's outputs and extra inputs) over
+    its tiles' block unions."""
+    union, tile_off = _tile_unions(block_ids, meta, cu_seqlens, grid)
     u_slots = union.shape[-1]
-    kernel[grid](*tensors[:4], union, tile_off, *tensors[4:], cu_seqlens, *scalars, triton.cdiv(q.shape[1], meta["BLOCK_T"]),
-                 U_SLOTS=u_slots, U_PAD=triton.next_power_of_2(u_slots), IS_VARLEN=cu_seqlens is not None, **meta,
-                 **launch)
+    kernel[grid](*tensors[:4], union, tile_off, *tensors[4:], cu_seqlens, *scalars,
+                 triton.cdiv(block_ids.shape[1], meta["BLOCK_T"]), U_SLOTS=u_slots,
+                 U_PAD=triton.next_power_of_2(u_slots), IS_VARLEN=cu_seqlens is not None, **meta, **launch)
 
 
 def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None,
@@ -408,12 +441,12 @@ def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=
     B, _, HQ, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
     meta = _meta(HQ // HKV, DK, DV, block_size, block_ids.shape[3], q.dtype)
-    o = torch.zeros(B, T, HQ, DV, device=q.device, dtype=q.dtype)
-    lse = torch.full((B, HQ, T), float("-inf"), device=q.device, dtype=torch.float32)
+    o = torch.empty(B, T, HQ, DV, device=q.device, dtype=q.dtype)  # every row is written (zeros where empty)
+    lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     if T:
         grid = (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV)
-        _launch_selected(_fwd_kernel, grid, q, block_ids, cu_seqlens, max_len, meta, (q, k, v, block_ids, o, lse),
-                         (scale * LOG2E, T, HQ, HKV, DK, DV), options.selected_fwd.over(FWD_LAUNCH))
+        _launch_walk(_selected_fwd_kernel, grid, block_ids, cu_seqlens, meta, (q, k, v, block_ids, o, lse),
+                     (scale * LOG2E, T, HQ, HKV, DK, DV), _walk_launch(options.selected_fwd, block_size, FWD_LAUNCH))
     return o, lse
 
 
@@ -453,7 +486,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     """Gradients of selected_attention_fwd: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
     dq query-major, dk/dv kv-major over the inverse index, no float atomics, no host sync.
-    chunk: queries per kv-major work item (default from the average load)."""
+    chunk: queries per kv-major work item (default KV_ITEM_QUERIES)."""
     q, k, v, o, do, block_ids = (x.contiguous() for x in (q, k, v, o, do, block_ids.to(torch.int32)))
     lse = lse.contiguous()
     nb, T, max_len = _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen)
@@ -463,18 +496,17 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     meta = _meta(G, DK, DV, block_size, block_ids.shape[3], q.dtype)
     varlen = cu_seqlens is not None
     dq = torch.empty_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    dk = torch.empty_like(k)  # the reduction writes every token of every sequence
+    dv = torch.empty_like(v)
     if T == 0:
         return dq, dk, dv
     qk_scale = scale * LOG2E
-    delta = torch.zeros(B, HQ, T, device=q.device, dtype=torch.float32)
-    _launch_selected(_bwd_dq_kernel, (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV), q, block_ids, cu_seqlens,
-                     max_len, meta, (q, k, v, block_ids, o, do, lse, dq, delta), (qk_scale, scale, T, HQ, HKV, DK, DV),
-                     options.selected_dq.over(DQ_LAUNCH))
+    delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
+    _launch_walk(_selected_dq_kernel, (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV), block_ids, cu_seqlens, meta,
+                 (q, k, v, block_ids, o, do, lse, dq, delta), (qk_scale, scale, T, HQ, HKV, DK, DV),
+                 _walk_launch(options.selected_dq, block_size, DQ_LAUNCH))
     num_blocks = triton.cdiv(max_len, block_size)
-    if chunk is None:  # about twice the average queries per block: most blocks take one item
-        chunk = max(256, 2 * block_ids.shape[3] * block_size)
+    chunk = KV_ITEM_QUERIES if chunk is None else chunk
     qlist, item_key, lo, hi, key_items = _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk)
     block_s, block_dk, block_dv = pow2_at_least(block_size), meta["BLOCK_DK"], meta["BLOCK_DV"]
     num_items = item_key.numel()
@@ -482,11 +514,11 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     pdv = torch.empty(num_items, block_s, block_dv, device=q.device, dtype=torch.float32)
     kv = options.selected_dkdv.over(dict(BLOCK_M=KV_TILE_ROWS, **KV_LAUNCH), block_m="BLOCK_M")
     block_q, block_m = query_tile(G, kv.pop("BLOCK_M"))
-    _bwd_kv_kernel[(num_items,)](q, k, v, do, lse, delta, qlist, item_key, lo, hi, pdk, pdv, cu_seqlens,
+    _selected_dkdv_kernel[(num_items,)](q, k, v, do, lse, delta, qlist, item_key, lo, hi, pdk, pdv, cu_seqlens,
                                  qk_scale, scale, T, HQ, HKV, DK, DV, num_blocks, G=G, SLC_BLOCK=block_size,
                                  BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_DK=block_dk,
                                  BLOCK_DV=block_dv, IS_VARLEN=varlen, DOT_PREC=meta["DOT_PREC"], **kv)
-    _bwd_kv_reduce_kernel[(nb * HKV * num_blocks,)](pdk, pdv, key_items, dk, dv, cu_seqlens, T, HKV, DK, DV, num_blocks,
+    _selected_dkdv_reduce_kernel[(nb * HKV * num_blocks,)](pdk, pdv, key_items, dk, dv, cu_seqlens, T, HKV, DK, DV, num_blocks,
                                                     SLC_BLOCK=block_size, BLOCK_S=block_s, BLOCK_DK=block_dk,
                                                     BLOCK_DV=block_dv, IS_VARLEN=varlen)
     return dq, dk, dv
