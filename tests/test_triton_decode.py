@@ -75,6 +75,28 @@ def test_decode_other_configs(config):
     torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("S", [1, 3])
+def test_decode_few_selected_blocks(n, S):
+    """num_selected = 1 (a top-1 over a [1, K] chunk, which tl.topk cannot do) and 2 run and match the reference."""
+    config = nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=n, window=12)
+    args64, args, seq_lens, ids_ref = decode_case([70, 37, 7, S], S, 8, 2, 16, 16, config, torch.float32, 80, seed=n)
+    ref = nsa_decode_attention(*args64, seq_lens, config, backend="reference")
+    o, ids = decode.nsa_decode_attention(*args, seq_lens, config, 0.25, return_block_ids=True)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_training_op_with_one_selected_block():
+    """The training op's selection and output with num_selected = 1, against the reference."""
+    config = nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=1, window=12)
+    x = {k: v.float() for k, v in make_inputs(2, 40, 4, 2, 16, 16, config, seed=3).items()}
+    ids = nsa.select_blocks(x["q"], x["k_cmp"], config, backend="triton")
+    assert torch.equal(ids, nsa.select_blocks(x["q"], x["k_cmp"], config, backend="reference"))
+    torch.testing.assert_close(nsa.nsa_attention(**x, config=config, backend="triton"),
+                               nsa.nsa_attention(**x, config=config, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
 def test_decode_dispatch_and_single_split():
     """The public entry runs these kernels with backend='triton'; one program per group (no split) gives the same."""
     args64, args, seq_lens, _ = decode_case([70, 37, 1], 1, 4, 2, 16, 16, CONFIG_A, torch.float32, 80)
