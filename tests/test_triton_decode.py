@@ -156,7 +156,7 @@ def test_decode_never_reads_past_a_row_or_the_capacity(capacity):
 
 
 def test_decode_no_host_sync(monkeypatch):
-    """Nothing is read back to the host: .item() and .tolist() are never called."""
+    """With host_seqlens (the cache's host copy) nothing is read back to the host: no .item(), no .tolist()."""
     _, args, seq_lens, _ = decode_case([40, 9], 2, 4, 1, 16, 16, CONFIG_A, torch.float32, 48)
 
     def refuse(*_, **__):
@@ -164,7 +164,86 @@ def test_decode_no_host_sync(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "item", refuse)
     monkeypatch.setattr(torch.Tensor, "tolist", refuse)
-    decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25)
+    nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton", host_seqlens=[40, 9])
+    with pytest.raises(ValueError, match=r"host_seqlens\[1\] = 49 \(row 1\)"):
+        nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton", host_seqlens=[40, 49])
+
+
+# ----------------------------------------------------------------------------------------------
+# Untrusted lengths: a ValueError eagerly; inside the kernels, NaN rows and the error flag, nothing out of bounds
+
+HOSTILE = [21, 0, -5, 2, 1000, 2 ** 31 - 1, -2 ** 31]  # capacity 20, S = 3: past it, empty, negative, < S, huge
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("bad", HOSTILE)
+def test_decode_rejects_lengths_out_of_range(bad, backend):
+    _, args, _, _ = decode_case([20, 9], 3, 4, 2, 16, 16, CONFIG_A, torch.float32, 20)
+    with pytest.raises(ValueError, match=rf"cache_seqlens\[1\] = {bad} \(row 1\)"):
+        nsa_decode_attention(*args, torch.tensor([20, bad], dtype=torch.int32), CONFIG_A, backend=backend)
+    with pytest.raises(ValueError, match=rf"host_seqlens\[1\] = {bad} \(row 1\)"):
+        nsa_decode_attention(*args, torch.tensor([20, 9], dtype=torch.int32), CONFIG_A, backend=backend,
+                             host_seqlens=[20, bad])
+
+
+@pytest.mark.parametrize("cmp_slots", [0, 2])
+def test_decode_rejects_lengths_past_the_compressed_capacity(cmp_slots):
+    """k_cmp with fewer slots than the row's compressed tokens (Tc(20) = 4 with l = 8, d = 4)."""
+    _, args, seq_lens, _ = decode_case([20, 9], 1, 4, 2, 16, 16, CONFIG_A, torch.float32, 20)
+    args[1:3] = [x[:, :cmp_slots] for x in args[1:3]]
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 20 \(row 0\) needs 4 compressed tokens"):
+        nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton")
+    with pytest.raises(TypeError, match="host_seqlens must be None or a list of 2 ints"):
+        nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton", host_seqlens=seq_lens)
+
+
+def _guarded_empty(monkeypatch, guard=64):
+    """torch.empty poisoned (NaN / 12345) and followed by `guard` elements; returns the list of whole buffers."""
+    empty, guarded = torch.empty, []
+
+    def poisoned(*shape, **kwargs):
+        shape = torch.Size(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
+        whole = empty(shape.numel() + guard, **kwargs)
+        whole.fill_(float("nan") if whole.is_floating_point() else 12345)
+        guarded.append(whole)
+        return whole[:shape.numel()].view(shape)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    return guarded
+
+
+def _assert_guards_intact(guarded, guard=64):
+    for whole in guarded:
+        tail = whole[-guard:]
+        assert (tail.isnan().all() if whole.is_floating_point() else (tail == 12345).all()), "write past a buffer"
+
+
+@pytest.mark.parametrize("cmp_slots", [None, 0])
+def test_decode_device_guard_on_hostile_lengths(monkeypatch, cmp_slots):
+    """The kernels alone (no host check: the capture path): each hostile row gets NaN outputs and block ids -1 and
+    sets the flag; the valid rows equal, bit for bit, a run where the hostile row holds a valid length; no scratch
+    buffer is written past its end. cmp_slots=0: a k_cmp with no slot at all (rows of >= l tokens are hostile)."""
+    S, lens = 3, [20, 9, 5]
+    _, args, _, _ = decode_case(lens, S, 8, 2, 16, 16, CONFIG_A, torch.float32, 20)
+    if cmp_slots is not None:
+        args[1:3] = [x[:, :cmp_slots] for x in args[1:3]]
+        lens = [7, 3, 5]  # Tc = 0: valid without compressed slots
+    valid = torch.tensor(lens, dtype=torch.int32)
+    expected, expected_ids = decode.nsa_decode_attention(*args, valid, CONFIG_A, 0.25, return_block_ids=True)
+    hostile = HOSTILE + ([8, 20] if cmp_slots == 0 else [])  # Tc(8) = 1 > 0 slots
+    for bad in hostile:
+        seq_lens = torch.tensor([lens[0], bad, lens[2]], dtype=torch.int32)
+        flag = torch.zeros(1, dtype=torch.int32)
+        guarded = _guarded_empty(monkeypatch)
+        o, ids = decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25, error_flag=flag, return_block_ids=True)
+        monkeypatch.undo()
+        _assert_guards_intact(guarded)
+        assert flag.tolist() == [1], bad
+        assert o[1].isnan().all() and (ids[1] == -1).all(), bad
+        assert torch.equal(o[[0, 2]], expected[[0, 2]]) and torch.equal(ids[[0, 2]], expected_ids[[0, 2]]), bad
+    flag = torch.zeros(1, dtype=torch.int32)
+    decode.nsa_decode_attention(*args, valid, CONFIG_A, 0.25, error_flag=flag)
+    assert flag.tolist() == [0]
 
 
 def test_decode_refuses_blocks_too_long_for_float16_pooling():
