@@ -246,6 +246,36 @@ def test_decode_device_guard_on_hostile_lengths(monkeypatch, cmp_slots):
     assert flag.tolist() == [0]
 
 
+NONFINITE = {  # (input, index, value): row 0's query head 5, keys its queries see (row 2's last query only), hidden keys
+    "q": [("q", (0, 1, 5, 3), float("nan"))],
+    "k_cmp": [("k_cmp", (1, 2, 0, 0), float("nan"))],
+    "k_slc": [("k_slc", (2, 49, 1, 4), float("nan"))],  # the current block J(t), always selected
+    "k_swa inf": [("k_swa", (3, 27, 0), float("inf"))],  # the whole key: q . k = inf - inf
+    "k_cmp inf": [("k_cmp", (1, 0, 1), float("inf"))],
+    "hidden": [("k_slc", (2, 50, 0, 0), float("nan")), ("k_cmp", (3, 6, 0, 0), float("nan")),  # past the length
+               ("k_swa", (1, 0, 0, 0), float("nan"))],  # outside the window
+}
+
+
+@pytest.mark.parametrize("pattern", NONFINITE)
+def test_decode_nan_and_inf_like_the_reference(pattern):
+    """The same outputs are NaN as in the reference (a NaN score must reach l and acc and survive every merge), and
+    the finite ones agree; only the groups holding a NaN query may select other blocks (a NaN group score)."""
+    lens = [40, 30, 50, 28]
+    args64, args, seq_lens, _ = decode_case(lens, 2, 8, 2, 16, 16, CONFIG_A, torch.float32, 64)
+    for name, index, value in NONFINITE[pattern]:
+        for a in (args64, args):
+            a[(("q",) + NAMES).index(name)][index] = value
+    ref = nsa_decode_attention(*args64, seq_lens, CONFIG_A, backend="reference")
+    o = decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25)
+    assert ref.isnan().any() == (pattern != "hidden")
+    assert torch.equal(o.isnan(), ref.isnan())
+    same = ~ref.isnan()
+    if pattern == "q":
+        same[0, 1, 4:] = False  # the other heads of the NaN head's group
+    torch.testing.assert_close(o.double()[same], ref[same], rtol=1e-5, atol=1e-5)
+
+
 def test_decode_refuses_blocks_too_long_for_float16_pooling():
     config = nsa.NSAConfig(cmp_block=4096, cmp_stride=2048, slc_block=4096, num_selected=2, window=8)
     _, args, seq_lens, _ = decode_case([20], 1, 2, 1, 16, 16, config, torch.float16, 24)
