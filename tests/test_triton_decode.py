@@ -366,3 +366,31 @@ def test_decode_selection_is_the_same_on_every_run():
         o, ids = step()
         assert torch.equal(ids, ids0)
         assert torch.equal(o, o0)
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_flags_hostile_lengths():
+    """Captured without host_seqlens (capture skips the host check), replayed with hostile lengths: that row is NaN
+    and error_flag is set; the other row equals the eager step bit for bit."""
+    config = nsa.NSAConfig()
+    _, args, seq_lens, _ = decode_case([3000, 1200], 1, 16, 2, 128, 128, config, torch.bfloat16, 4096)
+    static_lens, flag = seq_lens.clone(), torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def step():
+        return nsa_decode_attention(*args, static_lens, config, backend="triton", error_flag=flag)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_o = step()
+    expected = nsa_decode_attention(*args, seq_lens, config, backend="triton")
+    for bad in [4097, 0, -5, 10 ** 6, 2 ** 31 - 1, -2 ** 31]:
+        flag.zero_()
+        static_lens.copy_(torch.tensor([3000, bad], dtype=torch.int32))
+        graph.replay()
+        assert flag.item() == 1 and static_o[1].isnan().all(), bad
+        assert torch.equal(static_o[0], expected[0]), bad

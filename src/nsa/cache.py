@@ -195,7 +195,8 @@ class NSACache(LayerCache):
     """Cache of one NativeSparseAttention layer (see the module docstring for the buffers).
 
     nbytes = B * element_size * Hkv * (Dk + Dv) * (S * capacity + num_cmp_tokens(capacity) + 1 + l - 1 + max_trim)
-             + 4 * B,  with S = 1 if share_kv else 2 (raw sets of the selection and window branches).
+             + 4 * B + 4 (lengths, error_flag),  with S = 1 if share_kv else 2 (raw sets of the selection and
+             window branches).
     E.g. the paper's config (l = 32, d = 16), Hkv = 4, D = 128, bf16, share_kv=False, 128k tokens, B = 1:
     2 * 4 * 256 * (2 * 131072 + 8191 + 63) bytes = 554 MB, of which the compressed tokens are 3%.
     """
