@@ -37,7 +37,7 @@ CACHE = ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa")
 def make_step(B, L, config, seed=0, head_major=True):
     """A decoding step's inputs: q [B, 1, Hq, D], gates, cache buffers [B, T, Hkv, D] holding L tokens per row
     (stored [B, Hkv, T, D] with head_major, as NSACache stores them, else token-major; the same values either
-    way), cache_seqlens."""
+    way), seq_lens."""
     g = torch.Generator("cuda").manual_seed(seed)
 
     def rand(*shape):
@@ -51,13 +51,13 @@ def make_step(B, L, config, seed=0, head_major=True):
     x = dict(q=rand(B, 1, HQ, D), k_cmp=cache(Tc), v_cmp=cache(Tc),
              **{name: cache(L) for name in ("k_slc", "v_slc", "k_swa", "v_swa")},
              gates=torch.sigmoid(rand(B, 1, HQ, 3)))
-    x["cache_seqlens"] = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    x["seq_lens"] = torch.full((B,), L, dtype=torch.int32, device="cuda")
     return x
 
 
 def step_args(x):
     """make_step's inputs in nsa_decode_attention's order (before the config)."""
-    return [x[n] for n in ("q", *CACHE, "gates", "cache_seqlens")]
+    return [x[n] for n in ("q", *CACHE, "gates", "seq_lens")]
 
 
 def nsa_step(x, config):

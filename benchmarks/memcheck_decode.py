@@ -7,6 +7,7 @@ is well; compute-sanitizer reports any access outside a buffer.
 
     compute-sanitizer --tool memcheck python benchmarks/memcheck_decode.py
 """
+import argparse
 import sys
 
 import torch
@@ -62,6 +63,7 @@ def check_training_op(config, gen):
 
 
 def main() -> int:
+    argparse.ArgumentParser(prog="memcheck_decode.py", description=__doc__.splitlines()[0]).parse_args()
     if not torch.cuda.is_available():
         print("memcheck_decode.py needs a CUDA device", file=sys.stderr)
         return 1
