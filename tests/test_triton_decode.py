@@ -246,7 +246,8 @@ def test_decode_device_guard_on_hostile_lengths(monkeypatch, cmp_slots):
     assert flag.tolist() == [0]
 
 
-NONFINITE = {  # (input, index, value): row 0's query head 5, keys its queries see (row 2's last query only), hidden keys
+# (input, index, value): row 0's query head 5; keys its queries see (row 2's: its last query only); hidden keys
+NONFINITE = {
     "q": [("q", (0, 1, 5, 3), float("nan"))],
     "k_cmp": [("k_cmp", (1, 2, 0, 0), float("nan"))],
     "k_slc": [("k_slc", (2, 49, 1, 4), float("nan"))],  # the current block J(t), always selected

@@ -153,11 +153,13 @@ def check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cach
         _expect(name, tensors[name], 1, k_slc.shape[1], "cache capacity, as in k_slc")
     B = q.shape[0]
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
-        raise TypeError(f"cache_seqlens must be an int32 tensor of shape [{B}] (tokens held by each batch row), got "
-                        f"{cache_seqlens.dtype if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__} "
-                        f"{tuple(cache_seqlens.shape) if isinstance(cache_seqlens, torch.Tensor) else ''}")
+        got = f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor) else \
+            type(cache_seqlens).__name__
+        raise TypeError(f"cache_seqlens must be an int32 tensor of shape [{B}] (tokens held by each batch row), "
+                        f"got {got}")
     if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}; move it with .to(q.device)")
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}; "
+                         "move it with .to(q.device)")
     if error_flag is not None:
         if not isinstance(error_flag, torch.Tensor) or error_flag.dtype != torch.int32 or error_flag.shape != (1,):
             raise TypeError("error_flag must be None or an int32 tensor of shape [1] (e.g. torch.zeros(1, "

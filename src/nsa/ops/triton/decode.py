@@ -347,7 +347,8 @@ def _sparse_kernel(Q, KS, VS, KW, VW, KEYS, IDS, CACHE_SEQLENS, M, L, ACC,
                    stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
                    stride_kwb, stride_kwt, stride_kwh, stride_vwb, stride_vwt, stride_vwh,
                    S, G, Hkv, ROWS, SPLITS_TOTAL, CAPACITY, CMP_CAPACITY, qk_scale,
-                   CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
+                   CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+                   N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
                    CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr, S_PAD: tl.constexpr,
                    CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr,
                    SWA_SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -427,7 +428,8 @@ def _sparse_kernel(Q, KS, VS, KW, VW, KEYS, IDS, CACHE_SEQLENS, M, L, ACC,
 def _combine_kernel(M, L, ACC, GATES, O, CACHE_SEQLENS, ERROR_FLAG,
                     stride_gb, stride_gs, stride_gh, stride_ob, stride_os, stride_oh,
                     S, G, Hkv, ROWS, SPLITS_TOTAL, CAPACITY, CMP_CAPACITY,
-                    CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+                    CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_SPLITS: tl.constexpr,
+                    SLC_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
                     DV: tl.constexpr, BLOCK_COLS: tl.constexpr, PDL: tl.constexpr):
     """o = g0 * o_cmp + g1 * o_slc + g2 * o_swa for row r (query s, head h), BLOCK_COLS columns of it (several
     programs a row when rows are few: reading the partials is the work); each o_c merges its branch's splits.
@@ -628,8 +630,8 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cac
     block_cols, combine_warps = _combine_tiling(B * Hkv * rows, block_dv, split_chunk, programs, gpu)
     _combine_kernel[(rows * triton.cdiv(Dv, block_cols), Hkv, B)](
         *partials, gates, o, cache_seqlens, error_flag, *_strides(gates), *_strides(o), S, G, Hkv, rows, total,
-        capacity, cmp_capacity, CMP_STRIDE=d, CMP_BLOCK=l, CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_COLS=block_cols,
-        num_warps=combine_warps, **dependent)
+        capacity, cmp_capacity, CMP_STRIDE=d, CMP_BLOCK=l, CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits,
+        SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_COLS=block_cols, num_warps=combine_warps, **dependent)
     if return_block_ids:
         return o, ids.transpose(1, 2)
     return o
