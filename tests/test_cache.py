@@ -141,7 +141,7 @@ def test_nbytes_formula(share_kv):
     cache = NSACache.create(layer, B, cap, max_trim=5)
     sets = 1 if share_kv else 2
     tokens = sets * cap + CFG.num_cmp_tokens(cap) + 1 + CFG.cmp_block - 1 + 5  # + 1: the spare compressed slot
-    assert cache.nbytes == B * 8 * Hkv * (Dk + Dv) * tokens + 4 * B
+    assert cache.nbytes == B * 8 * Hkv * (Dk + Dv) * tokens + 4 * B + 4  # + 4: error_flag
 
 
 @pytest.mark.parametrize("attention", ["nsa", "full"])
@@ -213,3 +213,29 @@ def test_cache_arguments_accept_numpy_ints():
     model_cache = ModelCache([cache])
     with pytest.raises(ValueError, match="new_len"):
         model_cache.trim(2.5)
+
+
+def test_step_checks_the_host_lengths_and_passes_the_error_flag(monkeypatch):
+    """A step hands nsa_decode_attention the cache's host lengths (no device read) and its error flag; a set flag
+    makes ModelCache.check_decode_errors raise until reset()."""
+    model = nsa.LanguageModel(nsa.ModelConfig(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, nsa=CFG,
+                                              backend="reference")).double()
+    cache = model.new_cache(2, 30)
+    model(torch.zeros(2, 12, dtype=torch.long), cache=cache)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return decode_attention(*args, **kwargs)
+
+    decode_attention = nsa.layer.nsa_decode_attention
+    monkeypatch.setattr(nsa.layer, "nsa_decode_attention", spy)
+    model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+    assert [kw["host_seqlens"] for kw in seen] == [[13, 13]] * 2
+    assert [kw["error_flag"] for kw in seen] == [c.error_flag for c in cache.layers]
+    cache.check_decode_errors()
+    cache.layers[1].error_flag.fill_(1)
+    with pytest.raises(RuntimeError, match="length is out of range"):
+        cache.check_decode_errors()
+    cache.reset()
+    cache.check_decode_errors()

@@ -44,7 +44,7 @@ def test_decode_rejects_lengths_past_capacity():
             cache["v_swa"], x["gates"][:, -1:])
     with pytest.raises(ValueError, match="capacity"):
         nsa_decode_attention(*args, torch.tensor([21], dtype=torch.int32), SMALL)
-    with pytest.raises(TypeError, match="seq_lens must be an int32"):
+    with pytest.raises(TypeError, match="cache_seqlens must be an int32"):
         nsa_decode_attention(*args, torch.tensor([20]), SMALL)
     with pytest.raises(ValueError, match="gates.*new tokens"):
         nsa_decode_attention(*args[:-1], x["gates"][:, -2:], torch.tensor([20], dtype=torch.int32), SMALL)

@@ -180,3 +180,42 @@ def test_numpy_scalars_are_accepted():
 
 def test_zero_new_tokens_returns_the_prompt():
     assert torch.equal(make_model("nsa").generate(PROMPT, 0), PROMPT)
+
+
+def test_generate_raises_when_a_step_flags_a_length_out_of_range(monkeypatch):
+    """A decoding step that found a row out of range on the device (its outputs NaN, error_flag set) makes
+    generate() raise once it reads the flags at the end."""
+    model = make_model("nsa")
+    decode_attention = nsa.layer.nsa_decode_attention
+
+    def flagging(*args, **kwargs):
+        kwargs["error_flag"].fill_(1)
+        return decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(nsa.layer, "nsa_decode_attention", flagging)
+    with pytest.raises(RuntimeError, match="length is out of range"):
+        model.generate(PROMPT, 3, temperature=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_flags_a_device_length_out_of_range():
+    """Replays check nothing on the host: a row whose device length went out of range behind the host mirror
+    gets NaN logits, the other rows are unchanged, and the caches' error flags are set."""
+    torch.manual_seed(0)
+    cfg = nsa.ModelConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, nsa=CFG)
+    model = nsa.LanguageModel(cfg).to("cuda", torch.float16).eval()
+    prompt = PROMPT.cuda().repeat(1, 3)
+    cache = model.new_cache(3, 60)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        model(prompt[:, -1:], cache=cache)
+        graph = DecodeGraph(model, cache)
+        tokens = prompt[:, -1]
+        expected = graph(tokens).clone()
+        cache.trim(cache.seq_lens[0] - 1)
+        for layer in cache.layers:
+            layer.lengths[1] = -1  # the step writes slot -1 (the last), then finds length 0 < 1 new token
+        logits = graph(tokens)
+        assert logits[1].isnan().all() and torch.equal(logits[[0, 2]], expected[[0, 2]])
+    with pytest.raises(RuntimeError, match="length is out of range"):
+        cache.check_decode_errors()

@@ -75,6 +75,28 @@ def test_decode_other_configs(config):
     torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("S", [1, 3])
+def test_decode_few_selected_blocks(n, S):
+    """num_selected = 1 (a top-1 over a [1, K] chunk, which tl.topk cannot do) and 2 run and match the reference."""
+    config = nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=n, window=12)
+    args64, args, seq_lens, ids_ref = decode_case([70, 37, 7, S], S, 8, 2, 16, 16, config, torch.float32, 80, seed=n)
+    ref = nsa_decode_attention(*args64, seq_lens, config, backend="reference")
+    o, ids = decode.nsa_decode_attention(*args, seq_lens, config, 0.25, return_block_ids=True)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_training_op_with_one_selected_block():
+    """The training op's selection and output with num_selected = 1, against the reference."""
+    config = nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=1, window=12)
+    x = {k: v.float() for k, v in make_inputs(2, 40, 4, 2, 16, 16, config, seed=3).items()}
+    ids = nsa.select_blocks(x["q"], x["k_cmp"], config, backend="triton")
+    assert torch.equal(ids, nsa.select_blocks(x["q"], x["k_cmp"], config, backend="reference"))
+    torch.testing.assert_close(nsa.nsa_attention(**x, config=config, backend="triton"),
+                               nsa.nsa_attention(**x, config=config, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
 def test_decode_dispatch_and_single_split():
     """The public entry runs these kernels with backend='triton'; one program per group (no split) gives the same."""
     args64, args, seq_lens, _ = decode_case([70, 37, 1], 1, 4, 2, 16, 16, CONFIG_A, torch.float32, 80)
@@ -134,7 +156,7 @@ def test_decode_never_reads_past_a_row_or_the_capacity(capacity):
 
 
 def test_decode_no_host_sync(monkeypatch):
-    """Nothing is read back to the host: .item() and .tolist() are never called."""
+    """With host_seqlens (the cache's host copy) nothing is read back to the host: no .item(), no .tolist()."""
     _, args, seq_lens, _ = decode_case([40, 9], 2, 4, 1, 16, 16, CONFIG_A, torch.float32, 48)
 
     def refuse(*_, **__):
@@ -142,7 +164,117 @@ def test_decode_no_host_sync(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "item", refuse)
     monkeypatch.setattr(torch.Tensor, "tolist", refuse)
-    decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25)
+    nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton", host_seqlens=[40, 9])
+    with pytest.raises(ValueError, match=r"host_seqlens\[1\] = 49 \(row 1\)"):
+        nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton", host_seqlens=[40, 49])
+
+
+# ----------------------------------------------------------------------------------------------
+# Untrusted lengths: a ValueError eagerly; inside the kernels, NaN rows and the error flag, nothing out of bounds
+
+HOSTILE = [21, 0, -5, 2, 1000, 2 ** 31 - 1, -2 ** 31]  # capacity 20, S = 3: past it, empty, negative, < S, huge
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("bad", HOSTILE)
+def test_decode_rejects_lengths_out_of_range(bad, backend):
+    _, args, _, _ = decode_case([20, 9], 3, 4, 2, 16, 16, CONFIG_A, torch.float32, 20)
+    with pytest.raises(ValueError, match=rf"cache_seqlens\[1\] = {bad} \(row 1\)"):
+        nsa_decode_attention(*args, torch.tensor([20, bad], dtype=torch.int32), CONFIG_A, backend=backend)
+    with pytest.raises(ValueError, match=rf"host_seqlens\[1\] = {bad} \(row 1\)"):
+        nsa_decode_attention(*args, torch.tensor([20, 9], dtype=torch.int32), CONFIG_A, backend=backend,
+                             host_seqlens=[20, bad])
+
+
+@pytest.mark.parametrize("cmp_slots", [0, 2])
+def test_decode_rejects_lengths_past_the_compressed_capacity(cmp_slots):
+    """k_cmp with fewer slots than the row's compressed tokens (Tc(20) = 4 with l = 8, d = 4)."""
+    _, args, seq_lens, _ = decode_case([20, 9], 1, 4, 2, 16, 16, CONFIG_A, torch.float32, 20)
+    args[1:3] = [x[:, :cmp_slots] for x in args[1:3]]
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 20 \(row 0\) needs 4 compressed tokens"):
+        nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton")
+    with pytest.raises(TypeError, match="host_seqlens must be None or a list of 2 ints"):
+        nsa_decode_attention(*args, seq_lens, CONFIG_A, backend="triton", host_seqlens=seq_lens)
+
+
+def _guarded_empty(monkeypatch, guard=64):
+    """torch.empty poisoned (NaN / 12345) and followed by `guard` elements; returns the list of whole buffers."""
+    empty, guarded = torch.empty, []
+
+    def poisoned(*shape, **kwargs):
+        shape = torch.Size(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
+        whole = empty(shape.numel() + guard, **kwargs)
+        whole.fill_(float("nan") if whole.is_floating_point() else 12345)
+        guarded.append(whole)
+        return whole[:shape.numel()].view(shape)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    return guarded
+
+
+def _assert_guards_intact(guarded, guard=64):
+    for whole in guarded:
+        tail = whole[-guard:]
+        assert (tail.isnan().all() if whole.is_floating_point() else (tail == 12345).all()), "write past a buffer"
+
+
+@pytest.mark.parametrize("cmp_slots", [None, 0])
+def test_decode_device_guard_on_hostile_lengths(monkeypatch, cmp_slots):
+    """The kernels alone (no host check: the capture path): each hostile row gets NaN outputs and block ids -1 and
+    sets the flag; the valid rows equal, bit for bit, a run where the hostile row holds a valid length; no scratch
+    buffer is written past its end. cmp_slots=0: a k_cmp with no slot at all (rows of >= l tokens are hostile)."""
+    S, lens = 3, [20, 9, 5]
+    _, args, _, _ = decode_case(lens, S, 8, 2, 16, 16, CONFIG_A, torch.float32, 20)
+    if cmp_slots is not None:
+        args[1:3] = [x[:, :cmp_slots] for x in args[1:3]]
+        lens = [7, 3, 5]  # Tc = 0: valid without compressed slots
+    valid = torch.tensor(lens, dtype=torch.int32)
+    expected, expected_ids = decode.nsa_decode_attention(*args, valid, CONFIG_A, 0.25, return_block_ids=True)
+    hostile = HOSTILE + ([8, 20] if cmp_slots == 0 else [])  # Tc(8) = 1 > 0 slots
+    for bad in hostile:
+        seq_lens = torch.tensor([lens[0], bad, lens[2]], dtype=torch.int32)
+        flag = torch.zeros(1, dtype=torch.int32)
+        guarded = _guarded_empty(monkeypatch)
+        o, ids = decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25, error_flag=flag, return_block_ids=True)
+        monkeypatch.undo()
+        _assert_guards_intact(guarded)
+        assert flag.tolist() == [1], bad
+        assert o[1].isnan().all() and (ids[1] == -1).all(), bad
+        assert torch.equal(o[[0, 2]], expected[[0, 2]]) and torch.equal(ids[[0, 2]], expected_ids[[0, 2]]), bad
+    flag = torch.zeros(1, dtype=torch.int32)
+    decode.nsa_decode_attention(*args, valid, CONFIG_A, 0.25, error_flag=flag)
+    assert flag.tolist() == [0]
+
+
+# (input, index, value): row 0's query head 5; keys its queries see (row 2's: its last query only); hidden keys
+NONFINITE = {
+    "q": [("q", (0, 1, 5, 3), float("nan"))],
+    "k_cmp": [("k_cmp", (1, 2, 0, 0), float("nan"))],
+    "k_slc": [("k_slc", (2, 49, 1, 4), float("nan"))],  # the current block J(t), always selected
+    "k_swa inf": [("k_swa", (3, 27, 0), float("inf"))],  # the whole key: q . k = inf - inf
+    "k_cmp inf": [("k_cmp", (1, 0, 1), float("inf"))],
+    "hidden": [("k_slc", (2, 50, 0, 0), float("nan")), ("k_cmp", (3, 6, 0, 0), float("nan")),  # past the length
+               ("k_swa", (1, 0, 0, 0), float("nan"))],  # outside the window
+}
+
+
+@pytest.mark.parametrize("pattern", NONFINITE)
+def test_decode_nan_and_inf_like_the_reference(pattern):
+    """The same outputs are NaN as in the reference (a NaN score must reach l and acc and survive every merge), and
+    the finite ones agree; only the groups holding a NaN query may select other blocks (a NaN group score)."""
+    lens = [40, 30, 50, 28]
+    args64, args, seq_lens, _ = decode_case(lens, 2, 8, 2, 16, 16, CONFIG_A, torch.float32, 64)
+    for name, index, value in NONFINITE[pattern]:
+        for a in (args64, args):
+            a[(("q",) + NAMES).index(name)][index] = value
+    ref = nsa_decode_attention(*args64, seq_lens, CONFIG_A, backend="reference")
+    o = decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25)
+    assert ref.isnan().any() == (pattern != "hidden")
+    assert torch.equal(o.isnan(), ref.isnan())
+    same = ~ref.isnan()
+    if pattern == "q":
+        same[0, 1, 4:] = False  # the other heads of the NaN head's group
+    torch.testing.assert_close(o.double()[same], ref[same], rtol=1e-5, atol=1e-5)
 
 
 def test_decode_refuses_blocks_too_long_for_float16_pooling():
@@ -235,3 +367,31 @@ def test_decode_selection_is_the_same_on_every_run():
         o, ids = step()
         assert torch.equal(ids, ids0)
         assert torch.equal(o, o0)
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_flags_hostile_lengths():
+    """Captured without host_seqlens (capture skips the host check), replayed with hostile lengths: that row is NaN
+    and error_flag is set; the other row equals the eager step bit for bit."""
+    config = nsa.NSAConfig()
+    _, args, seq_lens, _ = decode_case([3000, 1200], 1, 16, 2, 128, 128, config, torch.bfloat16, 4096)
+    static_lens, flag = seq_lens.clone(), torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def step():
+        return nsa_decode_attention(*args, static_lens, config, backend="triton", error_flag=flag)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_o = step()
+    expected = nsa_decode_attention(*args, seq_lens, config, backend="triton")
+    for bad in [4097, 0, -5, 10 ** 6, 2 ** 31 - 1, -2 ** 31]:
+        flag.zero_()
+        static_lens.copy_(torch.tensor([3000, bad], dtype=torch.int32))
+        graph.replay()
+        assert flag.item() == 1 and static_o[1].isnan().all(), bad
+        assert torch.equal(static_o[0], expected[0]), bad

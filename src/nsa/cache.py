@@ -15,6 +15,8 @@ NSACache (one per NativeSparseAttention layer) holds what SPEC.md's decoding sec
       [0, lengths[b]) of the raw buffers and [0, num_cmp_tokens(lengths[b])) of k_cmp / v_cmp; whatever
       lies beyond is ignored (so trim() only has to lower lengths). A host copy (seq_lens) mirrors it so
       that capacity checks never wait on the device.
+  error_flag int32 [1] (NSACache): set to 1 by a decoding step that found a row out of range on the device
+      (its outputs are NaN; see nsa_decode_attention); reset() clears it, ModelCache.check_decode_errors reads it.
 KVCache (one per full-attention layer) holds k, v [B, capacity, Hkv, D] and lengths the same way.
 Every buffer is a [B, T, Hkv, D] view of head-major storage (LayerCache._buffer).
 ModelCache is the list of a model's layer caches, with the same reset / trim / nbytes.
@@ -193,7 +195,8 @@ class NSACache(LayerCache):
     """Cache of one NativeSparseAttention layer (see the module docstring for the buffers).
 
     nbytes = B * element_size * Hkv * (Dk + Dv) * (S * capacity + num_cmp_tokens(capacity) + 1 + l - 1 + max_trim)
-             + 4 * B,  with S = 1 if share_kv else 2 (raw sets of the selection and window branches).
+             + 4 * B + 4 (lengths, error_flag),  with S = 1 if share_kv else 2 (raw sets of the selection and
+             window branches).
     E.g. the paper's config (l = 32, d = 16), Hkv = 4, D = 128, bf16, share_kv=False, 128k tokens, B = 1:
     2 * 4 * 256 * (2 * 131072 + 8191 + 63) bytes = 554 MB, of which the compressed tokens are 3%.
     """
@@ -217,6 +220,7 @@ class NSACache(LayerCache):
         self.ring_v = self._buffer(self.ring_size, num_kv_heads, v_head_dim)
         if share_kv:  # one raw set serves both branches (nbytes counts it once)
             self.k_swa, self.v_swa = self.k_slc, self.v_slc
+        self.error_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     @classmethod
     def create(cls, layer, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
@@ -288,6 +292,11 @@ class NSACache(LayerCache):
             self.ring_k[b, positions % self.ring_size] = raw_k[b, positions].detach()
             self.ring_v[b, positions % self.ring_size] = raw_v[b, positions].detach()
 
+    def reset(self, rows: list[int] | None = None) -> None:
+        """LayerCache.reset, and error_flag back to 0."""
+        super().reset(rows)
+        self.error_flag.zero_()
+
     def trim(self, new_len: int | list[int]) -> None:
         """LayerCache.trim; the compressed tokens made from trimmed tokens drop out with the lengths.
 
@@ -328,6 +337,15 @@ class ModelCache:
     def reset(self, rows: list[int] | None = None) -> None:
         for c in self.layers:
             c.reset(rows)
+
+    def check_decode_errors(self) -> None:
+        """Raises RuntimeError when a decoding step since the last reset() found a row's length out of range on the
+        device (NSA layers' error_flag; that row's outputs were NaN). Reads the flags once: a device sync."""
+        flags = [c.error_flag for c in self.layers if isinstance(c, NSACache)]
+        if flags and torch.cat(flags).any().item():
+            raise RuntimeError("a decoding step found a cache row whose length is out of range (below the new tokens, "
+                               "past the capacity or past the compressed capacity): its outputs were NaN. The device "
+                               "lengths no longer match the cache's host mirror (seq_lens); reset() the cache")
 
     def trim(self, new_len: int | list[int]) -> None:
         for c in self.layers:

@@ -16,8 +16,11 @@ class DecodeGraph:
     Capture it after at least one eager step on this cache (which compiles every kernel for these shapes). Each
     call checks the capacity on the host, copies the tokens into the graph's input, replays the step (it writes
     the caches and advances their device lengths) and advances the caches' host lengths. The logits returned
-    live in the graph's output buffer: read them before the next call. Valid for this model, cache and batch;
-    the cache's reset() and trim() keep it valid (they only change lengths), new buffers or weights do not.
+    live in the graph's output buffer: read them before the next call. A replay checks no length on the host: a
+    row whose device length is out of range gets NaN outputs and sets the NSA caches' error_flag (captured with
+    the step), which cache.check_decode_errors() reads (generate() does, once at the end). Valid for this model,
+    cache and batch; the cache's reset() and trim() keep it valid (they only change lengths), new buffers or
+    weights do not.
     """
 
     def __init__(self, model, cache):

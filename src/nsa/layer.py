@@ -214,6 +214,9 @@ class NativeSparseAttention(nn.Module):
         ids, slots, k_blocks, v_blocks = cache.completed_blocks(k_raw, v_raw)  # [B, C], blocks [B, C, l, Hkv, D]
         k_cmp, v_cmp = self._compress(k_blocks, v_blocks, ids)  # every candidate: static shapes, no host branch
         cache.append(positions, k_raw, v_raw, slots, k_cmp, v_cmp)
+        # the host mirror of the lengths is checked instead of reading them back; a row the device still finds out
+        # of range (lengths changed behind the mirror, or a replayed CUDA graph) gets NaN and sets error_flag
         o = nsa_decode_attention(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa,
-                                 gates, cache.lengths, self.config, backend=self.backend)  # [B, S, Hq, Dv]
+                                 gates, cache.lengths, self.config, backend=self.backend, host_seqlens=cache.seq_lens,
+                                 error_flag=cache.error_flag)  # [B, S, Hq, Dv]
         return self.o_proj(o.flatten(2))

@@ -276,6 +276,8 @@ class LanguageModel(nn.Module):
                 callback(next_idx)
             if stop.numel() and done.all():  # reads `done` back: only when a row can end early
                 break
+        if cache is not None:
+            cache.check_decode_errors()  # one read of the steps' error flags (set only if a length went out of range)
         return idx
 
     def _capture_step(self, cache: ModelCache, required: bool) -> DecodeGraph | None:

@@ -16,8 +16,8 @@ import torch
 
 from ..config import NSAConfig
 from . import reference
-from .checks import (check_attention_inputs, check_decode_inputs, check_decode_lengths, check_scale,
-                     check_select_inputs)
+from .checks import (check_attention_inputs, check_decode_inputs, check_decode_lengths, check_host_seqlens,
+                     check_scale, check_select_inputs)
 from .types import KernelOptions, Launch, NSAInputs, check_kernel_options
 
 __all__ = ["nsa_attention", "select_blocks", "nsa_decode_attention", "KernelOptions", "Launch", "NSAInputs"]
@@ -93,25 +93,49 @@ def select_blocks(q, k_cmp, config: NSAConfig = NSAConfig(), *, scale=None, cu_s
     return reference.select_blocks(q, k_cmp, config, scale, seq_lens=seq_lens)
 
 
-def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens,
+def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens,
                          config: NSAConfig = NSAConfig(), *, scale=None, backend=None,
+                         host_seqlens: list[int] | None = None, error_flag: torch.Tensor | None = None,
                          kernel_options: KernelOptions | None = None):
     """One decoding step: the S newest tokens of each batch row attend through a KV cache.
 
     q [B, S, Hq, Dk], gates [B, S, Hq, 3] for the new tokens (S = 1, or a few for speculative decoding);
     cache buffers k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, Dk or Dv] and k_cmp, v_cmp
-    [B, capacity_cmp, Hkv, Dk or Dv]; seq_lens int32 [B]: raw tokens row b holds, the S new ones included
-    (already written to the buffers), so its queries sit at positions seq_lens[b] - S .. seq_lens[b] - 1.
-    Row b's compressed tokens are its first num_cmp_tokens(seq_lens[b]) slots of k_cmp / v_cmp.
+    [B, capacity_cmp, Hkv, Dk or Dv]; cache_seqlens int32 [B]: raw tokens row b holds, the S new ones included
+    (already written to the buffers), so its queries sit at positions cache_seqlens[b] - S .. cache_seqlens[b] - 1.
+    Row b's compressed tokens are its first num_cmp_tokens(cache_seqlens[b]) slots of k_cmp / v_cmp.
     Returns o [B, S, Hq, Dv]: the same as nsa_attention over the whole sequence, at those positions.
+
+    Lengths. A row is in range when S <= L <= capacity and num_cmp_tokens(L) <= capacity_cmp (L = its length).
+    host_seqlens: the host copy of cache_seqlens (B ints; the caches keep one), checked instead of reading the
+    device (which would wait for it). Without it, cache_seqlens is read once (.tolist()) and checked, except
+    while a CUDA graph is being captured. An out-of-range row raises ValueError naming the row. Where nothing
+    was checked on the host (capture; replays of it), the Triton kernels still read and write only inside the
+    buffers: an out-of-range row's outputs are NaN and error_flag (int32 [1] on q's device, if given) is set
+    to 1; it is never cleared here, so zero it, replay, then read it once.
     """
-    check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config)
+    check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config, error_flag)
     scale = check_scale(scale, q.shape[-1])
     options = check_kernel_options(kernel_options)
+    S, capacity, cmp_capacity = q.shape[1], k_slc.shape[1], k_cmp.shape[1]
+    if host_seqlens is not None:
+        lengths = check_host_seqlens(host_seqlens, q.shape[0])
+        check_decode_lengths(lengths, S, capacity, cmp_capacity, config, name="host_seqlens")
+    elif not _capturing(q.device):
+        lengths = cache_seqlens.tolist()
+        check_decode_lengths(lengths, S, capacity, cmp_capacity, config)
+    else:
+        lengths = None  # no host read during capture: the kernels' guard (NaN rows, error_flag) is all there is
     if _resolve_backend(backend, q.device) == "triton":
         from .triton import nsa_decode_attention as triton_decode
-        return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config, scale,
-                             kernel_options=options)
-    lens = seq_lens.tolist()
-    check_decode_lengths(lens, q.shape[1], k_slc.shape[1], k_cmp.shape[1], config)
-    return reference.nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, lens, config, scale)
+        return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config, scale,
+                             error_flag=error_flag, kernel_options=options)
+    if lengths is None:
+        raise ValueError("the reference backend reads the lengths on the host: pass host_seqlens to capture "
+                         "nsa_decode_attention with backend='reference' in a CUDA graph")
+    return reference.nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, lengths, config, scale)
+
+
+def _capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on the current stream (never on the CPU)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -135,8 +135,9 @@ def check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, c
     return lens
 
 
-def check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config) -> None:
-    """Shapes, dtypes and devices of a decoding step (values of seq_lens are checked where they are read)."""
+def check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config,
+                        error_flag=None) -> None:
+    """Shapes, dtypes and devices of a decoding step (the values of cache_seqlens are checked where they are read)."""
     check_config(config)
     _check_tensor("q", q, 4)
     tensors = {"k_cmp": k_cmp, "v_cmp": v_cmp, "k_slc": k_slc, "v_slc": v_slc, "k_swa": k_swa,
@@ -151,21 +152,38 @@ def check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_
     for name in ("v_slc", "k_swa", "v_swa"):
         _expect(name, tensors[name], 1, k_slc.shape[1], "cache capacity, as in k_slc")
     B = q.shape[0]
-    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype != torch.int32 or seq_lens.shape != (B,):
-        raise TypeError(f"seq_lens must be an int32 tensor of shape [{B}] (tokens held by each batch row), got "
-                        f"{seq_lens.dtype if isinstance(seq_lens, torch.Tensor) else type(seq_lens).__name__} "
-                        f"{tuple(seq_lens.shape) if isinstance(seq_lens, torch.Tensor) else ''}")
-    if seq_lens.device != q.device:
-        raise ValueError(f"seq_lens is on {seq_lens.device} but q is on {q.device}")
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
+        got = f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor) else \
+            type(cache_seqlens).__name__
+        raise TypeError(f"cache_seqlens must be an int32 tensor of shape [{B}] (tokens held by each batch row), "
+                        f"got {got}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}; "
+                         "move it with .to(q.device)")
+    if error_flag is not None:
+        if not isinstance(error_flag, torch.Tensor) or error_flag.dtype != torch.int32 or error_flag.shape != (1,):
+            raise TypeError("error_flag must be None or an int32 tensor of shape [1] (e.g. torch.zeros(1, "
+                            "dtype=torch.int32, device=q.device))")
+        if error_flag.device != q.device:
+            raise ValueError(f"error_flag is on {error_flag.device} but q is on {q.device}; move it with .to(q.device)")
 
 
-def check_decode_lengths(seq_lens: list[int], new_tokens: int, capacity: int, cmp_capacity: int,
-                         config: NSAConfig) -> None:
-    """Each row holds its new tokens and fits its buffers (a host-side check: it reads seq_lens)."""
-    for b, n in enumerate(seq_lens):
+def check_host_seqlens(host_seqlens, batch: int) -> list[int]:
+    """host_seqlens, the host copy of cache_seqlens: a list (or tuple) of `batch` ints; returns it as a list."""
+    if not isinstance(host_seqlens, (list, tuple)) or len(host_seqlens) != batch or \
+            not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in host_seqlens):
+        raise TypeError(f"host_seqlens must be None or a list of {batch} ints (the host copy of cache_seqlens, "
+                        f"e.g. an NSACache's seq_lens), got {host_seqlens!r}")
+    return [int(n) for n in host_seqlens]
+
+
+def check_decode_lengths(lengths: list[int], new_tokens: int, capacity: int, cmp_capacity: int,
+                         config: NSAConfig, name: str = "cache_seqlens") -> None:
+    """Each row holds its new tokens and fits its buffers (a host-side check of lengths, named `name`)."""
+    for b, n in enumerate(lengths):
         if not new_tokens <= n <= capacity:
-            raise ValueError(f"seq_lens[{b}] = {n} must be between the new tokens ({new_tokens}) and the cache "
-                             f"capacity ({capacity})")
+            raise ValueError(f"{name}[{b}] = {n} (row {b}) must be between the new tokens ({new_tokens}) and the "
+                             f"cache capacity ({capacity})")
         if config.num_cmp_tokens(n) > cmp_capacity:
-            raise ValueError(f"seq_lens[{b}] = {n} needs {config.num_cmp_tokens(n)} compressed tokens but k_cmp "
-                             f"holds {cmp_capacity}")
+            raise ValueError(f"{name}[{b}] = {n} (row {b}) needs {config.num_cmp_tokens(n)} compressed tokens but "
+                             f"k_cmp holds {cmp_capacity}")

@@ -181,18 +181,19 @@ def select_blocks(q, k_cmp, config, scale, seq_lens=None):
     return torch.cat(ids, dim=1)
 
 
-def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config, scale):
+def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config, scale):
     """Reference decoding step: the S newest tokens of each cached row attend to everything before them.
 
     q [B, S, Hq, Dk], gates [B, S, Hq, 3]; cache buffers k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, D]
-    and k_cmp, v_cmp [B, capacity_cmp, Hkv, D]; row b holds seq_lens[b] raw tokens (the S new ones
-    included, so its queries sit at positions seq_lens[b] - S .. seq_lens[b] - 1) and their
-    num_cmp_tokens(seq_lens[b]) compressed tokens; the rest of each buffer is ignored.
+    and k_cmp, v_cmp [B, capacity_cmp, Hkv, D]; row b holds cache_seqlens[b] raw tokens (host ints, checked by
+    the caller; the S new ones included, so its queries sit at positions cache_seqlens[b] - S ..
+    cache_seqlens[b] - 1) and their num_cmp_tokens(cache_seqlens[b]) compressed tokens; the rest of each buffer
+    is ignored.
     Returns o [B, S, Hq, Dv], equal to nsa_attention's rows at those positions.
     """
     S = q.shape[1]
     outs = []
-    for b, L in enumerate(seq_lens):
+    for b, L in enumerate(cache_seqlens):
         Tc = config.num_cmp_tokens(L)
         row = [x[b:b + 1, :L] for x in (k_slc, v_slc, k_swa, v_swa)]
         outs.append(_attention_dense(q[b:b + 1], k_cmp[b:b + 1, :Tc], v_cmp[b:b + 1, :Tc], *row, gates[b:b + 1],

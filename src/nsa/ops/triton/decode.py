@@ -1,6 +1,6 @@
 """NSA decoding step in Triton: the S newest tokens of each batch row attend through a KV cache.
 
-Same math as nsa_attention (SPEC.md) at positions t = L - S .. L - 1 of a row holding L = seq_lens[b]
+Same math as nsa_attention (SPEC.md) at positions t = L - S .. L - 1 of a row holding L = cache_seqlens[b]
 raw tokens. Built for q_len = 1 (S = 1) and a few tokens for speculative decoding.
 
 Work layout. Every kernel works on the G * S rows (query, head) of one GQA group, row r = s * G + i
@@ -11,7 +11,7 @@ writes a partial softmax state (m, l, acc) in float32, m in log2 units,
 and a combine merges the splits: o = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, M = max_p m_p.
 
 Launches (4, every grid and buffer shape static: they depend on B, S, heads, capacities and the config,
-never on seq_lens, so a step can be captured in a CUDA graph; nothing is read back to the host):
+never on cache_seqlens, so a step can be captured in a CUDA graph; nothing is read back to the host):
   1. _cmp_kernel     grid (CMP_SPLITS * row tiles, Hkv, B)
        compressed attention over the row's Tc(L) compressed tokens, split over tiles of BLOCK_C tokens
        -> partial (m, l, acc) of o_cmp; and, for the selection, each tile's p_cmp pooled onto the
@@ -41,7 +41,17 @@ per query, and the window, 2 * D * (w + S - 1); then float32 scratch: pooled sco
 and partials 2 x 4 * G * S * Dv * splits. q, gates and o are negligible.
 
 Programs whose share of the keys lies past their row's length loop zero times and store an empty
-state (m = -inf, l = 0), which the merges ignore; cache slots past seq_lens[b] are never read.
+state (m = -inf, l = 0), which the merges ignore; cache slots past cache_seqlens[b] are never read.
+
+Untrusted lengths. Every kernel reads L through _row_length, which keeps it only when the row is in range
+(S <= L <= capacity and Tc(L) <= capacity_cmp, the capacities being the buffers' own) and else uses L = 0: a
+row that attends to nothing. All loop bounds, loads and scratch slots derive from that L, and the scratch is
+sized from the capacities, so no value of cache_seqlens makes a kernel touch memory outside its buffers. The
+combine writes NaN for such a row and sets error_flag[0] = 1 (a plain store: every writer writes 1).
+
+Non-finite inputs propagate as in the reference: a NaN score (NaN in q, NaN or inf in a visible key) makes l
+and acc NaN, and every test on l is `l != 0` (true for NaN), never `l > 0`, so no merge drops it. tl.max may
+skip NaN on the GPU (and keep it in the interpreter); either way the NaN reaches l = sum p, acc = p v.
 Extra memory: the partials, O(B * Hq * S * splits * Dv) float32, the pooled scores,
 O(B * Hq * S * capacity / l') float32, and the chunks' winners, B * Hkv * S * CHUNKS * n int64.
 Inference only: no autograd (inputs that require grad under grad mode are rejected).
@@ -86,6 +96,17 @@ def _group_rows(r0, g, S, G, ROWS, L, BLOCK_R: tl.constexpr):
     r = r0 + tl.arange(0, BLOCK_R)
     s = r // G
     return r, s, g * G + r % G, L - S + s, r < ROWS
+
+
+@triton.jit
+def _row_length(CACHE_SEQLENS, b, S, CAPACITY, CMP_CAPACITY, CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr):
+    """(L, ok) of batch row b: L = cache_seqlens[b] when S <= L <= CAPACITY and Tc(L) <= CMP_CAPACITY (ok), else
+    L = 0 (a row with no keys: every bound derived from it stays inside the buffers) and ok False."""
+    n = tl.load(CACHE_SEQLENS + b)
+    in_range = (n >= S) & (n <= CAPACITY)
+    n = tl.where(in_range, n, 0)  # before Tc(n): n - 1 must not wrap around at -2^31
+    ok = in_range & (keys_upto(n - 1, CMP_STRIDE, CMP_BLOCK) <= CMP_CAPACITY)
+    return tl.where(ok, n, 0), ok
 
 
 @triton.jit
@@ -138,12 +159,13 @@ def _attend(m_i, l_i, acc, q, K, V, stride_kt, stride_vt, u, key_ok, mask, qk_sc
 @triton.jit
 def _store_partial(M, L, ACC, split, base, r, row_ok, m_i, l_i, acc, ROWS, SPLITS_TOTAL,
                    DV: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Partial state of split `split`: M, L [B, Hkv, SPLITS_TOTAL, ROWS], ACC [..., ROWS, DV] (acc only if l > 0)."""
+    """Partial state of split `split`: M, L [B, Hkv, SPLITS_TOTAL, ROWS], ACC [..., ROWS, DV] (acc only if l != 0:
+    an empty split skips it; a NaN l keeps it)."""
     idx = (base * SPLITS_TOTAL + split) * ROWS + r
     tl.store(M + idx, m_i, mask=row_ok)
     tl.store(L + idx, l_i, mask=row_ok)
     cols = tl.arange(0, BLOCK_DV)
-    tl.store(ACC + idx[:, None] * DV + cols[None, :], acc, mask=(row_ok & (l_i > 0))[:, None] & (cols < DV)[None, :])
+    tl.store(ACC + idx[:, None] * DV + cols[None, :], acc, mask=(row_ok & (l_i != 0))[:, None] & (cols < DV)[None, :])
 
 
 @triton.jit
@@ -178,9 +200,9 @@ def _merge_row(M, L, ACC, base, lo, hi, r, cols, ROWS, SPLITS_TOTAL, DV: tl.cons
         m = tl.load(M + idx, mask=ok, other=float("-inf"))
         l_part = tl.load(L + idx, mask=ok, other=0.0)
         part = tl.load(ACC + idx[:, None] * DV + cols[None, :], mask=ok[:, None] & (cols < DV)[None, :], other=0.0)
-        # acc was stored only where l > 0 (_store_partial): a split can see keys (finite m) and still have
+        # acc was stored only where l != 0 (_store_partial): a split can see keys (finite m) and still have
         # l = 0, a compressed tile whose only visible token is its halo; its slot holds stale memory.
-        part = tl.where((l_part > 0)[:, None], part, 0.0)
+        part = tl.where((l_part != 0)[:, None], part, 0.0)
         m_new = tl.maximum(m_run, tl.max(m, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha, w = tl.exp2(m_run - m_ref), tl.exp2(m - m_ref)
@@ -210,9 +232,9 @@ def _pool_weights(CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: 
 
 
 @triton.jit
-def _cmp_kernel(Q, KC, VC, SEQ_LENS, M, L, ACC, POOL, TMAX,
+def _cmp_kernel(Q, KC, VC, CACHE_SEQLENS, M, L, ACC, POOL, TMAX,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                S, G, Hkv, ROWS, SPLITS_TOTAL, NB_CAP, TILES_CAP, qk_scale,
+                S, G, Hkv, ROWS, SPLITS_TOTAL, NB_CAP, TILES_CAP, CAPACITY, CMP_CAPACITY, qk_scale,
                 CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
                 SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -229,7 +251,7 @@ def _cmp_kernel(Q, KC, VC, SEQ_LENS, M, L, ACC, POOL, TMAX,
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
     HALO: tl.constexpr = CMP_BLOCK // CMP_STRIDE - 1  # earlier tokens reaching into a block
     NBJ: tl.constexpr = (BLOCK_C - HALO) // R  # whole blocks per tile
-    seq_len = tl.load(SEQ_LENS + b)
+    seq_len, _ = _row_length(CACHE_SEQLENS, b, S, CAPACITY, CMP_CAPACITY, CMP_STRIDE, CMP_BLOCK)
     r, s, h, t, row_ok = _group_rows(r0, g, S, G, ROWS, seq_len, BLOCK_R)
     q = tl.load(Q + _row_offsets(b, s, h, stride_qb, stride_qs, stride_qh)[:, None] + tl.arange(0, BLOCK_DK)[None, :],
                 mask=row_ok[:, None] & (tl.arange(0, BLOCK_DK) < DK)[None, :], other=0.0)
@@ -242,8 +264,8 @@ def _cmp_kernel(Q, KC, VC, SEQ_LENS, M, L, ACC, POOL, TMAX,
     own = (a >= HALO) & (a < HALO + NBJ * R)  # tokens of the tile's own blocks: attended once, here
     b_col = tl.arange(0, BLOCK_J)
 
-    num_cmp = keys_upto(seq_len - 1, CMP_STRIDE, CMP_BLOCK)  # Tc(L)
-    num_tiles = tl.cdiv(tl.cdiv(seq_len, SLC_BLOCK), NBJ)  # tiles covering the blocks 0 .. J(L - 1)
+    num_cmp = keys_upto(seq_len - 1, CMP_STRIDE, CMP_BLOCK)  # Tc(L) <= CMP_CAPACITY (_row_length)
+    num_tiles = tl.cdiv(tl.cdiv(seq_len, SLC_BLOCK), NBJ)  # tiles covering the blocks 0 .. J(L - 1): <= TILES_CAP
     per_split = tl.cdiv(num_tiles, SPLITS)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -270,7 +292,8 @@ def _cmp_kernel(Q, KC, VC, SEQ_LENS, M, L, ACC, POOL, TMAX,
 
 
 @triton.jit
-def _block_score_kernel(M, L, POOL, TMAX, KEYS, SEQ_LENS, S, G, Hkv, ROWS, SPLITS_TOTAL, NB_CAP, TILES_CAP,
+def _block_score_kernel(M, L, POOL, TMAX, KEYS, CACHE_SEQLENS, S, G, Hkv, ROWS, SPLITS_TOTAL, NB_CAP, TILES_CAP,
+                        CAPACITY, CMP_CAPACITY,
                         CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
                         CMP_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
                         CHUNKS: tl.constexpr, CHUNK: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
@@ -283,7 +306,8 @@ def _block_score_kernel(M, L, POOL, TMAX, KEYS, SEQ_LENS, S, G, Hkv, ROWS, SPLIT
     g, b = tl.program_id(1), tl.program_id(2)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
     NBJ: tl.constexpr = (BLOCK_C - (CMP_BLOCK // CMP_STRIDE - 1)) // R
-    t = tl.load(SEQ_LENS + b) - S + s
+    seq_len, ok = _row_length(CACHE_SEQLENS, b, S, CAPACITY, CMP_CAPACITY, CMP_STRIDE, CMP_BLOCK)
+    t = seq_len - S + s
     last = t // SLC_BLOCK  # J(t)
     group = b.to(tl.int64) * Hkv + g
     heads = tl.arange(0, G_PAD)
@@ -291,7 +315,7 @@ def _block_score_kernel(M, L, POOL, TMAX, KEYS, SEQ_LENS, S, G, Hkv, ROWS, SPLIT
     _wait_for_previous_launch(PDL)  # the compressed kernel's partials and pooled scores
     lse = _merge_lse(M, L, group, 0, CMP_SPLITS, s * G + heads, heads < G, ROWS, SPLITS_TOTAL, SPLIT_CHUNK)
     j = chunk * CHUNK + tl.arange(0, CHUNK)
-    candidate = j <= last
+    candidate = (j <= last) & ok  # j <= J(L - 1) < NB_CAP; none for a row out of range
     # P[j] = sum_h p_slc[h, j] = (1 / d) sum_h pooled[h, j] * 2^(mt[h, tile of j] - lse_h); the 1/d is dropped.
     ok = (heads < G)[:, None] & candidate[None, :]
     mt = tl.load(TMAX + rows[:, None] * TILES_CAP + (j // NBJ)[None, :], mask=ok, other=float("-inf"))
@@ -318,12 +342,13 @@ def _selected_blocks(KEYS, group, S, CHUNKS: tl.constexpr, CHUNKS_PAD: tl.conste
 
 
 @triton.jit
-def _sparse_kernel(Q, KS, VS, KW, VW, KEYS, IDS, SEQ_LENS, M, L, ACC,
+def _sparse_kernel(Q, KS, VS, KW, VW, KEYS, IDS, CACHE_SEQLENS, M, L, ACC,
                    stride_qb, stride_qs, stride_qh,
                    stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
                    stride_kwb, stride_kwt, stride_kwh, stride_vwb, stride_vwt, stride_vwh,
-                   S, G, Hkv, ROWS, SPLITS_TOTAL, qk_scale,
-                   SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
+                   S, G, Hkv, ROWS, SPLITS_TOTAL, CAPACITY, CMP_CAPACITY, qk_scale,
+                   CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr, WINDOW: tl.constexpr,
+                   N_SELECT: tl.constexpr, N_PAD: tl.constexpr,
                    CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr, S_PAD: tl.constexpr,
                    CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr,
                    SWA_SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -341,7 +366,7 @@ def _sparse_kernel(Q, KS, VS, KW, VW, KEYS, IDS, SEQ_LENS, M, L, ACC,
     SPLITS: tl.constexpr = SLC_SPLITS + SWA_SPLITS
     split, r0 = tl.program_id(0) % SPLITS, tl.program_id(0) // SPLITS * BLOCK_R
     g, b = tl.program_id(1), tl.program_id(2)
-    seq_len = tl.load(SEQ_LENS + b)
+    seq_len, _ = _row_length(CACHE_SEQLENS, b, S, CAPACITY, CMP_CAPACITY, CMP_STRIDE, CMP_BLOCK)
     r, s, h, t, row_ok = _group_rows(r0, g, S, G, ROWS, seq_len, BLOCK_R)
     q = tl.load(Q + _row_offsets(b, s, h, stride_qb, stride_qs, stride_qh)[:, None] + tl.arange(0, BLOCK_DK)[None, :],
                 mask=row_ok[:, None] & (tl.arange(0, BLOCK_DK) < DK)[None, :], other=0.0)
@@ -400,12 +425,15 @@ def _sparse_kernel(Q, KS, VS, KW, VW, KEYS, IDS, SEQ_LENS, M, L, ACC,
 
 
 @triton.jit
-def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride_ob, stride_os, stride_oh,
-                    S, G, Hkv, ROWS, SPLITS_TOTAL,
-                    CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+def _combine_kernel(M, L, ACC, GATES, O, CACHE_SEQLENS, ERROR_FLAG,
+                    stride_gb, stride_gs, stride_gh, stride_ob, stride_os, stride_oh,
+                    S, G, Hkv, ROWS, SPLITS_TOTAL, CAPACITY, CMP_CAPACITY,
+                    CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_SPLITS: tl.constexpr,
+                    SLC_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
                     DV: tl.constexpr, BLOCK_COLS: tl.constexpr, PDL: tl.constexpr):
     """o = g0 * o_cmp + g1 * o_slc + g2 * o_swa for row r (query s, head h), BLOCK_COLS columns of it (several
-    programs a row when rows are few: reading the partials is the work); each o_c merges its branch's splits."""
+    programs a row when rows are few: reading the partials is the work); each o_c merges its branch's splits.
+    A row out of range (_row_length) gets o = NaN and sets ERROR_FLAG[0] = 1 (ERROR_FLAG int32 [1] or None)."""
     COL_TILES: tl.constexpr = (DV + BLOCK_COLS - 1) // BLOCK_COLS
     r, g, b = tl.program_id(0) // COL_TILES, tl.program_id(1), tl.program_id(2)
     cols = tl.program_id(0) % COL_TILES * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -418,6 +446,10 @@ def _combine_kernel(M, L, ACC, GATES, O, stride_gb, stride_gs, stride_gh, stride
     for c in tl.static_range(3):
         o_c = _merge_row(M, L, ACC, group, branches[c], branches[c + 1], r, cols, ROWS, SPLITS_TOTAL, DV, SPLIT_CHUNK)
         o += tl.load(gate + c).to(tl.float32) * o_c
+    _, ok = _row_length(CACHE_SEQLENS, b, S, CAPACITY, CMP_CAPACITY, CMP_STRIDE, CMP_BLOCK)
+    o = tl.where(ok, o, float("nan"))
+    if ERROR_FLAG is not None:
+        tl.store(ERROR_FLAG, 1, mask=ok == 0)
     tl.store(O + _row_offsets(b, s, h, stride_ob, stride_os, stride_oh) + cols, o.to(O.dtype.element_ty),
              mask=cols < DV)
 
@@ -502,13 +534,15 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, config: NSAConfig, scale,
-                         *, return_block_ids: bool = False, kernel_options: KernelOptions = KernelOptions()):
+def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config: NSAConfig,
+                         scale, *, error_flag: torch.Tensor | None = None, return_block_ids: bool = False,
+                         kernel_options: KernelOptions = KernelOptions()):
     """One NSA decoding step (inputs validated by ops/checks.py: check_decode_inputs).
 
     q [B, S, Hq, Dk], gates [B, S, Hq, 3]; k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, Dk / Dv];
-    k_cmp, v_cmp [B, capacity_cmp, Hkv, Dk / Dv]; seq_lens int32 [B] on q's device, S <= seq_lens[b] <=
-    capacity (not checked: checking would read seq_lens on the host). The last dims must be contiguous
+    k_cmp, v_cmp [B, capacity_cmp, Hkv, Dk / Dv]; cache_seqlens int32 [B] on q's device, never read on the host:
+    a row out of range (L < S, L > capacity or Tc(L) > capacity_cmp) gets NaN outputs (and block ids -1) and sets
+    error_flag (int32 [1], or None) to 1, touching nothing outside the buffers. The last dims must be contiguous
     (other strides are free). Returns o [B, S, Hq, Dv] in q's dtype; with return_block_ids also the
     selection, int32 [B, S, Hkv, n] (ids ascending, then -1).
     """
@@ -542,11 +576,12 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     nbj = (block_c - halo) // per_block  # whole selection blocks per compressed tile
     block_j = pow2_at_least(nbj)
     block_l, block_w = min(pow2_at_least(lp), sparse_tile), sparse_tile
-    tiles_cap = triton.cdiv(triton.cdiv(k_slc.shape[1], lp), nbj)
+    capacity, cmp_capacity = k_slc.shape[1], k_cmp.shape[1]  # the kernels' bounds on any row's length
+    tiles_cap = triton.cdiv(triton.cdiv(capacity, lp), nbj)
     nb_cap = tiles_cap * nbj  # pooled scores per row: every tile writes all its nbj blocks, even past the capacity
     n_pad = triton.next_power_of_2(n)
     chunk = max(128 if gpu else 4, n_pad)  # blocks scored (and reduced to their top n) per program
-    chunks = triton.cdiv(triton.cdiv(k_slc.shape[1], lp), chunk)  # over the blocks a row can hold
+    chunks = triton.cdiv(triton.cdiv(capacity, lp), chunk)  # over the blocks a row can hold
 
     # Splits: enough programs to fill the GPU even with one sequence, at most one tile (block) per program.
     programs = target_programs(dev, options)
@@ -573,29 +608,30 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq
     partials = (m_part, l_part, acc_part)
 
     _cmp_kernel[(cmp_splits * row_tiles, Hkv, B)](
-        q, k_cmp, v_cmp, seq_lens, *partials, pooled, tile_max, *_strides(q), *_strides(k_cmp), *_strides(v_cmp),
-        S, G, Hkv, rows, total, nb_cap, tiles_cap, qk_scale,
+        q, k_cmp, v_cmp, cache_seqlens, *partials, pooled, tile_max, *_strides(q), *_strides(k_cmp), *_strides(v_cmp),
+        S, G, Hkv, rows, total, nb_cap, tiles_cap, capacity, cmp_capacity, qk_scale,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, SPLITS=cmp_splits, BLOCK_C=block_c, BLOCK_J=block_j,
         PRECISION=precision, SPLIT_POOL=q.dtype != torch.float32, PDL=pdl, **common,
         **_launch_options(cmp_launch, block_c * token_bytes))
     _block_score_kernel[(chunks * S, Hkv, B)](
-        m_part, l_part, pooled, tile_max, keys, seq_lens, S, G, Hkv, rows, total, nb_cap, tiles_cap,
+        m_part, l_part, pooled, tile_max, keys, cache_seqlens, S, G, Hkv, rows, total, nb_cap, tiles_cap, capacity,
+        cmp_capacity,
         CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, CMP_SPLITS=cmp_splits, SPLIT_CHUNK=split_chunk, BLOCK_C=block_c,
         CHUNKS=chunks, CHUNK=chunk, N_SELECT=n, N_PAD=n_pad, G_PAD=triton.next_power_of_2(G), **dependent,
         **options.decode_score.over(SCORE_LAUNCH))
     _sparse_kernel[((slc_splits + swa_splits) * row_tiles, Hkv, B)](
-        q, k_slc, v_slc, k_swa, v_swa, keys, ids, seq_lens, *partials, *_strides(q),
-        *_strides(k_slc), *_strides(v_slc), *_strides(k_swa), *_strides(v_swa), S, G, Hkv, rows, total, qk_scale,
-        SLC_BLOCK=lp, WINDOW=config.window, N_SELECT=n, N_PAD=n_pad,
+        q, k_slc, v_slc, k_swa, v_swa, keys, ids, cache_seqlens, *partials, *_strides(q),
+        *_strides(k_slc), *_strides(v_slc), *_strides(k_swa), *_strides(v_swa), S, G, Hkv, rows, total, capacity,
+        cmp_capacity, qk_scale, CMP_STRIDE=d, CMP_BLOCK=l, SLC_BLOCK=lp, WINDOW=config.window, N_SELECT=n, N_PAD=n_pad,
         CHUNKS=chunks, CHUNKS_PAD=triton.next_power_of_2(chunks), S_PAD=triton.next_power_of_2(S),
         CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SWA_SPLITS=swa_splits,
         BLOCK_L=block_l, BLOCK_W=block_w, PRECISION=precision, **common, **dependent,
         **_launch_options(sparse_launch, max(block_l, block_w) * token_bytes))
     block_cols, combine_warps = _combine_tiling(B * Hkv * rows, block_dv, split_chunk, programs, gpu)
     _combine_kernel[(rows * triton.cdiv(Dv, block_cols), Hkv, B)](
-        *partials, gates, o, *_strides(gates), *_strides(o), S, G, Hkv, rows, total,
-        CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits, SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_COLS=block_cols,
-        num_warps=combine_warps, **dependent)
+        *partials, gates, o, cache_seqlens, error_flag, *_strides(gates), *_strides(o), S, G, Hkv, rows, total,
+        capacity, cmp_capacity, CMP_STRIDE=d, CMP_BLOCK=l, CMP_SPLITS=cmp_splits, SLC_SPLITS=slc_splits,
+        SPLIT_CHUNK=split_chunk, DV=Dv, BLOCK_COLS=block_cols, num_warps=combine_warps, **dependent)
     if return_block_ids:
         return o, ids.transpose(1, 2)
     return o

@@ -174,10 +174,11 @@ def top_keys(keys, N_SELECT: tl.constexpr, N_PAD: tl.constexpr):
     Rows of up to 256 keys (the decoding step's chunks): a bitonic top-k (log2(N_PAD) sort stages, then halving
     merges). Longer rows (training, one row per query): N_SELECT rounds of one max-reduction each. On an H100 the
     bitonic top-16 took 55% of the rounds' time on 128 keys and 115% on 1024 (benchmarks/profile_decode.py,
-    profile_selection.py).
+    profile_selection.py). N_PAD = 1 (num_selected = 1) takes the single round too: tl.topk fails on k = 1
+    with a [1, K] block (Triton 3.6), and one max is the top-1 anyway.
     """
     slots = tl.arange(0, N_PAD)[None, :]
-    if keys.shape[1] <= 256:
+    if keys.shape[1] <= 256 and N_PAD > 1:
         return tl.where(slots < N_SELECT, tl.topk(keys, N_PAD, dim=1), -1)
     top = tl.full([keys.shape[0], N_PAD], -1, tl.int64)
     for slot in tl.static_range(N_SELECT):
