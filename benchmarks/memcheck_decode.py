@@ -51,15 +51,20 @@ def check_decode(config, gen):
 
 
 def check_training_op(config, gen):
+    """Forward and backward of the training op: random packed lengths (G = 4: tiles of several queries) and a dense
+    batch (G = 16: one query a tile)."""
     lengths = torch.randint(1, 150, (3,), generator=gen).tolist() + [config.cmp_block - 1]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    T, Tc, H, Hkv, D = sum(lengths), sum(config.num_cmp_tokens(n) for n in lengths), 8, 2, 32
-    x = [rand(1, T, H, D)] + [rand(1, Tc, Hkv, D) for _ in range(2)] + [rand(1, T, Hkv, D) for _ in range(4)]
-    x.append(torch.sigmoid(rand(1, T, H, 3)))
-    x = [t.requires_grad_() for t in x]
-    o = nsa.nsa_attention(*x, config, cu_seqlens=cu, backend="triton")
-    o.float().square().sum().backward()
-    assert torch.isfinite(o).all() and all(torch.isfinite(t.grad).all() for t in x)
+    for B, T, Tc, H, Hkv, cu_seqlens in (
+            (1, sum(lengths), sum(config.num_cmp_tokens(n) for n in lengths), 8, 2, cu),
+            (2, 133, config.num_cmp_tokens(133), 16, 1, None)):
+        D = 32
+        x = [rand(B, T, H, D)] + [rand(B, Tc, Hkv, D) for _ in range(2)] + [rand(B, T, Hkv, D) for _ in range(4)]
+        x.append(torch.sigmoid(rand(B, T, H, 3)))
+        x = [t.requires_grad_() for t in x]
+        o = nsa.nsa_attention(*x, config, cu_seqlens=cu_seqlens, backend="triton")
+        o.float().square().sum().backward()
+        assert torch.isfinite(o).all() and all(torch.isfinite(t.grad).all() for t in x)
 
 
 def main() -> int:

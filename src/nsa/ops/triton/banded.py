@@ -28,19 +28,12 @@ import triton.language as tl
 
 from ..types import KernelOptions
 from .utils import (LOG2E, LOG2E_K, LN2_K, check_kernel_dtype, dot_precision, interpreting, key_end, keys_upto,
-                    last_dim_contiguous, seq_bounds, visible)
+                    last_dim_contiguous, load_rows, seq_bounds, softmax_update, visible)
 
 
 # ----------------------------------------------------------------------------------------------
 # Tile helpers
 # ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _load_tile(base, rows, n_rows, stride_row, cols, n_cols):
-    """x[rows, cols] of a row-strided [n_rows, n_cols] matrix at base; zeros outside it."""
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
-    return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
-
 
 @triton.jit
 def _store_tile(base, x, rows, n_rows, stride_row, cols, n_cols):
@@ -105,19 +98,13 @@ def _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk, t, lo, hi, qk
     cols_v = tl.arange(0, BLOCK_DV)
     for start in range(lo, hi, BLOCK_N):
         u = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(Kh, u, Tk, stride_kt, cols_k, DK)
-        v = _load_tile(Vh, u, Tk, stride_vt, cols_v, DV)
+        k = load_rows(Kh, u, u < Tk, stride_kt, cols_k, DK)
+        v = load_rows(Vh, u, u < Tk, stride_vt, cols_v, DV)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2(e) * scale * q.k
         if MASK:
             s = tl.where(visible(t[:, None], u[None, :], KEY_STRIDE, KEY_SPAN, WINDOW) & (u < Tk)[None, :],
                          s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet keep p = 0, not NaN
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = softmax_update(m_i, l_i, acc, s, v, PRECISION)
     return acc, m_i, l_i
 
 
@@ -144,7 +131,7 @@ def _banded_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     Kh = K + batch * stride_kb + k0 * stride_kt + (h // G) * stride_kh
     Vh = V + batch * stride_vb + k0 * stride_vt + (h // G) * stride_vh
     t = m0 + tl.arange(0, BLOCK_M)
-    q = _load_tile(Qh, t, T_seq, stride_qt, tl.arange(0, BLOCK_DK), DK)
+    q = load_rows(Qh, t, t < T_seq, stride_qt, tl.arange(0, BLOCK_DK), DK)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -178,8 +165,8 @@ def _banded_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_d
     h, b = tl.program_id(1), tl.program_id(2).to(tl.int64)
     t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_DV)
-    o = _load_tile(O + b * stride_ob + h * stride_oh, t, T, stride_ot, cols, DV)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh, t, T, stride_dot, cols, DV)
+    o = load_rows(O + b * stride_ob + h * stride_oh, t, t < T, stride_ot, cols, DV)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, t, t < T, stride_dot, cols, DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + (b * Hq + h) * T + t, delta, mask=t < T)
 
@@ -199,8 +186,8 @@ def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
     cols_v = tl.arange(0, BLOCK_DV)
     for start in range(lo, hi, BLOCK_M):
         t = start + tl.arange(0, BLOCK_M)
-        q = _load_tile(Qh, t, T, stride_qt, cols_k, DK)
-        do = _load_tile(DOh, t, T, stride_dot, cols_v, DV)
+        q = load_rows(Qh, t, t < T, stride_qt, cols_k, DK)
+        do = load_rows(DOh, t, t < T, stride_dot, cols_v, DV)
         lse2 = tl.load(LSEh + t, mask=t < T, other=0.0) * LOG2E_K
         delta = tl.load(DELTAh + t, mask=t < T, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
@@ -239,8 +226,8 @@ def _banded_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K,
     u = n0 + tl.arange(0, BLOCK_N)
     cols_k = tl.arange(0, BLOCK_DK)
     cols_v = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + batch * stride_kb + k0 * stride_kt + kvh * stride_kh, u, Tk_seq, stride_kt, cols_k, DK)
-    v = _load_tile(V + batch * stride_vb + k0 * stride_vt + kvh * stride_vh, u, Tk_seq, stride_vt, cols_v, DV)
+    k = load_rows(K + batch * stride_kb + k0 * stride_kt + kvh * stride_kh, u, u < Tk_seq, stride_kt, cols_k, DK)
+    v = load_rows(V + batch * stride_vb + k0 * stride_vt + kvh * stride_vh, u, u < Tk_seq, stride_vt, cols_v, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo, full_lo, full_hi, hi = _query_blocks(n0, tl.minimum(n0 + BLOCK_N, Tk_seq) - 1, T_seq,
@@ -277,8 +264,8 @@ def _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk, t, lo, h
     cols_v = tl.arange(0, BLOCK_DV)
     for start in range(lo, hi, BLOCK_N):
         u = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(Kh, u, Tk, stride_kt, cols_k, DK)
-        v = _load_tile(Vh, u, Tk, stride_vt, cols_v, DV)
+        k = load_rows(Kh, u, u < Tk, stride_kt, cols_k, DK)
+        v = load_rows(Vh, u, u < Tk, stride_vt, cols_v, DV)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
         if MASK:
             p = tl.where(visible(t[:, None], u[None, :], KEY_STRIDE, KEY_SPAN, WINDOW) & (u < Tk)[None, :], p, 0.0)
@@ -306,9 +293,9 @@ def _banded_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     Kh = K + batch * stride_kb + k0 * stride_kt + (h // G) * stride_kh
     Vh = V + batch * stride_vb + k0 * stride_vt + (h // G) * stride_vh
     t = m0 + tl.arange(0, BLOCK_M)
-    q = _load_tile(Q + batch * stride_qb + q0 * stride_qt + h * stride_qh, t, T_seq, stride_qt,
+    q = load_rows(Q + batch * stride_qb + q0 * stride_qt + h * stride_qh, t, t < T_seq, stride_qt,
                    tl.arange(0, BLOCK_DK), DK)
-    do = _load_tile(DO + batch * stride_dob + q0 * stride_dot + h * stride_doh, t, T_seq, stride_dot,
+    do = load_rows(DO + batch * stride_dob + q0 * stride_dot + h * stride_doh, t, t < T_seq, stride_dot,
                     tl.arange(0, BLOCK_DV), DV)
     lse2 = tl.load(LSE + (batch * Hq + h) * T + q0 + t, mask=t < T_seq, other=0.0) * LOG2E_K
     delta = tl.load(DELTA + (batch * Hq + h) * T + q0 + t, mask=t < T_seq, other=0.0)

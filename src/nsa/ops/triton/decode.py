@@ -68,7 +68,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ...config import NSAConfig
 from ..types import KernelOptions
 from .utils import (LOG2E, block_ids, block_keys, check_backend_inputs, check_pooling, dot_precision, interpreting,
-                    keys_upto, pool_probs, pow2_at_least, top_keys, visible)
+                    keys_upto, load_rows, pool_probs, pow2_at_least, top_keys, visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,14 +116,6 @@ def _row_offsets(b, s, h, stride_b, stride_s, stride_h):
 
 
 @triton.jit
-def _load_tokens(base, u, ok, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """x[u, :D] of a token-strided matrix at base: [len(u), BLOCK_D], zeros where not ok."""
-    cols = tl.arange(0, BLOCK_D)
-    ptrs = base + u.to(tl.int64)[:, None] * stride_t + cols[None, :]
-    return tl.load(ptrs, mask=ok[:, None] & (cols < D)[None, :], other=0.0)
-
-
-@triton.jit
 def _tile_probs(s, mask):
     """p = 2^(s - mt) on mask (0 elsewhere) and the row max mt over mask (-inf for an empty row)."""
     s = tl.where(mask, s, float("-inf"))
@@ -149,8 +141,8 @@ def _attend(m_i, l_i, acc, q, K, V, stride_kt, stride_vt, u, key_ok, mask, qk_sc
             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
             PRECISION: tl.constexpr):
     """Adds keys u (loaded where key_ok; row r sees key u where mask[r, u]) to the softmax state."""
-    k = _load_tokens(K, u, key_ok, stride_kt, DK, BLOCK_DK)
-    v = _load_tokens(V, u, key_ok, stride_vt, DV, BLOCK_DV)
+    k = load_rows(K, u, key_ok, stride_kt, tl.arange(0, BLOCK_DK), DK)
+    v = load_rows(V, u, key_ok, stride_vt, tl.arange(0, BLOCK_DV), DV)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2(e) * scale * q.k
     p, mt = _tile_probs(s, mask)
     return _accumulate(m_i, l_i, acc, p, mt, v, PRECISION)
@@ -273,7 +265,7 @@ def _cmp_kernel(Q, KC, VC, CACHE_SEQLENS, M, L, ACC, POOL, TMAX,
     for k in range(split * per_split, tl.minimum(split * per_split + per_split, num_tiles)):
         i = k * (NBJ * R) - HALO + a  # compressed tokens of tile k
         key_ok = (i >= 0) & (i < num_cmp)
-        kt = _load_tokens(Kg, i, key_ok, stride_kt, DK, BLOCK_DK)
+        kt = load_rows(Kg, i, key_ok, stride_kt, tl.arange(0, BLOCK_DK), DK)
         scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
         vis = visible(t[:, None], i[None, :], CMP_STRIDE, CMP_BLOCK, 0) & key_ok[None, :] & row_ok[:, None]
         p, mt = _tile_probs(scores, vis)
@@ -282,7 +274,7 @@ def _cmp_kernel(Q, KC, VC, CACHE_SEQLENS, M, L, ACC, POOL, TMAX,
         tl.store(pool_rows + k * NBJ + b_col[None, :], pooled, mask=row_ok[:, None] & (b_col < NBJ)[None, :])
         tl.store(TMAX + (group * ROWS + r) * TILES_CAP + k, mt, mask=row_ok)
         # Attention over the tile's own tokens (the halo belongs to the previous tile).
-        vt = _load_tokens(Vg, i, key_ok & own, stride_vt, DV, BLOCK_DV)
+        vt = load_rows(Vg, i, key_ok & own, stride_vt, tl.arange(0, BLOCK_DV), DV)
         m_i, l_i, acc = _accumulate(m_i, l_i, acc, tl.where(own[None, :], p, 0.0), mt, vt, PRECISION)
     _store_partial(M, L, ACC, split, group, r, row_ok, m_i, l_i, acc, ROWS, SPLITS_TOTAL, DV, BLOCK_DV)
 

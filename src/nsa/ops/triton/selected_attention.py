@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..types import KernelOptions
-from .utils import LN2_K, LOG2E, LOG2E_K, MAX_HEAD_DIM, dot_precision, pow2_at_least
+from .utils import LN2_K, LOG2E, LOG2E_K, MAX_HEAD_DIM, dot_precision, load_rows, pow2_at_least, softmax_update
 
 # Rows (query, head pairs) per program: the query-major kernels (forward, dq) take ceil(TILE_ROWS / G)
 # consecutive queries, whose block union grows when neighbours disagree, so 16 (the tl.dot minimum);
@@ -126,8 +126,7 @@ def _block_scores(q, K, tok0, k_row, blk, s0, seqlen, t, sel, qk_scale, DK, HKV_
     offs_d = tl.arange(0, BLOCK_DK)
     u = blk * SLC_BLOCK + s0 + offs_n
     key_ok = (s0 + offs_n < SLC_BLOCK) & (u >= 0) & (u < seqlen)
-    k = tl.load(K + (tok0 + u)[:, None] * HKV_DK + k_row + offs_d[None, :],
-                mask=key_ok[:, None] & (offs_d[None, :] < DK), other=0.0)
+    k = load_rows(K + tok0 * HKV_DK + k_row, u, key_ok, HKV_DK, offs_d, DK)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     visible = sel[:, None] & key_ok[None, :] & (u[None, :] <= t[:, None])
     return tl.where(visible, s, float("-inf")), u, key_ok, k
@@ -205,15 +204,8 @@ def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, qk_scale, T,
         for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_N):
             s, u, key_ok, k = _block_scores(q, K, tok0, g * DK, blk, s0, seqlen, t, sel, qk_scale, DK, HKV * DK,
                                             SLC_BLOCK, BLOCK_N, BLOCK_DK, DOT_PREC)
-            v = tl.load(V + (tok0 + u)[:, None] * (HKV * DV) + g * DV + offs_dv[None, :],
-                        mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay at 0
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(s - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+            v = load_rows(V + tok0 * (HKV * DV) + g * DV, u, key_ok, HKV * DV, offs_dv, DV)
+            m_i, l_i, acc = softmax_update(m_i, l_i, acc, s, v, DOT_PREC)
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -262,8 +254,7 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU
         for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_N):
             s, u, key_ok, k = _block_scores(q, K, tok0, g * DK, blk, s0, seqlen, t, sel, qk_scale, DK, HKV * DK,
                                             SLC_BLOCK, BLOCK_N, BLOCK_DK, DOT_PREC)
-            v = tl.load(V + (tok0 + u)[:, None] * (HKV * DV) + g * DV + offs_dv[None, :],
-                        mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            v = load_rows(V + tok0 * (HKV * DV) + g * DV, u, key_ok, HKV * DV, offs_dv, DV)
             p = tl.where(s > float("-inf"), tl.exp2(s - lse2[:, None]), 0.0)  # [M, N]
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])

@@ -95,6 +95,28 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def load_rows(base, rows, row_ok, stride_row, cols, n_cols):
+    """x[rows, cols] of a row-strided matrix at base (int64 row offsets): [len(rows), len(cols)], zeros where a
+    row is not ok or a column is >= n_cols. The one tile load of every kernel here."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def softmax_update(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
+    """Online softmax in log2 units: adds scores s [M, N] (-inf where masked) over values v [N, D] to the running
+    max m_i, sum l_i = sum 2^(s - m_i) and acc = sum 2^(s - m_i) v. Rows that saw no key yet stay empty, not NaN.
+    (The decoding step keeps a tile-relative form of the same update, since it also pools the tile's p.)"""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def key_end(u, KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr):
     """e(u): the last raw position covered by key u."""
     return u * KEY_STRIDE + KEY_SPAN - 1
