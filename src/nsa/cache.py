@@ -55,16 +55,6 @@ class LayerCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
         self.seq_lens = [0] * batch_size  # host mirror of lengths
 
-    @staticmethod
-    def defaults(layer, dtype, device) -> tuple[torch.dtype, torch.device]:
-        """dtype/device of a layer's cache: given, else the autocast dtype when autocast is on, else the weights'."""
-        weight = layer.q_proj.weight
-        device = torch.device(device or weight.device)
-        if dtype is None:
-            autocasting = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocasting else weight.dtype
-        return dtype, device
-
     def begin_prefill(self, x: torch.Tensor, lengths) -> list[int]:
         """Empties the cache for prompts x [B, T, ...] (right-padded) of lengths (B ints in [0, T]; None: all T),
         checks they fit, and returns the lengths as a list."""
@@ -169,6 +159,16 @@ class LayerCache:
         self.set_lengths([min(int(n), old) for n, old in zip(new, self.seq_lens)])
 
 
+def default_dtype_device(weight: torch.Tensor, dtype: torch.dtype | None, device) -> tuple[torch.dtype, torch.device]:
+    """dtype/device of a layer's cache: given, else the autocast dtype when autocast is on, else those of the
+    layer's weight (a layer's new_cache passes one of its parameters)."""
+    device = torch.device(device or weight.device)
+    if dtype is None:
+        autocasting = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocasting else weight.dtype
+    return dtype, device
+
+
 def _is_int(x) -> bool:
     """A Python or numpy int, not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
@@ -181,12 +181,6 @@ class KVCache(LayerCache):
     """
 
     RAW = ("k", "v")
-
-    @classmethod
-    def create(cls, layer, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
-        """Empty cache for `layer` (a CausalSelfAttention); dtype/device as in LayerCache.defaults."""
-        return cls(batch_size, capacity, layer.n_kv_head, layer.head_dim, layer.head_dim,
-                   *cls.defaults(layer, dtype, device))
 
 
 class NSACache(LayerCache):
@@ -217,17 +211,6 @@ class NSACache(LayerCache):
         self.ring_v = self._buffer(self.ring_size, num_kv_heads, v_head_dim)
         if share_kv:  # one raw set serves both branches (nbytes counts it once)
             self.k_swa, self.v_swa = self.k_slc, self.v_slc
-
-    @classmethod
-    def create(cls, layer, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
-               max_trim: int | None = None) -> NSACache:
-        """Empty cache for `layer` (a NativeSparseAttention) holding up to `capacity` tokens per row.
-
-        dtype/device: given, else the autocast dtype when autocast is on, else the layer's weights'.
-        max_trim: how many tokens trim() may roll back (default cmp_block).
-        """
-        return cls(layer.config, batch_size, capacity, layer.num_kv_heads, layer.head_dim, layer.v_head_dim,
-                   layer.share_kv, *cls.defaults(layer, dtype, device), max_trim)
 
     def _next_block_start(self, n: int) -> int:
         """First raw position a row of n tokens will need again: the start of its next compressed block."""

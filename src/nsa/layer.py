@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .config import NSAConfig
-from .cache import NSACache
+from .cache import NSACache, default_dtype_device
 from .ops import nsa_attention, nsa_decode_attention
 from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens
@@ -173,13 +173,24 @@ class NativeSparseAttention(nn.Module):
             return dict(k_slc=k_slc, v_slc=v_slc)
         return dict(k_slc=k_slc, v_slc=v_slc, k_swa=k_swa, v_swa=v_swa)
 
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
+                  max_trim: int | None = None) -> NSACache:
+        """An empty NSACache for this layer holding up to `capacity` tokens per row.
+
+        dtype/device: given, else the autocast dtype when autocast is on, else the layer's weights'.
+        max_trim: how many tokens the cache's trim() may roll back (None: cmp_block).
+        """
+        dtype, device = default_dtype_device(self.q_proj.weight, dtype, device)
+        return NSACache(self.config, batch_size, capacity, self.num_kv_heads, self.head_dim, self.v_head_dim,
+                        self.share_kv, dtype, device, max_trim)
+
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, NSACache):
-            raise TypeError(f"cache must be an nsa.cache.NSACache (NSACache.create(layer, ...)), got {type(cache).__name__}")
+            raise TypeError(f"cache must be an nsa.cache.NSACache (layer.new_cache(...)), got {type(cache).__name__}")
         made_for = (cache.config, cache.share_kv, tuple(cache.k_slc.shape[2:]), cache.v_slc.shape[3])
         if made_for != (self.config, self.share_kv, (self.num_kv_heads, self.head_dim), self.v_head_dim):
             raise ValueError("the cache was created for a layer with another config, share_kv or head shape; "
-                             "create it with NSACache.create(layer, ...)")
+                             "create it with layer.new_cache(...)")
 
     def prefill(self, x: torch.Tensor, cache: NSACache, lengths: list[int] | None = None) -> torch.Tensor:
         """Starts every cache row over with a prompt: x [B, T, hidden_size], right-padded when lengths (row b's

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import KVCache, LayerCache, ModelCache, NSACache
+from .cache import KVCache, LayerCache, ModelCache, default_dtype_device
 from .config import NSAConfig
 from .graph import DecodeGraph
 from .layer import NativeSparseAttention
@@ -69,6 +69,14 @@ class CausalSelfAttention(nn.Module):
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
+                  max_trim: int | None = None) -> KVCache:
+        """An empty KVCache for this layer holding up to `capacity` tokens per row (dtype/device as in
+        NativeSparseAttention.new_cache). max_trim is accepted so that every attention layer has one new_cache
+        signature, and ignored: a KVCache can roll back to any length."""
+        dtype, device = default_dtype_device(self.q_proj.weight, dtype, device)
+        return KVCache(batch_size, capacity, self.n_kv_head, self.head_dim, self.head_dim, dtype, device)
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [B, T, C] at positions [T] or [B, T] -> q [B, T, Hq, D], k [B, T, Hkv, D] (both rotated), v."""
@@ -189,10 +197,9 @@ class LanguageModel(nn.Module):
     def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
                   max_trim: int | None = None) -> ModelCache:
         """Empty caches for every layer, each row holding up to `capacity` tokens (NSACache for NSA layers,
-        KVCache for full attention; dtype/device as in LayerCache.defaults; max_trim: NSA only, see NSACache)."""
-        nsa = self.cfg.attention == "nsa"
-        return ModelCache([NSACache.create(b.attn, batch_size, capacity, dtype, device, max_trim) if nsa else
-                           KVCache.create(b.attn, batch_size, capacity, dtype, device) for b in self.blocks])
+        KVCache for full attention), made by the layers' new_cache (dtype/device as there; max_trim: NSA only,
+        see NativeSparseAttention.new_cache)."""
+        return ModelCache([b.attn.new_cache(batch_size, capacity, dtype, device, max_trim) for b in self.blocks])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 cache: ModelCache | None = None, lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
