@@ -50,7 +50,7 @@ def test_one_token_at_a_time_equals_forward(share_kv):
         torch.testing.assert_close(cache.v_cmp[:, :Tc], v_cmp[:, :Tc], rtol=1e-12, atol=1e-12)
         # and no earlier: a step's candidates that complete nothing write only the spare slot past cmp_capacity
         assert not cache.k_cmp[:, Tc:].any() and not cache.v_cmp[:, Tc:].any()
-    assert cache.seq_lens == [T, T] and cache.lengths.tolist() == [T, T]
+    assert cache.host_seqlens == [T, T] and cache.cache_seqlens.tolist() == [T, T]
     torch.testing.assert_close(torch.cat(ys, dim=1), full, rtol=1e-10, atol=1e-10)
 
 
@@ -74,8 +74,8 @@ def test_rows_of_different_lengths_decode_independently():
     for b, n in enumerate(lens):
         prompts[b, :n] = rows[b][0, :n]
     cache = layer.new_cache(3, max(lens) + steps)
-    y_prompt = layer.prefill(prompts, cache, lengths=lens)
-    assert cache.seq_lens == lens
+    y_prompt = layer.prefill(prompts, cache, prompt_lens=lens)
+    assert cache.host_seqlens == lens
     y_steps = torch.cat([layer.step(torch.cat([r[:, n + s:n + s + 1] for r, n in zip(rows, lens)]), cache)
                          for s in range(steps)], dim=1)
     for b, n in enumerate(lens):
@@ -92,7 +92,7 @@ def test_trim_then_restep_equals_never_having_stepped():
     layer.step(draft, cache)  # 6 speculative tokens: positions 38..43 complete compressed tokens 8, 9 ([32, 40), [36, 44))
     assert cache.k_cmp.shape[1] > CFG.num_cmp_tokens(44) > CFG.num_cmp_tokens(38)
     cache.trim(38)  # rejected: the compressed token made from them must go too
-    assert cache.seq_lens == [38, 38]
+    assert cache.host_seqlens == [38, 38]
     # one token at a time first, so that the op reads the slots of compressed tokens 8, 9 before they are remade
     y = torch.cat([layer.step(x[:, t:t + 1], cache) for t in range(38, 45)] + [layer.step(x[:, 45:], cache)], dim=1)
     torch.testing.assert_close(y, feed(layer, x, fresh, [38, 22])[:, 38:], rtol=1e-12, atol=1e-12)
@@ -106,7 +106,7 @@ def test_trim_limits_and_reset():
     layer.step(x[:, 30:50], cache)
     with pytest.raises(ValueError, match="max_trim >= 20"):
         cache.trim(30)
-    assert cache.seq_lens == [50]  # a refused trim changes nothing
+    assert cache.host_seqlens == [50]  # a refused trim changes nothing
     cache.trim(46)
     cache.trim(0)  # rolling a row back to empty always works
     cache.reset()
@@ -129,9 +129,9 @@ def test_bad_input_raises_clear_errors():
         layer.step(x[:, :1], make_layer(share_kv=True).new_cache(2, 12))
     with pytest.raises(ValueError, match="capacity must be a positive int"):
         layer.new_cache(2, 0)
-    with pytest.raises(ValueError, match="lengths must hold 2 prompt lengths"):
-        layer.prefill(x, cache, lengths=[3, 11])
-    assert cache.seq_lens == [10, 10]  # nothing was written by the refused calls
+    with pytest.raises(ValueError, match="prompt_lens must hold 2 prompt lengths"):
+        layer.prefill(x, cache, prompt_lens=[3, 11])
+    assert cache.host_seqlens == [10, 10]  # nothing was written by the refused calls
 
 
 @pytest.mark.parametrize("share_kv", [False, True])
@@ -157,15 +157,15 @@ def test_model_cache_rows_of_different_lengths(attention):
     cache = model.new_cache(2, max(lens) + steps)
     assert isinstance(cache, ModelCache)
     assert all(isinstance(c, NSACache if attention == "nsa" else KVCache) for c in cache.layers)
-    model(prompts, cache=cache, lengths=lens)
+    model(prompts, cache=cache, prompt_lens=lens)
     logits = torch.cat([model(torch.cat([s[:, n + i:n + i + 1] for s, n in zip(seqs, lens)]), cache=cache)[0]
                         for i in range(steps)], dim=1)
     for b, n in enumerate(lens):
         torch.testing.assert_close(logits[b], model(seqs[b])[0][0, n:], rtol=1e-10, atol=1e-10)
     cache.trim([36, 15])  # the container rolls every layer back
-    assert all(c.seq_lens == [36, 15] for c in cache.layers)
-    with pytest.raises(ValueError, match="lengths is for prefill"):
-        model(prompts[:, :1], cache=cache, lengths=lens)
+    assert all(c.host_seqlens == [36, 15] for c in cache.layers)
+    with pytest.raises(ValueError, match="prompt_lens is for prefill"):
+        model(prompts[:, :1], cache=cache, prompt_lens=lens)
 
 
 @pytest.mark.gpu
@@ -186,7 +186,7 @@ def test_trim_rejects_what_is_not_an_int_length(new_len):
     layer.prefill(randn(2, 10, HIDDEN), cache)
     with pytest.raises(ValueError, match="new_len must be a non-negative int"):
         cache.trim(new_len)
-    assert cache.seq_lens == [10, 10]
+    assert cache.host_seqlens == [10, 10]
 
 
 @pytest.mark.parametrize("rows", [[-1], [2], [True], [0.0], 0, "0", torch.tensor([0])])
@@ -196,7 +196,7 @@ def test_reset_rejects_rows_out_of_range_or_not_ints(rows):
     layer.prefill(randn(2, 10, HIDDEN), cache)
     with pytest.raises(ValueError, match=r"rows must be None or a list of row indices in \[0, 2\)"):
         cache.reset(rows)
-    assert cache.seq_lens == [10, 10]
+    assert cache.host_seqlens == [10, 10]
 
 
 def test_cache_arguments_accept_numpy_ints():
@@ -207,9 +207,9 @@ def test_cache_arguments_accept_numpy_ints():
     layer.prefill(randn(2, 10, HIDDEN), cache)
     cache.trim(np.int64(8))
     cache.trim([np.int32(7), 6])
-    assert cache.seq_lens == [7, 6]
+    assert cache.host_seqlens == [7, 6]
     cache.reset(np.array([1]))
-    assert cache.seq_lens == [7, 0]
+    assert cache.host_seqlens == [7, 0]
     model_cache = ModelCache([cache])
     with pytest.raises(ValueError, match="new_len"):
         model_cache.trim(2.5)
@@ -228,3 +228,20 @@ def test_layers_make_their_caches_from_plain_sizes():
     model = nsa.LanguageModel(nsa.ModelConfig(n_layer=1, n_embd=32, n_head=4, n_kv_head=2, attention="full"))
     kv = model.blocks[0].attn.new_cache(3, 16)
     assert isinstance(kv, KVCache) and kv.k.shape == (3, 16, 2, 8) and kv.dtype == torch.float32
+
+
+def test_host_seqlens_kept_restores_the_host_mirror_only():
+    """What DecodeGraph wraps around a capture: the host side of a step runs, cache_seqlens stays put."""
+    model = nsa.LanguageModel(nsa.ModelConfig(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, nsa=CFG,
+                                              backend="reference"))
+    cache = model.new_cache(2, 20)
+    model(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(RuntimeError, match="boom"), cache.host_seqlens_kept():
+        for c in cache.layers:
+            c.advance_host(3)
+        raise RuntimeError("boom")
+    assert all(c.host_seqlens == [5, 5] and c.cache_seqlens.tolist() == [5, 5] for c in cache.layers)
+    cache.advance_host(2)  # after a replayed step, whose device part advanced cache_seqlens
+    assert all(c.host_seqlens == [7, 7] for c in cache.layers)
+    with pytest.raises(ValueError, match=r"capacity \(20 tokens\)"):
+        cache.check_new(torch.zeros(2, 14), 14)
