@@ -245,3 +245,14 @@ def test_host_seqlens_kept_restores_the_host_mirror_only():
     assert all(c.host_seqlens == [7, 7] for c in cache.layers)
     with pytest.raises(ValueError, match=r"capacity \(20 tokens\)"):
         cache.check_new(torch.zeros(2, 14), 14)
+
+
+def test_cache_with_one_token_blocks_and_no_trim():
+    """Regression (tests/test_properties.py): cmp_block=1 with max_trim=0 made a ring of 0 slots, and the first
+    step divided by zero (positions % ring_size)."""
+    config = NSAConfig(cmp_block=1, cmp_stride=1, slc_block=1, num_selected=1, window=1)
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(HIDDEN, 2, 1, 8, config=config, backend="reference").double()
+    x = randn(1, 6, HIDDEN)
+    cache = layer.new_cache(1, 6, max_trim=0)
+    torch.testing.assert_close(feed(layer, x, cache, [1, 1, 4]), layer(x), rtol=1e-10, atol=1e-10)

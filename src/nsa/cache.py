@@ -18,7 +18,7 @@ NSACache (one per NativeSparseAttention layer) holds what SPEC.md's decoding sec
       cmp_capacity = num_cmp_tokens(capacity); compressed token i sits in slot i (the storage has one spare
       slot more, where a step writes the candidate tokens that complete nothing: see completed_blocks);
   ring_k, ring_v [B, R, Hkv, D]: the cmp_src of the last R tokens, position p in slot p % R,
-      R = l - 1 + max_trim. Compressed token i is made by phi from the cmp_src of tokens [i*d, i*d + l) as soon
+      R = max(1, l - 1 + max_trim). Compressed token i is made by phi from the cmp_src of tokens [i*d, i*d + l) as soon
       as token i*d + l - 1 arrives, so only the tokens of blocks still under construction (at most the last
       l - 1) are ever needed again; the extra max_trim slots let trim() roll back up to max_trim tokens and
       still rebuild those blocks.
@@ -229,7 +229,7 @@ class NSACache(LayerCache):
         self.cmp_slots_k = self._buffer(self.cmp_capacity + 1, num_kv_heads, head_dim)
         self.cmp_slots_v = self._buffer(self.cmp_capacity + 1, num_kv_heads, v_head_dim)
         self.k_cmp, self.v_cmp = self.cmp_slots_k[:, :self.cmp_capacity], self.cmp_slots_v[:, :self.cmp_capacity]
-        self.ring_size = config.cmp_block - 1 + max_trim
+        self.ring_size = max(1, config.cmp_block - 1 + max_trim)  # >= 1: slots are positions modulo it
         self.ring_k = self._buffer(self.ring_size, num_kv_heads, head_dim)
         self.ring_v = self._buffer(self.ring_size, num_kv_heads, v_head_dim)
         if share_kv:  # one token buffer set serves both branches (nbytes counts it once)
