@@ -256,3 +256,25 @@ def test_cache_with_one_token_blocks_and_no_trim():
     x = randn(1, 6, HIDDEN)
     cache = layer.new_cache(1, 6, max_trim=0)
     torch.testing.assert_close(feed(layer, x, cache, [1, 1, 4]), layer(x), rtol=1e-10, atol=1e-10)
+
+
+def test_trims_add_up_until_the_ring_is_refilled():
+    """Regression: trim(8) from 10, one step, trim(7) (2 tokens each, within max_trim=2) rolled back 3 tokens past
+    the cmp_src ring, and the next step remade compressed token [4, 8) from a stale slot (outputs off by ~1)."""
+    config = NSAConfig(cmp_block=4, cmp_stride=2, slc_block=4, num_selected=2, window=4)
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(HIDDEN, 2, 1, 8, config=config, backend="reference").double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = randn(1, 12, HIDDEN)
+    cache = layer.new_cache(1, 16, max_trim=2)  # ring of l - 1 + 2 = 5 positions
+    layer.prefill(x[:, :10], cache)
+    cache.trim(8)
+    layer.step(x[:, 8:9], cache)
+    with pytest.raises(ValueError, match="max_trim >= 3"):
+        cache.trim(7)
+    assert cache.host_seqlens == [9]
+    cache.trim(8)  # 2 from the longest state: fine
+    torch.testing.assert_close(layer.step(x[:, 8:12], cache), layer(x)[:, 8:12], rtol=1e-10, atol=1e-10)
+    cache.trim(10)  # the ring now holds positions 7..11 again
+    torch.testing.assert_close(layer.step(x[:, 10:11], cache), layer(x[:, :11])[:, 10:11], rtol=1e-10, atol=1e-10)

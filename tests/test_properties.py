@@ -28,7 +28,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 import nsa
@@ -597,6 +597,9 @@ def assert_logits(model, rows, logits, new):
 
 @REFERENCE
 @given(cache_programs())
+@example((nsa.ModelConfig(n_layer=1, n_embd=16, n_head=2, n_kv_head=1, mlp_hidden=16, nsa=NSAConfig(4, 2, 4, 2, 4),
+                          backend="reference"), 1, 16, 2,
+          [("prefill", [10]), ("trim", 8), ("step", 1), ("trim", 7), ("step", 1)], 0))  # trims add up
 def test_cache_operations_equal_whole_sequence_forward(program):
     cfg, B, capacity, max_trim, ops, seed = program
     torch.manual_seed(seed)
@@ -607,6 +610,7 @@ def test_cache_operations_equal_whole_sequence_forward(program):
     reach = cfg.nsa.cmp_block if max_trim is None else max_trim
     gen = torch.Generator().manual_seed(seed)
     rows = [[] for _ in range(B)]  # the tokens each row holds
+    longest = [0] * B  # the longest each row has been since its last prefill / reset
     for op in ops:
         before = [list(r) for r in rows]
         if op[0] == "prefill":
@@ -649,13 +653,18 @@ def test_cache_operations_equal_whole_sequence_forward(program):
                 cache.trim(op[1])
             except ValueError as e:
                 assert cfg.attention == "nsa" and "max_trim" in str(e), str(e)
-                assert any(len(r) - min(n, len(r)) > reach for r, n in zip(rows, new)), \
+                assert any(n < len(r) and h - n > reach for r, n, h in zip(rows, new, longest)), \
                     f"trim({op[1]}) within max_trim={reach} was refused from lengths {list(map(len, rows))}"
             else:
                 rows = [r[:n] for r, n in zip(rows, new)]
         else:
             cache.reset(op[1])
             rows = [[] if op[1] is None or b in op[1] else r for b, r in enumerate(rows)]
+        if op[0] in ("prefill", "prefill chunked"):
+            longest = [len(r) for r in rows]
+        elif op[0] == "reset":
+            longest = [0 if not r else h for r, h in zip(rows, longest)]
+        longest = [max(h, len(r)) for r, h in zip(rows, longest)]  # trims add up until steps refill the ring
         assert cache.host_seqlens == [len(r) for r in rows], (op, before)
         assert cache.cache_seqlens.tolist() == cache.host_seqlens
 

@@ -230,10 +230,21 @@ class NSACache(LayerCache):
         self.cmp_slots_v = self._buffer(self.cmp_capacity + 1, num_kv_heads, v_head_dim)
         self.k_cmp, self.v_cmp = self.cmp_slots_k[:, :self.cmp_capacity], self.cmp_slots_v[:, :self.cmp_capacity]
         self.ring_size = max(1, config.cmp_block - 1 + max_trim)  # >= 1: slots are positions modulo it
+        # per row, the first position whose cmp_src the ring still holds: writes only raise it, trim() never lowers
+        # it (a trim and new steps overwrite slots of positions that an earlier, longer history had pushed out)
+        self.ring_start = [0] * self.batch_size
         self.ring_k = self._buffer(self.ring_size, num_kv_heads, head_dim)
         self.ring_v = self._buffer(self.ring_size, num_kv_heads, v_head_dim)
         if share_kv:  # one token buffer set serves both branches (nbytes counts it once)
             self.k_swa, self.v_swa = self.k_slc, self.v_slc
+
+    def advance_host(self, new_tokens: int) -> None:
+        super().advance_host(new_tokens)
+        self.ring_start = [max(r, n - self.ring_size) for r, n in zip(self.ring_start, self.host_seqlens)]
+
+    def reset(self, rows: list[int] | None = None) -> None:
+        super().reset(rows)
+        self.ring_start = [r if n else 0 for r, n in zip(self.ring_start, self.host_seqlens)]
 
     def _next_block_start(self, n: int) -> int:
         """First position a row of n tokens will need again: the start of its next compressed block."""
@@ -291,6 +302,7 @@ class NSACache(LayerCache):
         self.k_cmp[:, :k_cmp.shape[1]] = k_cmp.detach()
         self.v_cmp[:, :v_cmp.shape[1]] = v_cmp.detach()
         for b, n in enumerate(prompt_lens):
+            self.ring_start[b] = max(0, n - self.ring_size)
             positions = torch.arange(max(0, n - self.ring_size), n, device=self.device)
             self.ring_k[b, positions % self.ring_size] = cmp_src_k[b, positions].detach()
             self.ring_v[b, positions % self.ring_size] = cmp_src_v[b, positions].detach()
@@ -298,15 +310,18 @@ class NSACache(LayerCache):
     def trim(self, new_len: int | list[int]) -> None:
         """LayerCache.trim; the compressed tokens made from trimmed tokens drop out with the lengths.
 
-        Raises ValueError when a row would roll back further than the cmp_src ring reaches (max_trim).
+        Raises ValueError when a row would roll back further than the cmp_src ring reaches: max_trim tokens from
+        the longest the row has been, so trims add up (trim by 2, step 1, trim by 2 is a roll back by 3).
         """
         old = list(self.host_seqlens)
         super().trim(new_len)
         for b, (n, m) in enumerate(zip(old, self.host_seqlens)):
-            if m and n - self.ring_size > self._next_block_start(m):
+            if m and self.ring_start[b] > self._next_block_start(m):
                 self.set_seqlens(old)
-                raise ValueError(f"trim: row {b} would roll back {n - m} tokens but this cache can roll back "
-                                 f"at most {self.max_trim} (its cmp_src ring); create it with max_trim >= {n - m}")
+                reach = self.ring_start[b] + self.ring_size - m  # from the longest this row has been since refilled
+                raise ValueError(f"trim: row {b} would roll back {reach} tokens from its longest state ({n - m} from "
+                                 f"now; trims add up until new tokens refill the cmp_src ring) but this cache can "
+                                 f"roll back at most {self.max_trim}; create it with max_trim >= {reach}")
 
 
 class ModelCache:
