@@ -212,9 +212,9 @@ def test_cuda_graph_replay_flags_a_device_length_out_of_range():
         graph = DecodeGraph(model, cache)
         tokens = prompt[:, -1]
         expected = graph(tokens).clone()
-        cache.trim(cache.seq_lens[0] - 1)
+        cache.trim(cache.host_seqlens[0] - 1)
         for layer in cache.layers:
-            layer.lengths[1] = -1  # the step writes slot -1 (the last), then finds length 0 < 1 new token
+            layer.cache_seqlens[1] = -1  # the step writes slot -1 (the last), then finds length 0 < 1 new token
         logits = graph(tokens)
         assert logits[1].isnan().all() and torch.equal(logits[[0, 2]], expected[[0, 2]])
     with pytest.raises(RuntimeError, match="length is out of range"):

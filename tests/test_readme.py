@@ -26,4 +26,4 @@ def test_decoding_example_runs():
     prompt, out = scope["prompt"], scope["out"]
     assert out.shape[0] == 1 and prompt.shape[1] < out.shape[1] <= prompt.shape[1] + 20
     assert torch.equal(out[:, :prompt.shape[1]], prompt)
-    assert scope["cache"].seq_lens == [prompt.shape[1] + 1]  # after the trim
+    assert scope["cache"].host_seqlens == [prompt.shape[1] + 1]  # after the trim

@@ -1,31 +1,42 @@
 """KV caches for decoding: preallocated per-layer buffers that grow by writing, never by copying.
 
+Glossary (the names cache.py, layer.py, graph.py and model.py use):
+  token: one position of a sequence (SPEC.md's "raw token", as opposed to a compressed token).
+  token buffers: the per-token keys (rotated) / values the attention reads: k_slc, v_slc, k_swa, v_swa of an
+      NSACache, k, v of a KVCache (TOKEN_BUFFERS names them); slot p holds the token at position p.
+  cmp_src (k_cmp_src, v_cmp_src): phi's input, the un-rotated keys / values of the compression branch
+      (NativeSparseAttention._project); an NSACache keeps the last few in a ring (ring_k, ring_v).
+  cache_seqlens: int32 [B] on the cache's device, the tokens each row holds (FlashAttention's name).
+  host_seqlens: list of B ints, the host mirror of cache_seqlens (capacity checks never wait on the device).
+  prompt_lens: the prompt length of each row of a right-padded (ragged) prefill.
+  seq_lens: the lengths of the sequences packed by cu_seqlens (whole-sequence forward only).
+
 NSACache (one per NativeSparseAttention layer) holds what SPEC.md's decoding section needs:
-  k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, D]: the raw keys (rotated) / values of the selection and
-      window branches (with share_kv one pair, returned for both branches);
+  k_slc, v_slc, k_swa, v_swa [B, capacity, Hkv, D]: the token buffers of the selection and window branches
+      (with share_kv one pair, returned for both branches);
   k_cmp, v_cmp [B, cmp_capacity, Hkv, D]: the compressed keys (rotated at their block centre) / values,
       cmp_capacity = num_cmp_tokens(capacity); compressed token i sits in slot i (the storage has one spare
       slot more, where a step writes the candidate tokens that complete nothing: see completed_blocks);
-  ring_k, ring_v [B, R, Hkv, D]: the last R raw, UN-rotated keys/values of the compression branch, raw
-      position p in slot p % R, R = l - 1 + max_trim. Compressed token i is made by phi from raw tokens
-      [i*d, i*d + l) as soon as raw token i*d + l - 1 arrives, so only the tokens of blocks still under
-      construction (at most the last l - 1) are ever needed again; the extra max_trim slots let trim()
-      roll back up to max_trim tokens and still rebuild those blocks.
-  lengths int32 [B] (on the cache's device): raw tokens held by each row; row b's valid data is slots
-      [0, lengths[b]) of the raw buffers and [0, num_cmp_tokens(lengths[b])) of k_cmp / v_cmp; whatever
-      lies beyond is ignored (so trim() only has to lower lengths). A host copy (seq_lens) mirrors it so
-      that capacity checks never wait on the device.
+  ring_k, ring_v [B, R, Hkv, D]: the cmp_src of the last R tokens, position p in slot p % R,
+      R = max(1, l - 1 + max_trim). Compressed token i is made by phi from the cmp_src of tokens [i*d, i*d + l) as soon
+      as token i*d + l - 1 arrives, so only the tokens of blocks still under construction (at most the last
+      l - 1) are ever needed again; the extra max_trim slots let trim() roll back up to max_trim tokens and
+      still rebuild those blocks.
+  cache_seqlens int32 [B]: row b's valid data is slots [0, cache_seqlens[b]) of the token buffers and
+      [0, num_cmp_tokens(cache_seqlens[b])) of k_cmp / v_cmp; whatever lies beyond is ignored (so trim() only
+      has to lower the lengths); host_seqlens mirrors it.
   error_flag int32 [1] (NSACache): set to 1 by a decoding step that found a row out of range on the device
       (its outputs are NaN; see nsa_decode_attention); reset() clears it, ModelCache.check_decode_errors reads it.
-KVCache (one per full-attention layer) holds k, v [B, capacity, Hkv, D] and lengths the same way.
-Every buffer is a [B, T, Hkv, D] view of head-major storage (LayerCache._buffer).
+KVCache (one per full-attention layer) holds the token buffers k, v [B, capacity, Hkv, D] and the lengths the
+same way. Every buffer is a [B, T, Hkv, D] view of head-major storage (LayerCache._buffer).
 ModelCache is the list of a model's layer caches, with the same reset / trim / nbytes.
 
-The caches only store (detached values: decoding is inference only); the layers compute what goes in
-(NativeSparseAttention.prefill / .step, CausalSelfAttention.prefill / .step).
+The caches take plain sizes and only store (detached values: decoding is inference only); the layers make
+them (NativeSparseAttention.new_cache, CausalSelfAttention.new_cache) and compute what goes in (.prefill, .step).
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -34,12 +45,13 @@ from .config import NSAConfig
 
 
 class LayerCache:
-    """Rows of raw-token buffers [B, capacity, Hkv, D] plus their lengths; the part every cache shares.
+    """Rows of token buffers [B, capacity, Hkv, D] plus cache_seqlens / host_seqlens; the part every cache shares.
 
-    Subclasses name their raw buffers in RAW (attribute names); their other buffers are covered by nbytes.
+    Takes plain sizes. Subclasses name their token buffers in TOKEN_BUFFERS (attribute names); their other
+    buffers are covered by nbytes.
     """
 
-    RAW: tuple[str, ...] = ()
+    TOKEN_BUFFERS: tuple[str, ...] = ()
 
     def __init__(self, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
                  dtype: torch.dtype, device):
@@ -51,32 +63,22 @@ class LayerCache:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.batch_size, self.capacity, self.dtype = batch_size, capacity, dtype
         self.device = torch.empty(0, device=device).device  # "cuda" resolved to "cuda:<current>", as inputs carry it
-        for name in self.RAW:
+        for name in self.TOKEN_BUFFERS:
             dim = head_dim if name.startswith("k") else v_head_dim
             setattr(self, name, self._buffer(capacity, num_kv_heads, dim))
-        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
-        self.seq_lens = [0] * batch_size  # host mirror of lengths
+        self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        self.host_seqlens = [0] * batch_size  # host mirror of cache_seqlens
 
-    @staticmethod
-    def defaults(layer, dtype, device) -> tuple[torch.dtype, torch.device]:
-        """dtype/device of a layer's cache: given, else the autocast dtype when autocast is on, else the weights'."""
-        weight = layer.q_proj.weight
-        device = torch.device(device or weight.device)
-        if dtype is None:
-            autocasting = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocasting else weight.dtype
-        return dtype, device
-
-    def begin_prefill(self, x: torch.Tensor, lengths) -> list[int]:
-        """Empties the cache for prompts x [B, T, ...] (right-padded) of lengths (B ints in [0, T]; None: all T),
-        checks they fit, and returns the lengths as a list."""
+    def begin_prefill(self, x: torch.Tensor, prompt_lens) -> list[int]:
+        """Empties the cache for prompts x [B, T, ...] (right-padded) of prompt_lens (B ints in [0, T]; None: all
+        T), checks they fit, and returns prompt_lens as a list."""
         B, T = x.shape[:2]
-        seq_lens = [T] * B if lengths is None else [int(n) for n in lengths]
-        if len(seq_lens) != B or not all(0 <= n <= T for n in seq_lens):
-            raise ValueError(f"lengths must hold {B} prompt lengths between 0 and {T}, got {lengths!r}")
+        lens = [T] * B if prompt_lens is None else [int(n) for n in prompt_lens]
+        if len(lens) != B or not all(0 <= n <= T for n in lens):
+            raise ValueError(f"prompt_lens must hold {B} prompt lengths between 0 and {T}, got {prompt_lens!r}")
         self.reset()
         self.check_new(x, T)
-        return seq_lens
+        return lens
 
     def _buffer(self, tokens: int, heads: int, dim: int) -> torch.Tensor:
         """[B, tokens, heads, dim], stored head-major ([B, heads, tokens, dim] in memory): each head's tokens are
@@ -86,14 +88,14 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every buffer the cache holds (lengths included; storage shared by views counted once)."""
+        """Bytes of every buffer the cache holds (cache_seqlens included; storage shared by views counted once)."""
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for t in vars(self).values() if isinstance(t, torch.Tensor)}
         return sum(storages.values())
 
     @property
     def is_empty(self) -> bool:
-        return max(self.seq_lens) == 0
+        return max(self.host_seqlens) == 0
 
     def check_new(self, x: torch.Tensor, new_tokens: int) -> None:
         """x [B, S, ...] may append S = new_tokens tokens to every row: batch, device and capacity agree."""
@@ -101,7 +103,7 @@ class LayerCache:
             raise ValueError(f"the input has batch {x.shape[0]} but the cache was created for batch {self.batch_size}")
         if x.device != self.device:
             raise ValueError(f"the input is on {x.device} but the cache is on {self.device}")
-        longest = max(self.seq_lens)
+        longest = max(self.host_seqlens)
         if longest + new_tokens > self.capacity:
             raise ValueError(f"cache capacity ({self.capacity} tokens) exceeded: a row holding {longest} tokens "
                              f"needs {longest + new_tokens} for {new_tokens} new ones; create the cache with "
@@ -113,37 +115,48 @@ class LayerCache:
                             f"create the cache with dtype={x.dtype}")
 
     def next_positions(self, new_tokens: int) -> torch.Tensor:
-        """long [B, S]: the positions (and slots) of S new tokens, lengths[b] .. lengths[b] + S - 1."""
-        return self.lengths.long()[:, None] + torch.arange(new_tokens, device=self.device)
+        """long [B, S]: the positions (and slots) of S new tokens, cache_seqlens[b] .. cache_seqlens[b] + S - 1."""
+        return self.cache_seqlens.long()[:, None] + torch.arange(new_tokens, device=self.device)
 
     def write(self, positions: torch.Tensor, **new: torch.Tensor) -> None:
-        """Writes new tokens new[name] [B, S, Hkv, D] into raw buffer `name` at positions long [B, S]
-        (from next_positions). Does not advance lengths: advance() does, once everything is written."""
+        """Writes new tokens new[name] [B, S, Hkv, D] into token buffer `name` at positions long [B, S]
+        (from next_positions). Does not advance the lengths: advance() does, once everything is written."""
         rows = torch.arange(self.batch_size, device=self.device)[:, None]
         for name, value in new.items():
             self.check_dtype(value)
             getattr(self, name)[rows, positions] = value.detach()
 
-    def fill(self, seq_lens: list[int], **full: torch.Tensor) -> None:
-        """Replaces the contents with the first seq_lens[b] tokens of each row of full[name] [B, T, Hkv, D]."""
+    def fill(self, prompt_lens: list[int], **full: torch.Tensor) -> None:
+        """Replaces the contents with the first prompt_lens[b] tokens of each row of full[name] [B, T, Hkv, D]."""
         for name, value in full.items():
             self.check_dtype(value)
-            getattr(self, name)[:, :value.shape[1]] = value.detach()  # slots past seq_lens[b] are ignored
-        self.set_lengths(seq_lens)
+            getattr(self, name)[:, :value.shape[1]] = value.detach()  # slots past prompt_lens[b] are ignored
+        self.set_seqlens(prompt_lens)
 
     def advance(self, new_tokens: int) -> None:
         """Every row grows by new_tokens: on the device in place (no host-to-device copy per decoding step)."""
-        self.lengths += new_tokens
+        self.cache_seqlens += new_tokens
         self.advance_host(new_tokens)
 
     def advance_host(self, new_tokens: int) -> None:
         """The host mirror alone grows by new_tokens: after replaying a captured step (nsa.graph.DecodeGraph),
-        whose device part already advanced lengths."""
-        self.seq_lens = [n + new_tokens for n in self.seq_lens]
+        whose device part already advanced cache_seqlens."""
+        self.host_seqlens = [n + new_tokens for n in self.host_seqlens]
 
-    def set_lengths(self, seq_lens: list[int]) -> None:
-        self.seq_lens = list(seq_lens)
-        self.lengths.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+    def set_seqlens(self, host_seqlens: list[int]) -> None:
+        """Sets the lengths of every row, on the host and (one copy) on the device."""
+        self.host_seqlens = list(host_seqlens)
+        self.cache_seqlens.copy_(torch.tensor(host_seqlens, dtype=torch.int32))
+
+    @contextlib.contextmanager
+    def host_seqlens_kept(self):
+        """Restores host_seqlens on exit (even on error): around work that runs only the host side of a step, such
+        as capturing it in a CUDA graph, where cache_seqlens does not move."""
+        saved = list(self.host_seqlens)
+        try:
+            yield
+        finally:
+            self.host_seqlens = saved
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Empties the given rows (a list of indices in [0, batch_size); None: all); the buffers are kept for reuse."""
@@ -153,7 +166,7 @@ class LayerCache:
                 not all(_is_int(b) and 0 <= b < self.batch_size for b in rows):
             raise ValueError(f"rows must be None or a list of row indices in [0, {self.batch_size}), got {rows!r}")
         rows = {int(b) for b in rows}
-        self.set_lengths([0 if b in rows else n for b, n in enumerate(self.seq_lens)])
+        self.set_seqlens([0 if b in rows else n for b, n in enumerate(self.host_seqlens)])
 
     def trim(self, new_len: int | list[int]) -> None:
         """Rolls every row back to new_len tokens (an int for all rows, or one per row), e.g. to drop
@@ -168,7 +181,17 @@ class LayerCache:
         if new is None or len(new) != self.batch_size or not all(_is_int(n) and n >= 0 for n in new):
             raise ValueError(f"new_len must be a non-negative int or a list of {self.batch_size} of them "
                              f"(ints; bools and floats are refused), got {new_len!r}")
-        self.set_lengths([min(int(n), old) for n, old in zip(new, self.seq_lens)])
+        self.set_seqlens([min(int(n), old) for n, old in zip(new, self.host_seqlens)])
+
+
+def default_dtype_device(weight: torch.Tensor, dtype: torch.dtype | None, device) -> tuple[torch.dtype, torch.device]:
+    """dtype/device of a layer's cache: given, else the autocast dtype when autocast is on, else those of the
+    layer's weight (a layer's new_cache passes one of its parameters)."""
+    device = torch.device(device or weight.device)
+    if dtype is None:
+        autocasting = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocasting else weight.dtype
+    return dtype, device
 
 
 def _is_int(x) -> bool:
@@ -177,33 +200,27 @@ def _is_int(x) -> bool:
 
 
 class KVCache(LayerCache):
-    """Full-attention cache: k (rotated), v [B, capacity, Hkv, D] and lengths.
+    """Full-attention cache: token buffers k (rotated), v [B, capacity, Hkv, D] and the lengths.
 
     nbytes = B * capacity * Hkv * (Dk + Dv) * element_size + 4 * B.
     """
 
-    RAW = ("k", "v")
-
-    @classmethod
-    def create(cls, layer, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
-        """Empty cache for `layer` (a CausalSelfAttention); dtype/device as in LayerCache.defaults."""
-        return cls(batch_size, capacity, layer.n_kv_head, layer.head_dim, layer.head_dim,
-                   *cls.defaults(layer, dtype, device))
+    TOKEN_BUFFERS = ("k", "v")
 
 
 class NSACache(LayerCache):
     """Cache of one NativeSparseAttention layer (see the module docstring for the buffers).
 
     nbytes = B * element_size * Hkv * (Dk + Dv) * (S * capacity + num_cmp_tokens(capacity) + 1 + l - 1 + max_trim)
-             + 4 * B + 4 (lengths, error_flag),  with S = 1 if share_kv else 2 (raw sets of the selection and
-             window branches).
+             + 4 * B + 4 (cache_seqlens, error_flag),  with S = 1 if share_kv else 2 (token buffer sets of the
+             selection and window branches).
     E.g. the paper's config (l = 32, d = 16), Hkv = 4, D = 128, bf16, share_kv=False, 128k tokens, B = 1:
     2 * 4 * 256 * (2 * 131072 + 8191 + 63) bytes = 554 MB, of which the compressed tokens are 3%.
     """
 
     def __init__(self, config: NSAConfig, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
                  v_head_dim: int, share_kv: bool, dtype: torch.dtype, device, max_trim: int | None = None):
-        self.RAW = ("k_slc", "v_slc") if share_kv else ("k_slc", "v_slc", "k_swa", "v_swa")
+        self.TOKEN_BUFFERS = ("k_slc", "v_slc") if share_kv else ("k_slc", "v_slc", "k_swa", "v_swa")
         super().__init__(batch_size, capacity, num_kv_heads, head_dim, v_head_dim, dtype, device)
         max_trim = config.cmp_block if max_trim is None else max_trim
         if not _is_int(max_trim) or max_trim < 0:
@@ -215,82 +232,84 @@ class NSACache(LayerCache):
         self.cmp_slots_k = self._buffer(self.cmp_capacity + 1, num_kv_heads, head_dim)
         self.cmp_slots_v = self._buffer(self.cmp_capacity + 1, num_kv_heads, v_head_dim)
         self.k_cmp, self.v_cmp = self.cmp_slots_k[:, :self.cmp_capacity], self.cmp_slots_v[:, :self.cmp_capacity]
-        self.ring_size = config.cmp_block - 1 + max_trim
+        self.ring_size = max(1, config.cmp_block - 1 + max_trim)  # >= 1: slots are positions modulo it
+        # per row, the first position whose cmp_src the ring still holds: writes only raise it, trim() never lowers
+        # it (a trim and new steps overwrite slots of positions that an earlier, longer history had pushed out)
+        self.ring_start = [0] * self.batch_size
         self.ring_k = self._buffer(self.ring_size, num_kv_heads, head_dim)
         self.ring_v = self._buffer(self.ring_size, num_kv_heads, v_head_dim)
-        if share_kv:  # one raw set serves both branches (nbytes counts it once)
+        if share_kv:  # one token buffer set serves both branches (nbytes counts it once)
             self.k_swa, self.v_swa = self.k_slc, self.v_slc
         self.error_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
 
-    @classmethod
-    def create(cls, layer, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
-               max_trim: int | None = None) -> NSACache:
-        """Empty cache for `layer` (a NativeSparseAttention) holding up to `capacity` tokens per row.
+    def advance_host(self, new_tokens: int) -> None:
+        super().advance_host(new_tokens)
+        self.ring_start = [max(r, n - self.ring_size) for r, n in zip(self.ring_start, self.host_seqlens)]
 
-        dtype/device: given, else the autocast dtype when autocast is on, else the layer's weights'.
-        max_trim: how many tokens trim() may roll back (default cmp_block).
-        """
-        return cls(layer.config, batch_size, capacity, layer.num_kv_heads, layer.head_dim, layer.v_head_dim,
-                   layer.share_kv, *cls.defaults(layer, dtype, device), max_trim)
+    def reset(self, rows: list[int] | None = None) -> None:
+        super().reset(rows)
+        self.ring_start = [r if n else 0 for r, n in zip(self.ring_start, self.host_seqlens)]
 
     def _next_block_start(self, n: int) -> int:
-        """First raw position a row of n tokens will need again: the start of its next compressed block."""
+        """First position a row of n tokens will need again: the start of its next compressed block."""
         return min(self.config.num_cmp_tokens(n) * self.config.cmp_stride, n)
 
-    def completed_blocks(self, raw_k: torch.Tensor, raw_v: torch.Tensor):
-        """The compressed tokens that S new raw cmp-branch tokens raw_k, raw_v [B, S, Hkv, D] complete, with shapes
-        fixed by B and S and no host data (a step stays capturable in a CUDA graph).
+    def completed_blocks(self, cmp_src_k: torch.Tensor, cmp_src_v: torch.Tensor):
+        """The compressed tokens that S new tokens (their cmp_src cmp_src_k, cmp_src_v [B, S, Hkv, D]) complete, with
+        shapes fixed by B and S and no host data (a step stays capturable in a CUDA graph).
 
-        Compressed token i of row b (length L_b) is complete once raw token i*d + l - 1 < L_b + S: the new ones
+        Compressed token i of row b (length L_b) is complete once token i*d + l - 1 < L_b + S: the new ones
         are i in [num_cmp_tokens(L_b), num_cmp_tokens(L_b + S)), at most C = ceil(S / d) of them. Every row gets
         C candidates i = num_cmp_tokens(L_b) + c. Returns ids long [B, C] (the candidates' i), slots long [B, C]
-        (i where candidate c is complete, else the spare slot cmp_capacity) and their raw blocks
+        (i where candidate c is complete, else the spare slot cmp_capacity) and their cmp_src blocks
         k_blocks [B, C, l, Hkv, Dk], v_blocks [B, C, l, Hkv, Dv] (un-rotated, in order; filler for the others).
         """
         cfg, R = self.config, self.ring_size
-        l, d, S = cfg.cmp_block, cfg.cmp_stride, raw_k.shape[1]
-        L = self.lengths.long()[:, None]  # [B, 1]
+        l, d, S = cfg.cmp_block, cfg.cmp_stride, cmp_src_k.shape[1]
+        L = self.cache_seqlens.long()[:, None]  # [B, 1]
         ids = torch.where(L >= l, (L - l) // d + 1, 0) + torch.arange(-(-S // d), device=self.device)  # [B, C]
         complete = ids * d + l <= L + S
         slots = torch.where(complete, ids, self.cmp_capacity)
-        # context of row b: raw positions L_b - R .. L_b + S - 1 (the ring unrolled, then the new tokens); a complete
+        # context of row b: positions L_b - R .. L_b + S - 1 (the ring unrolled, then the new tokens); a complete
         # block starts at or after L_b - R (R >= l - 1), the others are clamped inside
         starts = (ids * d - (L - R)).clamp(0, R + S - l)
         rows = torch.arange(self.batch_size, device=self.device)[:, None, None]
         offsets = starts[:, :, None] + torch.arange(l, device=self.device)  # [B, C, l]
         index = ((L - R + torch.arange(R, device=self.device)) % R)[:, :, None, None]  # ring slot of each position
         blocks = []
-        for ring, new in ((self.ring_k, raw_k), (self.ring_v, raw_v)):
+        for ring, new in ((self.ring_k, cmp_src_k), (self.ring_v, cmp_src_v)):
             context = torch.cat((ring.gather(1, index.expand(-1, -1, *ring.shape[2:])), new), dim=1)
             blocks.append(context[rows, offsets])
         return ids, slots, blocks[0], blocks[1]
 
-    def append(self, positions: torch.Tensor, raw_k: torch.Tensor, raw_v: torch.Tensor, slots: torch.Tensor,
+    def append(self, positions: torch.Tensor, cmp_src_k: torch.Tensor, cmp_src_v: torch.Tensor, slots: torch.Tensor,
                k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> None:
-        """Stores the new tokens' raw cmp-branch keys/values [B, S, Hkv, D] (at positions long [B, S]) in the ring
+        """Stores the new tokens' cmp_src keys/values [B, S, Hkv, D] (at positions long [B, S]) in the ring
         and the compressed tokens k_cmp [B, C, Hkv, Dk], v_cmp [B, C, Hkv, Dv] in slots long [B, C] (from
-        completed_blocks); then advances lengths by S (the raw selection/window tokens were written by write())."""
-        keep = min(raw_k.shape[1], self.ring_size)  # only the last R raw tokens can be needed again
+        completed_blocks); then advances the lengths by S (the token buffers were written by write())."""
+        keep = min(cmp_src_k.shape[1], self.ring_size)  # only the last R tokens' cmp_src can be needed again
         batch = torch.arange(self.batch_size, device=self.device)[:, None]
         ring_slots = positions[:, -keep:] % self.ring_size
-        self.ring_k[batch, ring_slots] = raw_k[:, -keep:].detach()
-        self.ring_v[batch, ring_slots] = raw_v[:, -keep:].detach()
+        self.ring_k[batch, ring_slots] = cmp_src_k[:, -keep:].detach()
+        self.ring_v[batch, ring_slots] = cmp_src_v[:, -keep:].detach()
         self.check_dtype(k_cmp)
         self.cmp_slots_k[batch, slots] = k_cmp.detach()
         self.cmp_slots_v[batch, slots] = v_cmp.detach()
-        self.advance(raw_k.shape[1])
+        self.advance(cmp_src_k.shape[1])
 
-    def fill_cmp(self, seq_lens: list[int], raw_k: torch.Tensor, raw_v: torch.Tensor, k_cmp: torch.Tensor,
+    def fill_cmp(self, prompt_lens: list[int], cmp_src_k: torch.Tensor, cmp_src_v: torch.Tensor, k_cmp: torch.Tensor,
                  v_cmp: torch.Tensor) -> None:
-        """Prefill's part: whole-prompt raw cmp-branch keys/values [B, T, Hkv, D] (the ring keeps each row's last
-        R) and compressed tokens [B, num_cmp_tokens(T), Hkv, D] (row b keeps its first num_cmp_tokens(seq_lens[b]))."""
+        """Prefill's part: whole-prompt cmp_src keys/values [B, T, Hkv, D] (the ring keeps each row's last
+        R) and compressed tokens [B, num_cmp_tokens(T), Hkv, D] (row b keeps its first
+        num_cmp_tokens(prompt_lens[b]))."""
         self.check_dtype(k_cmp)
         self.k_cmp[:, :k_cmp.shape[1]] = k_cmp.detach()
         self.v_cmp[:, :v_cmp.shape[1]] = v_cmp.detach()
-        for b, n in enumerate(seq_lens):
+        for b, n in enumerate(prompt_lens):
+            self.ring_start[b] = max(0, n - self.ring_size)
             positions = torch.arange(max(0, n - self.ring_size), n, device=self.device)
-            self.ring_k[b, positions % self.ring_size] = raw_k[b, positions].detach()
-            self.ring_v[b, positions % self.ring_size] = raw_v[b, positions].detach()
+            self.ring_k[b, positions % self.ring_size] = cmp_src_k[b, positions].detach()
+            self.ring_v[b, positions % self.ring_size] = cmp_src_v[b, positions].detach()
 
     def reset(self, rows: list[int] | None = None) -> None:
         """LayerCache.reset, and error_flag back to 0."""
@@ -300,15 +319,18 @@ class NSACache(LayerCache):
     def trim(self, new_len: int | list[int]) -> None:
         """LayerCache.trim; the compressed tokens made from trimmed tokens drop out with the lengths.
 
-        Raises ValueError when a row would roll back further than the raw compression ring reaches (max_trim).
+        Raises ValueError when a row would roll back further than the cmp_src ring reaches: max_trim tokens from
+        the longest the row has been, so trims add up (trim by 2, step 1, trim by 2 is a roll back by 3).
         """
-        old = list(self.seq_lens)
+        old = list(self.host_seqlens)
         super().trim(new_len)
-        for b, (n, m) in enumerate(zip(old, self.seq_lens)):
-            if m and n - self.ring_size > self._next_block_start(m):
-                self.set_lengths(old)
-                raise ValueError(f"trim: row {b} would roll back {n - m} tokens but this cache keeps raw compression "
-                                 f"tokens for at most {self.max_trim}; create it with max_trim >= {n - m}")
+        for b, (n, m) in enumerate(zip(old, self.host_seqlens)):
+            if m and self.ring_start[b] > self._next_block_start(m):
+                self.set_seqlens(old)
+                reach = self.ring_start[b] + self.ring_size - m  # from the longest this row has been since refilled
+                raise ValueError(f"trim: row {b} would roll back {reach} tokens from its longest state ({n - m} from "
+                                 f"now; trims add up until new tokens refill the cmp_src ring) but this cache can "
+                                 f"roll back at most {self.max_trim}; create it with max_trim >= {reach}")
 
 
 class ModelCache:
@@ -318,13 +340,14 @@ class ModelCache:
         self.layers = layers
 
     @property
-    def lengths(self) -> torch.Tensor:
-        """int32 [B]: tokens each row holds (the same in every layer)."""
-        return self.layers[0].lengths
+    def cache_seqlens(self) -> torch.Tensor:
+        """int32 [B] on the device: tokens each row holds (the same in every layer)."""
+        return self.layers[0].cache_seqlens
 
     @property
-    def seq_lens(self) -> list[int]:
-        return self.layers[0].seq_lens
+    def host_seqlens(self) -> list[int]:
+        """The host mirror of cache_seqlens."""
+        return self.layers[0].host_seqlens
 
     @property
     def is_empty(self) -> bool:
@@ -333,6 +356,23 @@ class ModelCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
+
+    def check_new(self, x: torch.Tensor, new_tokens: int) -> None:
+        """LayerCache.check_new (every layer holds the same rows and lengths)."""
+        self.layers[0].check_new(x, new_tokens)
+
+    def advance_host(self, new_tokens: int) -> None:
+        """LayerCache.advance_host in every layer."""
+        for c in self.layers:
+            c.advance_host(new_tokens)
+
+    @contextlib.contextmanager
+    def host_seqlens_kept(self):
+        """LayerCache.host_seqlens_kept for every layer."""
+        with contextlib.ExitStack() as stack:
+            for c in self.layers:
+                stack.enter_context(c.host_seqlens_kept())
+            yield
 
     def reset(self, rows: list[int] | None = None) -> None:
         for c in self.layers:
@@ -345,7 +385,7 @@ class ModelCache:
         if flags and torch.cat(flags).any().item():
             raise RuntimeError("a decoding step found a cache row whose length is out of range (below the new tokens, "
                                "past the capacity or past the compressed capacity): its outputs were NaN. The device "
-                               "lengths no longer match the cache's host mirror (seq_lens); reset() the cache")
+                               "lengths no longer match the cache's host mirror (host_seqlens); reset() the cache")
 
     def trim(self, new_len: int | list[int]) -> None:
         for c in self.layers:

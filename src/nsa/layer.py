@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .config import NSAConfig
-from .cache import NSACache
+from .cache import NSACache, default_dtype_device
 from .ops import nsa_attention, nsa_decode_attention
 from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens
@@ -14,11 +14,11 @@ BRANCHES = ("cmp", "slc", "swa")
 
 
 def cmp_block_index(seq_lens: list[int], config: NSAConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the compressed tokens of (packed) sequences read their raw tokens.
+    """Where the compressed tokens of (packed) sequences of lengths seq_lens read their cmp_src tokens.
 
     Sequence s (length L_s, starting at offset o_s in the packed tensor) has Tc_s compressed tokens
-    (0 if L_s < l, else (L_s - l) // d + 1); its token i covers raw tokens [i*d, i*d + l).
-    Returns index long [sum Tc_s, l] (packed raw-token indices) and ids long [sum Tc_s] (each token's i
+    (0 if L_s < l, else (L_s - l) // d + 1); its token i covers tokens [i*d, i*d + l).
+    Returns index long [sum Tc_s, l] (packed token indices) and ids long [sum Tc_s] (each token's i
     inside its own sequence).
     """
     l, d = config.cmp_block, config.cmp_stride
@@ -33,7 +33,7 @@ def cmp_block_index(seq_lens: list[int], config: NSAConfig, device=None) -> tupl
 
 
 class Compressor(nn.Module):
-    """phi: maps each block of l raw vectors (plus a learned intra-block position embedding) to one vector.
+    """phi: maps each block of l cmp_src vectors (plus a learned intra-block position embedding) to one vector.
 
     blocks [B, Tc, l, H, D] -> [B, Tc, H, D]; the weights are shared by all heads.
     phi(block) = W2 gelu(W1 [x_0 + e_0, ..., x_{l-1} + e_{l-1}] + b1) + b2, W1: l*D -> hidden, W2: hidden -> D.
@@ -58,9 +58,10 @@ class NativeSparseAttention(nn.Module):
     o_t = g_cmp * Attn(q_t, K_cmp, V_cmp) + g_slc * Attn(q_t, K_slc, V_slc) + g_swa * Attn(q_t, K_swa, V_swa)
     (the exact branches are in SPEC.md), with
       q = RoPE(x W_q) at the token positions t;
-      per branch b, raw keys/values x W_k^b, x W_v^b (one shared pair for all three if share_kv=True);
-      K_slc, K_swa = RoPE(raw keys) at positions t;
-      K_cmp[i] = RoPE(phi_k(raw cmp keys of block i, un-rotated), i*d + (l - 1) / 2), V_cmp[i] = phi_v(values);
+      per branch b, keys/values x W_k^b, x W_v^b (one shared pair for all three if share_kv=True; for the
+        cmp branch they are the cmp_src);
+      K_slc, K_swa = RoPE(keys) at positions t;
+      K_cmp[i] = RoPE(phi_k(cmp_src keys of block i, un-rotated), i*d + (l - 1) / 2), V_cmp[i] = phi_v(values);
       gates g = sigmoid(x W_g + b_g) [B, T, num_heads, 3], order (cmp, slc, swa);
       output projection num_heads*v_head_dim -> hidden_size.
 
@@ -70,7 +71,7 @@ class NativeSparseAttention(nn.Module):
     key sits inside the block. The summary is then rotated as a single key at the block's centre,
     i*d + (l - 1) / 2 (fractional when l is even).
     q_t . K_cmp[i] then depends on position only through t - centre, exactly as q_t . k_u does for a
-    raw key at u, so compressed and raw scores speak the same relative-position language, and the
+    token's key at u, so compressed and token scores speak the same relative-position language, and the
     block scores that drive the top-n selection are comparable across blocks.
 
     Packed variable-length input: x [1, total, hidden] with cu_seqlens (int32 [N + 1]); positions
@@ -110,7 +111,7 @@ class NativeSparseAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=False)
 
     def _check_input(self, x, cu_seqlens) -> list[int]:
-        """Validates x (and cu_seqlens); returns the sequence lengths ([T] when not packed)."""
+        """Validates x (and cu_seqlens); returns seq_lens, the packed sequences' lengths ([T] when not packed)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"x must be a [batch, tokens, hidden_size] tensor, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -122,36 +123,37 @@ class NativeSparseAttention(nn.Module):
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The per-token part of the inputs: x [B, T, hidden_size] at positions [T] or [B, T] ->
-        q [B, T, Hq, Dk] (rotated), the raw cmp-branch keys/values [B, T, Hkv, Dk or Dv] (un-rotated: phi's
-        input), k_slc, v_slc, k_swa, v_swa [B, T, Hkv, Dk or Dv] (keys rotated), gates [B, T, Hq, 3]."""
+        q [B, T, Hq, Dk] (rotated), k_cmp_src, v_cmp_src [B, T, Hkv, Dk or Dv] (phi's input: the
+        un-rotated keys/values of the compression branch), k_slc, v_slc, k_swa, v_swa [B, T, Hkv, Dk or Dv]
+        (keys rotated), gates [B, T, Hq, 3]."""
         B, T, _ = x.shape
         Hkv, Dk, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
         q = apply_rope(self.q_proj(x).view(B, T, self.num_heads, Dk), positions, self.rope_base)
         kv = self.kv_proj(x).view(B, T, self.num_kv_sets, Hkv, Dk + Dv)
         keys, values = kv.split((Dk, Dv), dim=-1)  # [B, T, num_kv_sets, Hkv, D]
-        k_cmp, k_slc, k_swa = keys.unbind(2) if not self.share_kv else (keys[:, :, 0],) * 3
-        v_cmp, v_slc, v_swa = values.unbind(2) if not self.share_kv else (values[:, :, 0],) * 3
+        k_cmp_src, k_slc, k_swa = keys.unbind(2) if not self.share_kv else (keys[:, :, 0],) * 3
+        v_cmp_src, v_slc, v_swa = values.unbind(2) if not self.share_kv else (values[:, :, 0],) * 3
         k_slc = apply_rope(k_slc, positions, self.rope_base)
         k_swa = k_slc if self.share_kv else apply_rope(k_swa, positions, self.rope_base)
         gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, len(BRANCHES))
-        return q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates
+        return q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates
 
     def _compress(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Compressed tokens from raw un-rotated blocks [B, N, l, Hkv, Dk or Dv] with indices ids long [N] or [B, N]:
+        """Compressed tokens from blocks of cmp_src [B, N, l, Hkv, Dk or Dv] with indices ids long [N] or [B, N]:
         k_cmp = RoPE(phi_k(block), i*d + (l - 1) / 2) [B, N, Hkv, Dk], v_cmp = phi_v(block) [B, N, Hkv, Dv]."""
         centre = ids.double() * self.config.cmp_stride + (self.config.cmp_block - 1) / 2
         return apply_rope(self.compress_k(k_blocks), centre, self.rope_base), self.compress_v(v_blocks)
 
     def _whole_sequence(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[tuple, tuple]:
-        """(the eight nsa_attention inputs, (raw cmp-branch keys, values)) of whole sequences x."""
+        """(the eight nsa_attention inputs, (k_cmp_src, v_cmp_src): phi's inputs) of whole sequences x."""
         seq_lens = self._check_input(x, cu_seqlens)
         positions = torch.arange(x.shape[1], device=x.device) if cu_seqlens is None else \
             positions_from_cu_seqlens(cu_seqlens)
-        q, k_raw, v_raw, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
-        # compression: gather each block [i*d, i*d + l) of un-rotated keys/values, summarize, rotate at the centre
+        q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
+        # compression: gather each block [i*d, i*d + l) of cmp_src, summarize, rotate at the centre
         index, ids = cmp_block_index(seq_lens, self.config, x.device)
-        k_cmp, v_cmp = self._compress(k_raw[:, index], v_raw[:, index], ids)  # [B, Tc, Hkv, D]
-        return (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates), (k_raw, v_raw)
+        k_cmp, v_cmp = self._compress(k_cmp_src[:, index], v_cmp_src[:, index], ids)  # [B, Tc, Hkv, D]
+        return (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates), (k_cmp_src, v_cmp_src)
 
     def nsa_inputs(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The eight inputs of nsa.nsa_attention computed from x [B, T, hidden_size]:
@@ -167,56 +169,67 @@ class NativeSparseAttention(nn.Module):
                           cu_seqlens=cu_seqlens, backend=self.backend)  # [B, T, Hq, Dv]
         return self.o_proj(o.flatten(2))  # [B, T, Hq*Dv] -> [B, T, hidden_size]
 
-    def _raw(self, k_slc, v_slc, k_swa, v_swa) -> dict[str, torch.Tensor]:
-        """The raw selection/window keys and values the cache stores (one pair when share_kv)."""
+    def _token_kv(self, k_slc, v_slc, k_swa, v_swa) -> dict[str, torch.Tensor]:
+        """The cache's token buffers (nsa.cache.NSACache.TOKEN_BUFFERS) by name: one pair when share_kv."""
         if self.share_kv:
             return dict(k_slc=k_slc, v_slc=v_slc)
         return dict(k_slc=k_slc, v_slc=v_slc, k_swa=k_swa, v_swa=v_swa)
 
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
+                  max_trim: int | None = None) -> NSACache:
+        """An empty NSACache for this layer holding up to `capacity` tokens per row.
+
+        dtype/device: given, else the autocast dtype when autocast is on, else the layer's weights'.
+        max_trim: how many tokens the cache's trim() may roll back (None: cmp_block).
+        """
+        dtype, device = default_dtype_device(self.q_proj.weight, dtype, device)
+        return NSACache(self.config, batch_size, capacity, self.num_kv_heads, self.head_dim, self.v_head_dim,
+                        self.share_kv, dtype, device, max_trim)
+
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, NSACache):
-            raise TypeError(f"cache must be an nsa.cache.NSACache (NSACache.create(layer, ...)), got {type(cache).__name__}")
+            raise TypeError(f"cache must be an nsa.cache.NSACache (layer.new_cache(...)), got {type(cache).__name__}")
         made_for = (cache.config, cache.share_kv, tuple(cache.k_slc.shape[2:]), cache.v_slc.shape[3])
         if made_for != (self.config, self.share_kv, (self.num_kv_heads, self.head_dim), self.v_head_dim):
             raise ValueError("the cache was created for a layer with another config, share_kv or head shape; "
-                             "create it with NSACache.create(layer, ...)")
+                             "create it with layer.new_cache(...)")
 
-    def prefill(self, x: torch.Tensor, cache: NSACache, lengths: list[int] | None = None) -> torch.Tensor:
-        """Starts every cache row over with a prompt: x [B, T, hidden_size], right-padded when lengths (row b's
-        prompt length, 0 <= lengths[b] <= T; default T for all) is given. Returns the outputs [B, T, hidden_size]
-        (the padding positions t >= lengths[b] are meaningless). Runs the whole-sequence op, like forward():
-        causality makes each row's first lengths[b] outputs, keys and compressed tokens independent of its padding.
+    def prefill(self, x: torch.Tensor, cache: NSACache, prompt_lens: list[int] | None = None) -> torch.Tensor:
+        """Starts every cache row over with a prompt: x [B, T, hidden_size], right-padded when prompt_lens (row b's
+        prompt length, 0 <= prompt_lens[b] <= T; default T for all) is given. Returns the outputs [B, T, hidden_size]
+        (the padding positions t >= prompt_lens[b] are meaningless). Runs the whole-sequence op, like forward():
+        causality makes each row's first prompt_lens[b] outputs, keys and compressed tokens independent of its padding.
         """
         self._check_cache(cache)
         self._check_input(x, None)
-        seq_lens = cache.begin_prefill(x, lengths)
-        (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates), (k_raw, v_raw) = self._whole_sequence(x, None)
-        cache.fill(seq_lens, **self._raw(k_slc, v_slc, k_swa, v_swa))
-        cache.fill_cmp(seq_lens, k_raw, v_raw, k_cmp, v_cmp)
+        prompt_lens = cache.begin_prefill(x, prompt_lens)
+        (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates), (k_cmp_src, v_cmp_src) = self._whole_sequence(x, None)
+        cache.fill(prompt_lens, **self._token_kv(k_slc, v_slc, k_swa, v_swa))
+        cache.fill_cmp(prompt_lens, k_cmp_src, v_cmp_src, k_cmp, v_cmp)
         o = nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, self.config, backend=self.backend)
         return self.o_proj(o.flatten(2))
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
         """Appends S new tokens to every cache row: x [B, S, hidden_size] (S >= 1; row b's sit at positions
-        cache.lengths[b] .. + S - 1) -> their outputs [B, S, hidden_size], equal to the whole-sequence forward's.
+        cache.cache_seqlens[b] .. + S - 1) -> their outputs [B, S, hidden_size], equal to the whole-sequence forward's.
         Decoding is inference only: no gradient flows (the cache holds detached values anyway).
 
-        Writes their keys/values, makes every compressed token whose last raw token has now arrived (phi on
-        the raw un-rotated blocks, RoPE at the block centre, as in nsa_inputs), then runs nsa_decode_attention.
+        Writes their keys/values, makes every compressed token whose last token has now arrived (phi on
+        the blocks of cmp_src, RoPE at the block centre, as in nsa_inputs), then runs nsa_decode_attention.
         """
         self._check_cache(cache)
         self._check_input(x, None)
         cache.check_new(x, x.shape[1])
         positions = cache.next_positions(x.shape[1])  # [B, S]
-        q, k_raw, v_raw, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
-        cache.write(positions, **self._raw(k_slc, v_slc, k_swa, v_swa))
-        ids, slots, k_blocks, v_blocks = cache.completed_blocks(k_raw, v_raw)  # [B, C], blocks [B, C, l, Hkv, D]
+        q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
+        cache.write(positions, **self._token_kv(k_slc, v_slc, k_swa, v_swa))
+        ids, slots, k_blocks, v_blocks = cache.completed_blocks(k_cmp_src, v_cmp_src)  # [B, C], [B, C, l, Hkv, D]
         k_cmp, v_cmp = self._compress(k_blocks, v_blocks, ids)  # every candidate: static shapes, no host branch
-        cache.append(positions, k_raw, v_raw, slots, k_cmp, v_cmp)
+        cache.append(positions, k_cmp_src, v_cmp_src, slots, k_cmp, v_cmp)
         # the host mirror of the lengths is checked instead of reading them back; a row the device still finds out
         # of range (lengths changed behind the mirror, or a replayed CUDA graph) gets NaN and sets error_flag
         o = nsa_decode_attention(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa,
-                                 gates, cache.lengths, self.config, backend=self.backend, host_seqlens=cache.seq_lens,
-                                 error_flag=cache.error_flag)  # [B, S, Hq, Dv]
+                                 gates, cache.cache_seqlens, self.config, backend=self.backend,
+                                 host_seqlens=cache.host_seqlens, error_flag=cache.error_flag)  # [B, S, Hq, Dv]
         return self.o_proj(o.flatten(2))

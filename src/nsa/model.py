@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import KVCache, LayerCache, ModelCache, NSACache
+from .cache import KVCache, LayerCache, ModelCache, default_dtype_device
 from .config import NSAConfig
 from .graph import DecodeGraph
 from .layer import NativeSparseAttention
@@ -70,6 +70,14 @@ class CausalSelfAttention(nn.Module):
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
+                  max_trim: int | None = None) -> KVCache:
+        """An empty KVCache for this layer holding up to `capacity` tokens per row (dtype/device as in
+        NativeSparseAttention.new_cache). max_trim is accepted so that every attention layer has one new_cache
+        signature, and ignored: a KVCache can roll back to any length."""
+        dtype, device = default_dtype_device(self.q_proj.weight, dtype, device)
+        return KVCache(batch_size, capacity, self.n_kv_head, self.head_dim, self.head_dim, dtype, device)
+
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [B, T, C] at positions [T] or [B, T] -> q [B, T, Hq, D], k [B, T, Hkv, D] (both rotated), v."""
         B, T, _ = x.shape
@@ -97,12 +105,12 @@ class CausalSelfAttention(nn.Module):
             mask = (seq[:, None] == seq[None, :]).tril()  # [total, total]: same sequence and u <= t
         return self._attend(*self._qkv(x, positions), mask)
 
-    def prefill(self, x: torch.Tensor, cache: KVCache, lengths: list[int] | None = None) -> torch.Tensor:
-        """Starts the cache over with prompts x [B, T, C] (right-padded to T, lengths as in
+    def prefill(self, x: torch.Tensor, cache: KVCache, prompt_lens: list[int] | None = None) -> torch.Tensor:
+        """Starts the cache over with prompts x [B, T, C] (right-padded to T, prompt_lens as in
         NativeSparseAttention.prefill) -> outputs [B, T, C]."""
-        seq_lens = cache.begin_prefill(x, lengths)
+        prompt_lens = cache.begin_prefill(x, prompt_lens)
         q, k, v = self._qkv(x, torch.arange(x.shape[1], device=x.device))
-        cache.fill(seq_lens, k=k, v=v)
+        cache.fill(prompt_lens, k=k, v=v)
         return self._attend(q, k, v, None)
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -146,13 +154,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.n_embd, cfg.mlp_hidden)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: LayerCache | None = None,
-                lengths: list[int] | None = None) -> torch.Tensor:
+                prompt_lens: list[int] | None = None) -> torch.Tensor:
         """x [B, T, C] -> [B, T, C]. With a cache (this layer's): prefill when it is empty, else a decoding step."""
         h = self.attn_norm(x)
         if cache is None:
             h = self.attn(h, cu_seqlens=cu_seqlens)
         elif cache.is_empty:
-            h = self.attn.prefill(h, cache, lengths)
+            h = self.attn.prefill(h, cache, prompt_lens)
         else:
             h = self.attn.step(h, cache)
         x = x + h
@@ -189,24 +197,24 @@ class LanguageModel(nn.Module):
     def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None,
                   max_trim: int | None = None) -> ModelCache:
         """Empty caches for every layer, each row holding up to `capacity` tokens (NSACache for NSA layers,
-        KVCache for full attention; dtype/device as in LayerCache.defaults; max_trim: NSA only, see NSACache)."""
-        nsa = self.cfg.attention == "nsa"
-        return ModelCache([NSACache.create(b.attn, batch_size, capacity, dtype, device, max_trim) if nsa else
-                           KVCache.create(b.attn, batch_size, capacity, dtype, device) for b in self.blocks])
+        KVCache for full attention), made by the layers' new_cache (dtype/device as there; max_trim: NSA only,
+        see NativeSparseAttention.new_cache)."""
+        return ModelCache([b.attn.new_cache(batch_size, capacity, dtype, device, max_trim) for b in self.blocks])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                cache: ModelCache | None = None, lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: ModelCache | None = None, prompt_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx long [B, T] (or [1, total] packed, with cu_seqlens) -> (logits [B, T, vocab], loss).
 
         loss: mean cross-entropy against targets long [B, T], None without targets.
         With a cache, idx holds new tokens: an empty cache is prefilled with the prompts idx (right-padded,
-        row b's length lengths[b], default T), a non-empty one advances every row by T tokens.
+        row b's length prompt_lens[b], default T), a non-empty one advances every row by T tokens.
         """
-        if cache is not None and lengths is not None and not cache.is_empty:
-            raise ValueError("lengths is for prefill into an empty cache; a decoding step advances every row by T")
+        if cache is not None and prompt_lens is not None and not cache.is_empty:
+            raise ValueError("prompt_lens is for prefill into an empty cache; a decoding step advances every row by T")
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache.layers[i], lengths=lengths)
+            x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache.layers[i],
+                      prompt_lens=prompt_lens)
         logits = self.lm_head(self.norm(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
@@ -216,7 +224,7 @@ class LanguageModel(nn.Module):
 
         The first chunk_size tokens go through the whole-sequence attention, every further chunk of
         chunk_size tokens through one decoding step of S = chunk_size (exact either way); None: one chunk.
-        Prompts of different lengths: forward(idx, cache=cache, lengths=...) on an empty cache.
+        Prompts of different lengths: forward(idx, cache=cache, prompt_lens=...) on an empty cache.
         """
         check_prompt(idx, self.cfg.vocab_size)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
