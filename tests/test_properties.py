@@ -16,7 +16,7 @@ What is checked:
       cu_seqlens / backend) raise a ValueError or TypeError whose message names the offending argument;
   * nsa.nsa_decode_attention: over cache buffers poisoned past each row's length it equals the whole-sequence op
     at the newest positions (reference exactly; triton within float32 tolerance), and out-of-range lengths
-    raise a ValueError/TypeError naming the lengths argument (triton: xfail until branch h2 lands);
+    raise a ValueError/TypeError naming the lengths argument;
   * the cache API (LanguageModel.new_cache -> ModelCache, reference backend, tiny model): any sequence of ragged
     prefill, steps of S tokens, trim and reset gives, at every step, the logits of a whole-sequence forward of
     each row's tokens; refused operations (capacity, max_trim) raise ValueError and change nothing.
@@ -28,7 +28,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import nsa
@@ -487,16 +487,12 @@ def test_reference_decode_equals_full_sequence(case):
 @given(decode_cases(tie_free=True))
 def test_triton_decode_equals_reference(case):
     c, lens, S, capacity = case
-    assume(c["config"].num_selected > 1)  # n = 1 crashes: test_triton_decode_with_one_selected_block
     args, x = decode_args(c, lens, S, capacity, torch.float32)
     o = nsa.nsa_decode_attention(*args[:8], torch.tensor(lens, dtype=torch.int32), c["config"], backend="triton")
     assert o.dtype == torch.float32
     torch.testing.assert_close(o.double(), expected_decode(x, lens, S, c["config"]), rtol=TOL, atol=TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="ops/triton (decode.py _block_score_kernel -> utils.top_keys): num_selected=1 "
-                   "crashes the decoding step with InterpreterError(AttributeError(\"'dtype' object has no attribute "
-                   "'numel'\")) in the interpreter, e.g. NSAConfig(1, 1, 1, 1, 1), B = 1, one token, Dk = Dv = 1")
 def test_triton_decode_with_one_selected_block():
     config = NSAConfig(cmp_block=1, cmp_stride=1, slc_block=1, num_selected=1, window=1)
     c = dict(B=1, T=1, Hkv=1, G=1, Dk=1, Dv=1, config=config, seq_lens=None, seed=0)
@@ -559,8 +555,7 @@ def test_reference_decode_rejects_hostile_lengths(case):
     call_with_lengths(case, "reference")
 
 
-@pytest.mark.xfail(strict=False, reason="hostile lengths: fixed on branch h2")
-@settings(max_examples=4, phases=[Phase.generate], **COMMON)  # no shrinking of the expected failure: too slow
+@settings(max_examples=4, **COMMON)
 @given(hostile_lengths(small=True))  # huge lengths make the interpreted kernels loop for minutes
 def test_triton_decode_rejects_hostile_lengths(case):
     call_with_lengths(case, "triton")
