@@ -307,11 +307,6 @@ def test_triton_non_finite_values_match_reference(case):
                                rtol=TOL, atol=TOL, equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, reason="ops/triton (topn.py _pool_weights, tl.arange over slc_block / cmp_stride "
-                   "compressed tokens): a valid NSAConfig whose slc_block / cmp_stride is not a power of two, e.g. "
-                   "NSAConfig(cmp_block=1, cmp_stride=1, slc_block=3), crashes select_blocks and nsa_attention with "
-                   "InterpreterError('arange's range must be a power of 2') (a compile error on a GPU) instead of "
-                   "running or raising a ValueError naming the config")
 @pytest.mark.parametrize("op", ["select_blocks", "nsa_attention"])
 def test_triton_any_valid_config_runs_or_is_refused(op):
     config = NSAConfig(cmp_block=1, cmp_stride=1, slc_block=3, num_selected=2, window=4)

@@ -51,7 +51,7 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
                         T, Tc, Hq, G, row0, qk_scale,
                         CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
                         IS_VARLEN: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
-                        BLOCK_T: tl.constexpr, HEADS: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK_T: tl.constexpr, HEADS: tl.constexpr, CHUNK: tl.constexpr, C_PAD: tl.constexpr,
                         PRECISION: tl.constexpr, SPLIT_POOL: tl.constexpr):
     """Group scores P[g, t, j] of BLOCK_T queries t >= row0 of one GQA group, every block j <= J(last query).
 
@@ -65,7 +65,7 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
     if m0 >= T_seq:
         return
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed tokens starting in one selection block
-    BLOCK_C: tl.constexpr = CHUNK * R
+    BLOCK_C: tl.constexpr = CHUNK * R  # the chunk's tokens, padded below to C_PAD (a power of two) for the tiles
     t = m0 + tl.arange(0, BLOCK_T)
     # Rows of the score tile: BLOCK_T queries x HEADS heads, row = query * HEADS + head (a query's heads are
     # adjacent in q).
@@ -75,8 +75,9 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
     Qb = Q + batch * stride_qb + q0 * stride_qt
     Kg = KC + batch * stride_kb + k0 * stride_kt + g * stride_kh
     Pg = P + tl.program_id(2).to(tl.int64) * stride_pb + (t - row0).to(tl.int64)[:, None] * stride_pt + g * stride_ph
-    w_cur = _pool_weights(0, CMP_STRIDE, CMP_BLOCK, SLC_BLOCK, BLOCK_C, CHUNK)
-    w_next = _pool_weights(CHUNK, CMP_STRIDE, CMP_BLOCK, SLC_BLOCK, BLOCK_C, CHUNK)
+    w_cur = _pool_weights(0, CMP_STRIDE, CMP_BLOCK, SLC_BLOCK, C_PAD, CHUNK)
+    w_next = _pool_weights(CHUNK, CMP_STRIDE, CMP_BLOCK, SLC_BLOCK, C_PAD, CHUNK)
+    in_chunk = tl.arange(0, C_PAD) < BLOCK_C  # padding tokens belong to the next chunk, which counts them
 
     m_last = tl.minimum(m0 + BLOCK_T, T_seq) - 1
     num_blocks = m_last // SLC_BLOCK + 1  # blocks that are candidates of some query of the tile
@@ -89,12 +90,12 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
         lse2 = tl.load(LSE + (batch * Hq + head) * T + q0 + row_t, mask=row_ok, other=0.0) * LOG2E_K
         carried = tl.zeros([BLOCK_T * HEADS, CHUNK], tl.float32)  # d * pooled p_cmp of the next chunk's blocks
         for j0 in range(0, num_blocks, CHUNK):
-            i = j0 * R + tl.arange(0, BLOCK_C)
+            i = j0 * R + tl.arange(0, C_PAD)
             k = tl.load(Kg + i.to(tl.int64)[:, None] * stride_kt + cols[None, :],
                         mask=(i < num_tokens)[:, None] & (cols < DK)[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            vis = visible(row_t[:, None], i[None, :], CMP_STRIDE, CMP_BLOCK, 0) & (i < Tc_seq)[None, :]
-            p = tl.where(vis & row_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)  # p_cmp [rows, BLOCK_C]
+            vis = visible(row_t[:, None], i[None, :], CMP_STRIDE, CMP_BLOCK, 0) & (in_chunk & (i < Tc_seq))[None, :]
+            p = tl.where(vis & row_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)  # p_cmp [rows, C_PAD]
             pooled = carried + pool_probs(p, w_cur, SPLIT_POOL)  # d * p_slc [rows, CHUNK]
             carried = pool_probs(p, w_next, SPLIT_POOL)
             score = tl.sum(tl.reshape(pooled, (BLOCK_T, HEADS, CHUNK)), 1) * (1.0 / CMP_STRIDE)
@@ -133,21 +134,23 @@ def _top_n_kernel(P, OUT, CU_Q, stride_pb, stride_pt, stride_ph, stride_ob, stri
 def _score_params(G: int, tokens_per_block: int, block_dk: int) -> dict:
     """Tile of _group_score_kernel: about 128 rows (queries x heads) and 64 compressed tokens per chunk on the GPU.
 
-    tokens_per_block: r = l' / d. Fewer rows for wide heads or long chunks, so q, two key tiles and the
-    [rows, chunk tokens] scores fit in shared memory and registers (head dim 256: q 64 KB + 2 x 32 KB keys).
+    tokens_per_block: r = l' / d (any: a chunk's CHUNK * r tokens are padded to C_PAD, a power of two). Fewer
+    rows for wide heads or long chunks, so q, two key tiles and the [rows, chunk tokens] scores fit in shared memory and registers (head dim 256: q 64 KB + 2 x 32 KB keys).
     Interpreter: tiny tiles so that small tests cross chunk and head-slice boundaries.
     """
     heads_pow2 = triton.next_power_of_2(G)
     if interpreting():
-        return dict(BLOCK_T=16, HEADS=min(heads_pow2, 2), CHUNK=2, num_warps=1, num_stages=1)
-    chunk = max(16, 64 // tokens_per_block)  # tl.dot needs >= 16 on every dim
-    block_c = chunk * tokens_per_block
+        chunk = 2
+        return dict(BLOCK_T=16, HEADS=min(heads_pow2, 2), CHUNK=chunk,
+                    C_PAD=triton.next_power_of_2(chunk * tokens_per_block), num_warps=1, num_stages=1)
+    chunk = max(16, 1 << ((64 // tokens_per_block).bit_length() - 1))  # a power of two; tl.dot needs >= 16
+    block_c = triton.next_power_of_2(chunk * tokens_per_block)
     rows = max(16, min(128 * 128 // max(block_dk, 128), 16384 // block_c))
     heads = min(heads_pow2, rows)
     # 3 stages at D 128: 18.7 ms against 20.7 with 2 (H100, shape P, 64k, when pooling was tf32x3)
     stages = 3 if block_c * block_dk <= 8192 else 2 if block_c * block_dk <= 32768 else 1
     # 4 warps: 8.3 ms against 10.7 ms with 8 for 128 rows (H100, shape P, 64k; benchmarks/profile_selection.py, since retired)
-    return dict(BLOCK_T=rows // heads, HEADS=heads, CHUNK=chunk, num_warps=4, num_stages=stages)
+    return dict(BLOCK_T=rows // heads, HEADS=heads, CHUNK=chunk, C_PAD=block_c, num_warps=4, num_stages=stages)
 
 
 def _top_n_params(nb_pad: int) -> dict:
