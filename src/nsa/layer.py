@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from .config import NSAConfig
 from .cache import NSACache, default_dtype_device
-from .ops import nsa_attention, nsa_decode_attention
+from .ops import NSAInputs, nsa_attention, nsa_decode_attention
 from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens
 
@@ -144,7 +144,7 @@ class NativeSparseAttention(nn.Module):
         centre = ids.double() * self.config.cmp_stride + (self.config.cmp_block - 1) / 2
         return apply_rope(self.compress_k(k_blocks), centre, self.rope_base), self.compress_v(v_blocks)
 
-    def _whole_sequence(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[tuple, tuple]:
+    def _whole_sequence(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[NSAInputs, tuple]:
         """(the eight nsa_attention inputs, (k_cmp_src, v_cmp_src): phi's inputs) of whole sequences x."""
         seq_lens = self._check_input(x, cu_seqlens)
         positions = torch.arange(x.shape[1], device=x.device) if cu_seqlens is None else \
@@ -153,10 +153,10 @@ class NativeSparseAttention(nn.Module):
         # compression: gather each block [i*d, i*d + l) of cmp_src, summarize, rotate at the centre
         index, ids = cmp_block_index(seq_lens, self.config, x.device)
         k_cmp, v_cmp = self._compress(k_cmp_src[:, index], v_cmp_src[:, index], ids)  # [B, Tc, Hkv, D]
-        return (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates), (k_cmp_src, v_cmp_src)
+        return NSAInputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates), (k_cmp_src, v_cmp_src)
 
-    def nsa_inputs(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """The eight inputs of nsa.nsa_attention computed from x [B, T, hidden_size]:
+    def nsa_inputs(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> NSAInputs:
+        """The eight inputs of nsa.nsa_attention computed from x [B, T, hidden_size], as an nsa.NSAInputs:
 
         q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv], k_slc, v_slc, k_swa, v_swa
         [B, T, Hkv, Dk or Dv], gates [B, T, Hq, 3] (packed [1, total, ...] with cu_seqlens).
@@ -203,10 +203,10 @@ class NativeSparseAttention(nn.Module):
         self._check_cache(cache)
         self._check_input(x, None)
         prompt_lens = cache.begin_prefill(x, prompt_lens)
-        (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates), (k_cmp_src, v_cmp_src) = self._whole_sequence(x, None)
-        cache.fill(prompt_lens, **self._token_kv(k_slc, v_slc, k_swa, v_swa))
-        cache.fill_cmp(prompt_lens, k_cmp_src, v_cmp_src, k_cmp, v_cmp)
-        o = nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, self.config, backend=self.backend)
+        x_in, (k_cmp_src, v_cmp_src) = self._whole_sequence(x, None)
+        cache.fill(prompt_lens, **self._token_kv(x_in.k_slc, x_in.v_slc, x_in.k_swa, x_in.v_swa))
+        cache.fill_cmp(prompt_lens, k_cmp_src, v_cmp_src, x_in.k_cmp, x_in.v_cmp)
+        o = nsa_attention(*x_in, self.config, backend=self.backend)
         return self.o_proj(o.flatten(2))
 
     @torch.no_grad()
