@@ -117,22 +117,11 @@ def test_decode_scratch_reads_and_writes(monkeypatch, capacity):
     """
     args64, args, seq_lens, _ = decode_case([53, 37, 64], 1, 8, 2, 16, 16, CONFIG_A, torch.float32, capacity)
     ref = nsa_decode_attention(*args64[:-1], args64[-1], seq_lens, CONFIG_A, backend="reference")
-    empty, guarded, guard = torch.empty, [], 64
-
-    def poisoned(*shape, **kwargs):
-        shape = torch.Size(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
-        whole = empty(shape.numel() + guard, **kwargs)
-        whole.fill_(float("nan") if whole.is_floating_point() else 12345)
-        guarded.append(whole)
-        return whole[:shape.numel()].view(shape)
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+    guarded = _guarded_empty(monkeypatch)
     o = decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 16 ** -0.5)
     monkeypatch.undo()
     torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
-    for whole in guarded:
-        tail = whole[-guard:]
-        assert (tail.isnan().all() if whole.is_floating_point() else (tail == 12345).all()), "write past a buffer"
+    _assert_guards_intact(guarded)
 
 
 @pytest.mark.parametrize("capacity", [75, 80])
