@@ -304,3 +304,21 @@ def test_trims_add_up_until_the_ring_is_refilled():
     torch.testing.assert_close(layer.step(x[:, 8:12], cache), layer(x)[:, 8:12], rtol=1e-10, atol=1e-10)
     cache.trim(10)  # the ring now holds positions 7..11 again
     torch.testing.assert_close(layer.step(x[:, 10:11], cache), layer(x[:, :11])[:, 10:11], rtol=1e-10, atol=1e-10)
+
+
+def test_reset_rows_start_their_ring_over():
+    """Regression: a reset row kept the ring start of its earlier, longer history, so a trim within max_trim of
+    its new history was refused (two reset() methods, one shadowing the other)."""
+    config = NSAConfig(cmp_block=4, cmp_stride=2, slc_block=4, num_selected=2, window=4)
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(HIDDEN, 2, 1, 8, config=config, backend="reference").double()
+    x = randn(1, 12, HIDDEN)
+    cache = layer.new_cache(1, 16, max_trim=2)
+    layer.prefill(randn(1, 10, HIDDEN), cache)
+    cache.error_flag.fill_(1)
+    cache.reset()
+    assert cache.error_flag.item() == 0
+    for t in range(3):
+        layer.step(x[:, t:t + 1], cache)
+    cache.trim(1)
+    torch.testing.assert_close(layer.step(x[:, 1:4], cache), layer(x[:, :4])[:, 1:4], rtol=1e-10, atol=1e-10)

@@ -282,6 +282,19 @@ def test_decode_rejects_grad():
         decode.nsa_decode_attention(*args, seq_lens, CONFIG_A, 0.25)
 
 
+def _captured(step):
+    """(a CUDA graph of step(), its static output), step() run once on a side stream first (compiles its kernels)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_o = step()
+    return graph, static_o
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: long context in bfloat16, CUDA graphs
 
@@ -322,14 +335,7 @@ def test_decode_cuda_graph_replay():
     def step():
         return decode.nsa_decode_attention(static_q, *cache, static_gates, static_lens, config, scale)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_o = step()
+    graph, static_o = _captured(step)
     for lens in ([3000, 1200], [2048, 4096], [64, 1]):
         static_q.copy_(torch.randn_like(q))
         static_gates.copy_(torch.rand_like(gates))
@@ -369,14 +375,7 @@ def test_decode_cuda_graph_flags_hostile_lengths():
     def step():
         return nsa_decode_attention(*args, static_lens, config, backend="triton", error_flag=flag)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_o = step()
+    graph, static_o = _captured(step)
     expected = nsa_decode_attention(*args, seq_lens, config, backend="triton")
     for bad in [4097, 0, -5, 10 ** 6, 2 ** 31 - 1, -2 ** 31]:
         flag.zero_()

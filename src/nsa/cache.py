@@ -247,8 +247,10 @@ class NSACache(LayerCache):
         self.ring_start = [max(r, n - self.ring_size) for r, n in zip(self.ring_start, self.host_seqlens)]
 
     def reset(self, rows: list[int] | None = None) -> None:
+        """LayerCache.reset; emptied rows' ring starts over, and error_flag back to 0."""
         super().reset(rows)
         self.ring_start = [r if n else 0 for r, n in zip(self.ring_start, self.host_seqlens)]
+        self.error_flag.zero_()
 
     def _next_block_start(self, n: int) -> int:
         """First position a row of n tokens will need again: the start of its next compressed block."""
@@ -310,11 +312,6 @@ class NSACache(LayerCache):
             positions = torch.arange(max(0, n - self.ring_size), n, device=self.device)
             self.ring_k[b, positions % self.ring_size] = cmp_src_k[b, positions].detach()
             self.ring_v[b, positions % self.ring_size] = cmp_src_v[b, positions].detach()
-
-    def reset(self, rows: list[int] | None = None) -> None:
-        """LayerCache.reset, and error_flag back to 0."""
-        super().reset(rows)
-        self.error_flag.zero_()
 
     def trim(self, new_len: int | list[int]) -> None:
         """LayerCache.trim; the compressed tokens made from trimmed tokens drop out with the lengths.
