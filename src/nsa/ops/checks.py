@@ -173,7 +173,7 @@ def check_host_seqlens(host_seqlens, batch: int) -> list[int]:
     if not isinstance(host_seqlens, (list, tuple)) or len(host_seqlens) != batch or \
             not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in host_seqlens):
         raise TypeError(f"host_seqlens must be None or a list of {batch} ints (the host copy of cache_seqlens, "
-                        f"e.g. an NSACache's seq_lens), got {host_seqlens!r}")
+                        f"e.g. an NSACache's host_seqlens), got {host_seqlens!r}")
     return [int(n) for n in host_seqlens]
 
 
