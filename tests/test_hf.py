@@ -1,0 +1,100 @@
+"""nsa.convert: dense transformers models (Llama, Mistral, Qwen2, Qwen3) to NSA attention, tiny random models."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import nsa  # noqa: E402
+from nsa.hf import NSAAttentionHF, init_mean_pooling  # noqa: E402
+
+T = 24
+CFG = nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=2, window=T)  # window covers T
+SMALL = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=97,
+             attn_implementation="sdpa")
+
+
+def tiny(arch: str, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, **extra):
+    kw = dict(SMALL, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, **extra)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    model = cls[1](cls[0](**kw)).double().eval()
+    with torch.no_grad():  # non-trivial biases / norms, so that copying them is tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+CASES = [
+    ("llama", dict(heads=14, kv_heads=2, head_dim=8)),  # GQA group of 7
+    ("llama", dict(rope_theta=500.0, rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    ("llama", dict(attention_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    ("mistral", dict(heads=6, kv_heads=2, head_dim=8)),  # group of 3
+    ("qwen2", dict(heads=6, kv_heads=2, head_dim=8)),  # q/k/v biases
+    ("qwen3", dict(heads=6, kv_heads=2, head_dim=16)),  # q_norm / k_norm
+]
+
+
+@pytest.mark.parametrize("arch,extra", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
+@pytest.mark.parametrize("share_kv", [True, False])
+def test_convert_reproduces_dense_logits(arch, extra, share_kv):
+    model = tiny(arch, **extra)
+    ids = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        nsa.convert(model, CFG, share_kv=share_kv, gate_bias=40.0)  # sigmoid(-40) ~ 4e-18: no leak in float64
+        assert all(isinstance(layer.self_attn, NSAAttentionHF) for layer in model.model.layers)
+        got = model(ids).logits  # use_cache defaults to True: a fresh cache is allowed
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_default_gate_bias_starts_close():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, T))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = nsa.convert(model, CFG)(ids).logits
+    err = (got - want).abs().max().item()
+    assert 0 < err < 1e-3 * want.abs().max().item()
+
+
+def test_mean_pooling_init():
+    phi = nsa.NativeSparseAttention(32, 2, 1, 8, config=CFG).compress_k.double()
+    init_mean_pooling(phi)
+    blocks = torch.randn(2, 3, 8, 1, 8, dtype=torch.float64)  # [B, Tc, l, H, D]
+    torch.testing.assert_close(phi(blocks), blocks.mean(2), rtol=1e-12, atol=1e-12)
+
+
+def test_forward_backward_reaches_phi_and_gates():
+    model = tiny("qwen3").float().train()
+    nsa.convert(model, nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=2, window=8))
+    ids = torch.randint(0, 97, (2, 40))
+    out = model(ids, labels=ids, use_cache=False)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for layer in model.model.layers:
+        m = layer.self_attn.nsa
+        for part in (m.compress_k, m.compress_v, m.gate_proj):
+            grads = [p.grad for p in part.parameters()]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+            assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_refusals():
+    model = tiny("llama")
+    nsa.convert(model, CFG)
+    ids = torch.randint(0, 97, (2, 8))
+    with pytest.raises(NotImplementedError, match="padding"):
+        model(ids, attention_mask=torch.tensor([[0] * 2 + [1] * 6, [1] * 8]))
+    with pytest.raises(NotImplementedError, match="cache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="already converted"):
+        nsa.convert(model, CFG)
+    with pytest.raises(ValueError, match="rope"):
+        nsa.convert(tiny("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), CFG)
+    with pytest.raises(TypeError, match="model types"):
+        nsa.convert(torch.nn.Linear(2, 2), CFG)
