@@ -14,7 +14,7 @@ HFNativeSparseAttention (a NativeSparseAttention that keeps the dense layer's nu
   - gates start at sigmoid(-gate_bias) for the compressed and selected branches and sigmoid(+gate_bias)
     for the sliding window, gate weights zero.
 With NSAConfig.window >= T the converted model then reproduces the dense model up to the gate leak
-sigmoid(-gate_bias) (about 2 * 4.5e-5 relative for the default 10; gate_bias=40 is exact in float64).
+sigmoid(-gate_bias) (about 2 * 2.5e-3 relative for the default 6; gate_bias=40 is exact in float64).
 """
 from __future__ import annotations
 
@@ -113,12 +113,16 @@ class NSAAttentionHF(nn.Module):
 
 
 def _check_causal_mask(mask: torch.Tensor, T: int) -> None:
-    """Accepts a 4D mask [B, 1, T, >=T] (bool: True = attend; float: 0 = attend) only if it is the causal mask."""
+    """Accepts a 4D mask [B, 1, T, >=T] (bool: True = attend; float: 0 = attend) only if it is the causal mask,
+    or a causal sliding-window band (Mistral, Qwen sliding layers: NSA's own branches replace it; with
+    NSAConfig.window equal to the model's sliding window the window branch is that very attention)."""
     if mask.dim() != 4 or mask.shape[-2] != T or mask.shape[-1] < T:
         raise NotImplementedError(f"nsa.convert: unsupported attention_mask of shape {tuple(mask.shape)}")
     allowed = mask[..., :T] if mask.dtype == torch.bool else mask[..., :T] == 0
-    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
-    if not torch.equal(allowed, causal.expand_as(allowed)):
+    ones = torch.ones(T, T, dtype=torch.bool, device=mask.device)
+    width = int(allowed[0, 0, -1].sum())  # the band's width, read off the last query
+    band = ones.tril() & ones.triu(-(width - 1))
+    if not torch.equal(allowed, band.expand_as(allowed)):
         raise NotImplementedError("nsa.convert: NSA attention is causal over whole rows; attention masks with "
                                   "padding (or other patterns) are not supported, pass unpadded batches")
 
@@ -176,7 +180,7 @@ def _check_model(model: nn.Module) -> None:
 
 
 def convert(model: nn.Module, config: NSAConfig = NSAConfig(), *, share_kv: bool = True,
-            backend: str | None = None, gate_bias: float = 10.0) -> nn.Module:
+            backend: str | None = None, gate_bias: float = 6.0) -> nn.Module:
     """Replaces, in place, every attention module of a transformers Llama / Mistral / Qwen2 / Qwen3 model by NSA
     attention initialized from it; returns the model.
 
@@ -185,8 +189,10 @@ def convert(model: nn.Module, config: NSAConfig = NSAConfig(), *, share_kv: bool
     share_kv: one key/value set for the three branches (True), or the dense k/v copied into one set per branch.
     backend: passed to nsa.nsa_attention (None: Triton on CUDA when installed, else the reference).
     gate_bias: the gates' initial logit magnitude: cmp and slc start at sigmoid(-gate_bias), swa at
-    sigmoid(gate_bias). Large values reproduce the dense model more exactly but make the gates' (and through
-    them phi's) gradients small at first; 10 is a compromise (Adam rescales the small gradients).
+    sigmoid(gate_bias). Larger values reproduce the dense model more exactly but saturate the gates: their (and
+    through them phi's) gradients shrink like exp(-gate_bias), so the warm-up first spends its steps moving
+    the gates out of saturation. 6 (a leak of 0.25% per branch) is a compromise: on the tiny test model stage 1
+    lowers the loss from the first steps, where 10 barely moves it; 40 is exact in float64.
     """
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
@@ -239,3 +245,17 @@ def _convert_attention(attn, rotary, hf_config, config, share_kv, backend, gate_
         torch.tensor([-gate_bias, -gate_bias, gate_bias], dtype=weight.dtype))
     layer.train(attn.training)
     return layer
+
+
+def new_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters nsa.convert created, which the dense model had no counterpart for: phi (compress_k,
+    compress_v) and the gates (gate_proj) of every converted layer. Stage 1 of the conversion recipe (README,
+    "Converting a dense model") trains only these."""
+    params = []
+    for module in model.modules():
+        if isinstance(module, NSAAttentionHF):
+            for part in (module.nsa.compress_k, module.nsa.compress_v, module.nsa.gate_proj):
+                params.extend(part.parameters())
+    if not params:
+        raise ValueError("new_parameters: the model has no NSA attention from nsa.convert")
+    return params
