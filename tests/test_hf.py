@@ -144,3 +144,52 @@ def test_two_stage_recipe():
     model(ids, labels=ids, use_cache=False).loss.backward()
     opt.step()
     assert not torch.equal(model.model.layers[0].self_attn.nsa.q_proj.weight, before["model.layers.0.self_attn.nsa.q_proj.weight"])
+
+
+def tiny_nsa_hf(**kw):
+    from nsa.hf_model import NSAConfigHF, NSAForCausalLM
+
+    cfg = NSAConfigHF(vocab_size=64, n_layer=2, n_embd=64, n_head=6, n_kv_head=2, head_dim=8,
+                      nsa=dict(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=2, window=16), **kw)
+    torch.manual_seed(0)
+    return NSAForCausalLM(cfg).eval()
+
+
+def test_nsa_for_causal_lm_round_trip(tmp_path):
+    model = tiny_nsa_hf(share_kv=True)
+    ids = torch.randint(0, 64, (2, 24))
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model) and loaded.config.nsa == model.config.nsa and loaded.config.share_kv
+    assert loaded.model.lm_head.weight is loaded.model.embed.weight  # still tied
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+    assert transformers.AutoConfig.from_pretrained(tmp_path).model_type == "nsa"
+
+
+def test_nsa_for_causal_lm_labels_and_generate():
+    import torch.nn.functional as F
+
+    model = tiny_nsa_hf()
+    ids = torch.randint(0, 64, (2, 24))
+    labels = ids.clone()
+    labels[0, :5] = -100  # ignored, as in transformers
+    out = model(ids, labels=labels)
+    want = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, want)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+    with torch.no_grad():  # generate() without transformers' cache (the config's use_cache is False): greedy
+        got = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
+        seq = ids[:, :5]
+        for _ in range(4):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, seq)
+    with pytest.raises(NotImplementedError, match="cache"):
+        model(ids, use_cache=True)
