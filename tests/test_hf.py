@@ -87,11 +87,13 @@ def test_forward_backward_reaches_phi_and_gates():
 def test_refusals():
     model = tiny("llama")
     nsa.convert(model, CFG)
-    ids = torch.randint(0, 97, (2, 8))
+    ids = torch.randint(1, 97, (2, 8))  # no pad token (0) inside
     with pytest.raises(NotImplementedError, match="padding"):
         model(ids, attention_mask=torch.tensor([[0] * 2 + [1] * 6, [1] * 8]))
     with pytest.raises(NotImplementedError, match="cache"):
-        model.generate(ids, max_new_tokens=2, do_sample=False)
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False, pad_token_id=0)  # re-runs all
+    assert out.shape == (2, 10) and torch.equal(out[:, :8], ids)
     with pytest.raises(ValueError, match="already converted"):
         nsa.convert(model, CFG)
     with pytest.raises(ValueError, match="rope"):
@@ -193,3 +195,22 @@ def test_nsa_for_causal_lm_labels_and_generate():
     assert torch.equal(got, seq)
     with pytest.raises(NotImplementedError, match="cache"):
         model(ids, use_cache=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_packed_position_ids(arch):
+    """transformers' padding-free batches (one row, position_ids restarting at 0) run as nsa's cu_seqlens."""
+    model = tiny(arch)
+    ids = torch.randint(0, 97, (1, T))
+    pos = torch.cat([torch.arange(10), torch.arange(T - 10)])[None]
+    with torch.no_grad():
+        want = model(ids, position_ids=pos, use_cache=False).logits
+        nsa.convert(model, CFG, gate_bias=40.0)
+        got = model(ids, position_ids=pos, use_cache=False).logits
+        apart = torch.cat([model(ids[:, :10]).logits, model(ids[:, 10:]).logits], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, apart, rtol=1e-10, atol=1e-10)
+    with pytest.raises(NotImplementedError, match="positions"):
+        model(ids, position_ids=pos + 1)
+    with pytest.raises(NotImplementedError, match="one row"):
+        model(ids.expand(2, -1), position_ids=pos.expand(2, -1))

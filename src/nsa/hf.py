@@ -84,8 +84,9 @@ class NSAAttentionHF(nn.Module):
     Called as self_attn(hidden_states, attention_mask=..., position_ids=..., past_key_values=...,
     cache_position=..., position_embeddings=..., **kwargs); returns (output, None) like the dense module
     (no attention weights). NSA is causal by construction, so attention_mask must be None or the plain causal
-    mask (padding is refused), positions must be 0 .. T-1 in every row, and a cache may only be started
-    (cache_position from 0): decoding through transformers' cache is not supported yet (use_cache=False, or
+    mask (padding is refused); positions must be 0 .. T-1 in every row, or, in a batch of one row, restart at 0
+    at the start of each packed sequence (transformers' padding-free batches: the sequences then run as nsa's
+    packed cu_seqlens); and a cache may only be started (cache_position from 0): decoding through transformers' cache is not supported yet (use_cache=False, or
     nsa's own caches: self_attn.nsa.new_cache / prefill / step).
     """
 
@@ -102,27 +103,45 @@ class NSAAttentionHF(nn.Module):
             raise NotImplementedError(
                 "nsa.convert: decoding through transformers' KV cache is not supported yet (this call continues "
                 f"a sequence from position {int(cache_position[0])}); run whole sequences (use_cache=False)")
-        if position_ids is not None:
-            expect = torch.arange(T, device=position_ids.device).expand(position_ids.shape[0], T)
-            if position_ids.shape[-1] != T or not torch.equal(position_ids, expect):
-                raise NotImplementedError("nsa.convert: NSA attention needs positions 0 .. T-1 in every row "
-                                          "(no left padding, offsets or packed position_ids)")
+        cu_seqlens = None if position_ids is None else _cu_seqlens_from_positions(position_ids, T)
         if attention_mask is not None:
-            _check_causal_mask(attention_mask, T)
-        return self.nsa(hidden_states), None
+            _check_causal_mask(attention_mask, T, cu_seqlens)
+        return self.nsa(hidden_states, cu_seqlens=cu_seqlens), None
 
 
-def _check_causal_mask(mask: torch.Tensor, T: int) -> None:
-    """Accepts a 4D mask [B, 1, T, >=T] (bool: True = attend; float: 0 = attend) only if it is the causal mask,
-    or a causal sliding-window band (Mistral, Qwen sliding layers: NSA's own branches replace it; with
-    NSAConfig.window equal to the model's sliding window the window branch is that very attention)."""
+def _cu_seqlens_from_positions(position_ids: torch.Tensor, T: int) -> torch.Tensor | None:
+    """None when every row's positions are 0 .. T-1; for one row of sequences packed back to back (positions
+    restarting at 0 at each start, transformers' padding-free batches), their cu_seqlens (int32); else an error."""
+    pos = position_ids.expand(1, -1) if position_ids.dim() == 1 else position_ids
+    if pos.shape[-1] != T:
+        raise NotImplementedError(f"nsa.convert: position_ids of shape {tuple(position_ids.shape)} for {T} tokens")
+    step_ok = (pos[:, 1:] == pos[:, :-1] + 1) | (pos[:, 1:] == 0)
+    if not (bool((pos[:, 0] == 0).all()) and bool(step_ok.all())):
+        raise NotImplementedError("nsa.convert: NSA attention needs positions 0 .. T-1 in every row, or sequences "
+                                  "packed in one row each starting at 0 (no left padding or offsets)")
+    if bool(((pos == 0).sum(-1) == 1).all()):
+        return None
+    if pos.shape[0] != 1:
+        raise NotImplementedError("nsa.convert: packed position_ids (restarting at 0) need a batch of one row")
+    starts = (pos[0] == 0).nonzero().flatten()
+    return torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
+
+
+def _check_causal_mask(mask: torch.Tensor, T: int, cu_seqlens: torch.Tensor | None = None) -> None:
+    """Accepts a 4D mask [B, 1, T, >=T] (bool: True = attend; float: 0 = attend) only if it is the causal mask
+    (block-diagonal over packed sequences with cu_seqlens), or a causal sliding-window band (Mistral, Qwen sliding
+    layers: NSA's own branches replace it; with NSAConfig.window equal to the model's sliding window the window
+    branch is that very attention)."""
     if mask.dim() != 4 or mask.shape[-2] != T or mask.shape[-1] < T:
         raise NotImplementedError(f"nsa.convert: unsupported attention_mask of shape {tuple(mask.shape)}")
     allowed = mask[..., :T] if mask.dtype == torch.bool else mask[..., :T] == 0
     ones = torch.ones(T, T, dtype=torch.bool, device=mask.device)
-    width = int(allowed[0, 0, -1].sum())  # the band's width, read off the last query
-    band = ones.tril() & ones.triu(-(width - 1))
-    if not torch.equal(allowed, band.expand_as(allowed)):
+    width = int(allowed.sum(-1).max())  # the band's width: the most keys a query sees
+    expect = ones.tril() & ones.triu(-(width - 1))
+    if cu_seqlens is not None:
+        seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=mask.device), cu_seqlens.diff().long())
+        expect &= seq[:, None] == seq[None, :]
+    if not torch.equal(allowed, expect.expand_as(allowed)):
         raise NotImplementedError("nsa.convert: NSA attention is causal over whole rows; attention masks with "
                                   "padding (or other patterns) are not supported, pass unpadded batches")
 
