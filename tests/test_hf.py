@@ -214,3 +214,29 @@ def test_packed_position_ids(arch):
         model(ids, position_ids=pos + 1)
     with pytest.raises(NotImplementedError, match="one row"):
         model(ids.expand(2, -1), position_ids=pos.expand(2, -1))
+
+
+def test_converted_checkpoint_reload(tmp_path):
+    """A converted model's save_pretrained checkpoint loads back into a freshly converted model, bitwise."""
+    from safetensors.torch import load_file
+
+    model = tiny("qwen3").float()
+    nsa.convert(model, CFG, share_kv=False)
+    with torch.no_grad():
+        for p in nsa.hf.new_parameters(model):
+            p.add_(0.01 * torch.randn_like(p))  # as after training
+    model.save_pretrained(tmp_path)
+    fresh = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    nsa.convert(fresh, CFG, share_kv=False)
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    ids = torch.randint(0, 97, (2, T))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_convert_keeps_dtype():
+    model = tiny("qwen3").to(torch.bfloat16)
+    nsa.convert(model, CFG)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 97, (1, T))).logits).all()
