@@ -1,6 +1,7 @@
 """Converting a dense Hugging Face transformers model to NSA attention: nsa.convert(model, config).
 
-transformers is imported lazily (inside functions) so that `import nsa` never needs it.
+This module never imports transformers (it works on the model object it is given), so `import nsa` does not
+need it; nsa.hf_model (NSAForCausalLM) does.
 
 Supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (and their base models),
 any GQA group size. Every decoder layer's self_attn is replaced by an NSAAttentionHF adapter around an
@@ -15,6 +16,8 @@ HFNativeSparseAttention (a NativeSparseAttention that keeps the dense layer's nu
     for the sliding window, gate weights zero.
 With NSAConfig.window >= T the converted model then reproduces the dense model up to the gate leak
 sigmoid(-gate_bias) (about 2 * 2.5e-3 relative for the default 6; gate_bias=40 is exact in float64).
+A model whose layers use a sliding window W (Mistral's sliding_window, Qwen2/Qwen3 sliding layers) is reproduced
+with NSAConfig.window = W; with another window the converted layers see more (or fewer) tokens than the dense ones.
 """
 from __future__ import annotations
 
