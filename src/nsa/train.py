@@ -6,13 +6,19 @@ On CUDA the forward passes run under bfloat16 autocast (weights and optimizer st
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .data import Corpus, get_batch
+from .checkpoint import atomic_write
+from .data import DEFAULT_MAX_BYTES, Corpus, get_batch
 
 SCHEDULES = ("cosine", "constant")
 
@@ -31,11 +37,16 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     seed: int = 0
+    # used by train_run (`nsa train`) only:
+    checkpoint_every: int = 100  # and after the last step
+    data: str | None = None  # a text file or folder (None: the Python stdlib's .py files)
+    data_max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every",
+                     "data_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -124,11 +135,146 @@ def train(models: dict[str, nn.Module], corpus: Corpus, cfg: TrainConfig, device
     return history
 
 
-def _progress_bar(total: int, desc: str):
-    """A tqdm bar over range(total); tqdm is an optional dependency (the `cli` extra)."""
+def _progress_bar(total: int, desc: str, start: int = 0, stop: int | None = None):
+    """A tqdm bar over range(start, stop) out of total; tqdm is an optional dependency (the `cli` extra)."""
     try:
         from tqdm.auto import tqdm
     except ImportError as e:
         raise ModuleNotFoundError('train(progress=True) needs tqdm: pip install "nsa[cli]" '
                                   "(or pass progress=False)") from e
-    return tqdm(range(total), desc=desc)
+    return tqdm(range(start, total if stop is None else stop), desc=desc, total=total, initial=start)
+
+
+# ---- one model, one run folder: `nsa train` ----
+
+METRICS_FILE = "metrics.jsonl"  # one JSON object per line: step, loss, lr, tokens_per_s, and val_loss when evaluated
+CHECKPOINT_FILE = "checkpoint.safetensors"  # the latest checkpoint, replaced atomically
+CONFIG_FILE = "config.json"  # the run's model and train configs (also inside every checkpoint)
+
+
+def config_dict(model_cfg, train_cfg: TrainConfig) -> dict:
+    """{"model": ..., "train": ...}, JSON-serializable (the NSA block parameters nested under model.nsa)."""
+    return {"model": asdict(model_cfg), "train": asdict(train_cfg)}
+
+
+def configs_from_dict(config: dict):
+    """The inverse of config_dict -> (ModelConfig, TrainConfig)."""
+    from .config import NSAConfig
+    from .model import ModelConfig
+    model = dict(config["model"])
+    model["nsa"] = NSAConfig(**model.get("nsa", {}))
+    return ModelConfig(**model), TrainConfig(**config.get("train", {}))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl file (a run folder or the file itself); a cut last line is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (is it a run folder of `nsa train`?)")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash
+    return records
+
+
+def train_run(run_dir: str | os.PathLike, model_cfg=None, train_cfg: TrainConfig | None = None, *,
+              device: str | torch.device = "cpu", resume: bool = False, stop_at: int | None = None,
+              progress: bool = True, corpus: Corpus | None = None) -> dict:
+    """Trains one LanguageModel in the folder run_dir: metrics.jsonl, config.json and checkpoint.safetensors.
+
+    Every step appends {"step", "loss", "lr", "tokens_per_s"} to metrics.jsonl ("step": updates done, "loss":
+    the loss of that update's batch); validation steps (0, every eval_every, the last) add "val_loss" (mean
+    over eval_batches fixed validation windows). A checkpoint is saved every checkpoint_every steps, after
+    the last and at stop_at (a step to stop after, e.g. to split a run over sessions).
+    resume=True continues run_dir from its checkpoint with the saved configs (model_cfg / train_cfg must be
+    None): model, optimizer, the data sampler's position and the RNGs are restored, so the result is bitwise
+    that of an uninterrupted run on the same device. Returns {"step", "loss", "val_loss", "run_dir"}.
+    """
+    from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from .data import load_corpus
+    from .model import LanguageModel
+
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    if resume:
+        if model_cfg is not None or train_cfg is not None:
+            raise ValueError("resume=True continues with the run's saved configs; pass no model_cfg / train_cfg")
+        model_cfg, train_cfg = configs_from_dict(read_checkpoint(ckpt_path).config)
+    else:
+        if ckpt_path.exists():
+            raise ValueError(f"{run_dir} already holds a run ({ckpt_path}); resume it or choose another folder")
+        if model_cfg is None or train_cfg is None:
+            raise ValueError("a new run needs model_cfg and train_cfg")
+    device = torch.device(device)
+    config = config_dict(model_cfg, train_cfg)
+    corpus = load_corpus(train_cfg.data, train_cfg.data_max_bytes) if corpus is None else corpus
+
+    torch.manual_seed(train_cfg.seed)
+    random.seed(train_cfg.seed)
+    model = LanguageModel(model_cfg).to(device)
+    optimizer = make_optimizer(model, train_cfg)
+    generator = torch.Generator().manual_seed(train_cfg.seed)
+    val_generator = torch.Generator().manual_seed(train_cfg.seed + 1)
+    val_batches = [get_batch(corpus.val, train_cfg.batch_size, train_cfg.seq_len, val_generator, device)
+                   for _ in range(train_cfg.eval_batches)]
+    metrics_path = run_dir / METRICS_FILE
+    start = 0
+    if resume:
+        start = load_checkpoint(ckpt_path, model, optimizer, data_generator=generator).step
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= start] if metrics_path.exists() else []
+        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())  # drop steps after it
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        metrics_path.write_text("")
+    last = train_cfg.steps if stop_at is None else min(train_cfg.steps, stop_at)
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_path, model, optimizer, step=step, data_generator=generator, config=config)
+
+    result = {"step": start, "loss": None, "val_loss": None, "run_dir": str(run_dir)}
+    with open(metrics_path, "a") as log:
+        def write(record: dict) -> None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+        if start == 0:
+            result["val_loss"] = evaluate(model, val_batches)
+            write({"step": 0, "val_loss": result["val_loss"]})
+        steps = range(start, last)
+        if progress:
+            steps = _progress_bar(train_cfg.steps, f"training {run_dir.name}", start=start, stop=last)
+        tokens = train_cfg.batch_size * train_cfg.seq_len
+        for step in steps:
+            t0 = time.perf_counter()
+            x, y = get_batch(corpus.train, train_cfg.batch_size, train_cfg.seq_len, generator, device)
+            lr = lr_at(step, train_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device):
+                loss = model(x, y)[1]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            loss = loss.item()  # waits for the device: the step's time is complete
+            record = {"step": step + 1, "loss": loss, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            result.update(step=step + 1, loss=loss)
+            if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
+                record["val_loss"] = result["val_loss"] = evaluate(model, val_batches)
+            write(record)
+            if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == last:
+                save(step + 1)
+            if progress:
+                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+                if result["val_loss"] is not None:
+                    postfix["val"] = f"{result['val_loss']:.3f}"
+                steps.set_postfix(postfix)
+    if start == last and not ckpt_path.exists():
+        save(start)
+    return result
