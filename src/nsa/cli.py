@@ -1,4 +1,5 @@
-"""The `nsa` command. `nsa demo` trains a tiny NSA model and a tiny full-attention model side by side.
+"""The `nsa` command. `nsa demo` trains a tiny NSA model and a tiny full-attention model side by side;
+`nsa train` trains one model in a run folder (metrics, checkpoints, exact resume).
 
 Both models have the same sizes and the same seed and see the same batches; the demo prints their
 final losses, saves a plot of both loss curves and prints a sample from each.
@@ -7,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import tomllib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +20,8 @@ import torch
 from .config import NSAConfig
 from .data import decode, load_corpus
 from .model import LanguageModel, ModelConfig
-from .train import History, TrainConfig, autocast, train
+from .train import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, PRESETS, History, TrainConfig, apply_overrides,
+                    autocast, build_configs, config_dict, train, train_run)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ def resolve_device(device: str) -> torch.device:
 def require_cli_deps() -> None:
     """Raises ModuleNotFoundError naming the fix when the `nsa` command's optional dependencies are missing."""
     missing = []
-    for name in ("tqdm", "matplotlib"):
+    for name in ("tqdm", "matplotlib", "safetensors"):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -144,6 +148,83 @@ def demo(steps: int | None = None, seq_len: int | None = None, batch_size: int |
     return history
 
 
+TRAIN_HELP = f"""Train one language model in a run folder RUN: RUN/{CONFIG_FILE} (the configs), RUN/{METRICS_FILE}
+(one JSON line per step: step, loss, lr, tokens_per_s, and val_loss every train.eval_every steps) and
+RUN/{CHECKPOINT_FILE} (the latest checkpoint, every train.checkpoint_every steps and at the end).
+`nsa train --resume RUN` continues a run exactly (bitwise, on the same device) from its checkpoint.
+
+Settings, each later source overriding the earlier: the preset (--preset), a TOML or JSON file (--config:
+tables [model], [model.nsa], [train]), then --set SECTION.FIELD=VALUE flags (values are read as JSON,
+else as strings: --set model.n_layer=4 --set model.nsa.window=128 --set train.lr=1e-3
+--set train.data=corpus/ --set model.attention=full). The fields:
+  model:     {', '.join(f.name for f in fields(ModelConfig) if f.name != "nsa")}
+  model.nsa: {', '.join(f.name for f in fields(NSAConfig))}
+  train:     {', '.join(f.name for f in fields(TrainConfig))}
+Presets: tiny (CPU tests, seconds), small (one GPU, minutes), base (one GPU, hours; give it data).
+On CUDA the forward passes run under bfloat16 autocast; AdamW, warm-up then cosine, gradient clipping.
+"""
+
+
+def parse_set(items: list[str]) -> dict:
+    """["model.n_layer=4", ...] -> {"model.n_layer": 4, ...}; values as JSON (true, null, 1e-3, "x"), else strings."""
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. model.n_layer=4")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = {"None": None, "True": True, "False": False}.get(text, text)
+        out[key.strip()] = value
+    return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A TOML (.toml) or JSON file of settings -> dict; clear errors for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: {path} does not exist or is not a file")
+    text = path.read_text()
+    try:
+        config = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        raise ValueError(f"--config: {path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {e}")
+    if not isinstance(config, dict):
+        raise ValueError(f"--config: {path} must hold a table / object of settings")
+    return config
+
+
+def train_command(args) -> int:
+    dev = resolve_device(args.device)
+    if args.resume:
+        if args.config or args.set or args.preset or args.run:
+            raise ValueError("--resume RUN continues the run with its saved settings; "
+                             "--preset, --config, --set and --run do not go with it")
+        run = Path(args.resume)
+        print(f"resuming {run} on {dev}")
+        result = train_run(run, device=dev, resume=True, stop_at=args.stop_at, progress=not args.no_progress)
+    else:
+        preset = args.preset or "tiny"
+        config = apply_overrides(PRESETS[preset], {}, "")
+        if args.config:
+            config = apply_overrides(config, read_config_file(args.config), f"--config {args.config}: ")
+        config = apply_overrides(config, parse_set(args.set or []), "--set: ")
+        model_cfg, train_cfg = build_configs(config)
+        run = Path(args.run or f"runs/{preset}")
+        if (run / CHECKPOINT_FILE).exists():
+            raise ValueError(f"--run: {run} already holds a run; continue it with --resume {run} "
+                             "or choose another folder")
+        print(f"run {run} on {dev}: preset {preset}")
+        print(json.dumps(config_dict(model_cfg, train_cfg)))
+        result = train_run(run, model_cfg, train_cfg, device=dev, stop_at=args.stop_at,
+                           progress=not args.no_progress)
+    val = "n/a" if result["val_loss"] is None else f"{result['val_loss']:.4f}"
+    print(f"step {result['step']}: loss {result['loss']}, val_loss {val}; checkpoint {run / CHECKPOINT_FILE}, "
+          f"metrics {run / METRICS_FILE}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,11 +240,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-len", type=int, help=f"bytes generated per sample (default: {CPU_PRESET.sample_len} on "
                                                   f"CPU, {GPU_PRESET.sample_len} on GPU)")
+
+    t = commands.add_parser("train", help="train one model in a run folder (metrics, checkpoints, --resume)",
+                            description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--preset", choices=sorted(PRESETS), help="the starting settings (default: tiny)")
+    t.add_argument("--config", metavar="FILE", help="a TOML or JSON file of settings ([model], [model.nsa], [train])")
+    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="one setting, e.g. model.n_layer=4 or train.lr=1e-3 (repeatable)")
+    t.add_argument("--run", metavar="RUN", help="the run folder (default: runs/PRESET)")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its checkpoint")
+    t.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) after this step")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         require_cli_deps()
     except ModuleNotFoundError as e:
         parser.exit(1, f"nsa: {e}\n")
+    if args.command == "train":
+        return train_command(args)
     demo(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
          out=args.out, data=args.data, seed=args.seed, sample_len=args.sample_len)
     return 0

@@ -11,14 +11,16 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_write
-from .data import DEFAULT_MAX_BYTES, Corpus, get_batch
+from .checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from .config import NSAConfig
+from .data import DEFAULT_MAX_BYTES, Corpus, get_batch, load_corpus
+from .model import LanguageModel, ModelConfig
 
 SCHEDULES = ("cosine", "constant")
 
@@ -152,18 +154,14 @@ CHECKPOINT_FILE = "checkpoint.safetensors"  # the latest checkpoint, replaced at
 CONFIG_FILE = "config.json"  # the run's model and train configs (also inside every checkpoint)
 
 
-def config_dict(model_cfg, train_cfg: TrainConfig) -> dict:
+def config_dict(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
     """{"model": ..., "train": ...}, JSON-serializable (the NSA block parameters nested under model.nsa)."""
     return {"model": asdict(model_cfg), "train": asdict(train_cfg)}
 
 
 def configs_from_dict(config: dict):
     """The inverse of config_dict -> (ModelConfig, TrainConfig)."""
-    from .config import NSAConfig
-    from .model import ModelConfig
-    model = dict(config["model"])
-    model["nsa"] = NSAConfig(**model.get("nsa", {}))
-    return ModelConfig(**model), TrainConfig(**config.get("train", {}))
+    return build_configs({"model": config["model"], "train": config.get("train", {})})
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -182,7 +180,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def train_run(run_dir: str | os.PathLike, model_cfg=None, train_cfg: TrainConfig | None = None, *,
+def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, train_cfg: TrainConfig | None = None, *,
               device: str | torch.device = "cpu", resume: bool = False, stop_at: int | None = None,
               progress: bool = True, corpus: Corpus | None = None) -> dict:
     """Trains one LanguageModel in the folder run_dir: metrics.jsonl, config.json and checkpoint.safetensors.
@@ -195,10 +193,6 @@ def train_run(run_dir: str | os.PathLike, model_cfg=None, train_cfg: TrainConfig
     None): model, optimizer, the data sampler's position and the RNGs are restored, so the result is bitwise
     that of an uninterrupted run on the same device. Returns {"step", "loss", "val_loss", "run_dir"}.
     """
-    from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-    from .data import load_corpus
-    from .model import LanguageModel
-
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT_FILE
     if resume:
@@ -278,3 +272,69 @@ def train_run(run_dir: str | os.PathLike, model_cfg=None, train_cfg: TrainConfig
     if start == last and not ckpt_path.exists():
         save(start)
     return result
+
+
+# ---- presets and overrides (`nsa train --preset NAME --config FILE --set model.n_layer=4`) ----
+
+# Plain dicts, so that an override of one field (model.n_embd) lets the derived ones (head_dim) follow.
+PRESETS: dict[str, dict[str, dict]] = {
+    # CPU tests and smoke runs: seconds on 2 cores with the PyTorch reference backend.
+    "tiny": {"model": {"n_layer": 2, "n_embd": 32, "n_head": 4, "n_kv_head": 1,
+                       "nsa": {"cmp_block": 8, "cmp_stride": 4, "slc_block": 8, "num_selected": 2, "window": 16}},
+             "train": {"steps": 30, "batch_size": 4, "seq_len": 64, "lr": 3e-3, "warmup_steps": 5, "eval_every": 10,
+                       "eval_batches": 2, "checkpoint_every": 10}},
+    # One GPU, minutes: the demo's GPU model for longer.
+    "small": {"model": {"n_layer": 6, "n_embd": 512, "n_head": 8, "n_kv_head": 2, "head_dim": 64,
+                        "nsa": {"cmp_block": 32, "cmp_stride": 16, "slc_block": 64, "num_selected": 8, "window": 256}},
+              "train": {"steps": 2000, "batch_size": 16, "seq_len": 1024, "lr": 1.5e-3, "warmup_steps": 100,
+                        "eval_every": 100, "eval_batches": 8, "checkpoint_every": 500}},
+    # One GPU, hours: the paper's block parameters at a 4k context (give it more data: --set train.data=PATH).
+    "base": {"model": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_kv_head": 2, "head_dim": 64, "nsa": {}},
+             "train": {"steps": 10000, "batch_size": 8, "seq_len": 4096, "lr": 6e-4, "warmup_steps": 500,
+                       "eval_every": 250, "eval_batches": 8, "checkpoint_every": 1000,
+                       "data_max_bytes": 1_000_000_000}},
+}
+SECTIONS = {"model": ModelConfig, "model.nsa": NSAConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, name: str, value):
+    """A float field given an int becomes a float (lr=1 -> 1.0); every other check is the config's own."""
+    ftype = {f.name: f.type for f in fields(SECTIONS[section])}[name]
+    if isinstance(value, int) and not isinstance(value, bool) and str(ftype).startswith("float"):
+        return float(value)
+    return value
+
+
+def apply_overrides(config: dict, overrides: dict, where: str = "") -> dict:
+    """A copy of config ({"model": {..., "nsa": {...}}, "train": {...}}) with overrides (the same shape, or
+    dotted keys such as "model.nsa.window") applied; unknown sections or fields raise a ValueError naming them."""
+    out = {"model": dict(config.get("model", {})), "train": dict(config.get("train", {}))}
+    out["model"]["nsa"] = dict(out["model"].get("nsa", {}))
+    flat = {}
+
+    def walk(prefix, d):
+        for key, value in d.items():
+            path = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, dict):
+                walk(path, value)
+            else:
+                flat[path] = value
+    walk("", overrides)
+    for path, value in flat.items():
+        section, _, name = path.rpartition(".")
+        if section not in SECTIONS:
+            raise ValueError(f"{where}unknown setting {path!r}: settings are model.FIELD, model.nsa.FIELD or "
+                             "train.FIELD")
+        known = [f.name for f in fields(SECTIONS[section]) if not (section == "model" and f.name == "nsa")]
+        if name not in known:
+            raise ValueError(f"{where}unknown setting {path!r}; {section} has {', '.join(known)}")
+        target = out["model"]["nsa"] if section == "model.nsa" else out[section]
+        target[name] = _coerce(section, name, value)
+    return out
+
+
+def build_configs(config: dict) -> tuple[ModelConfig, TrainConfig]:
+    """{"model": {..., "nsa": {...}}, "train": {...}} -> (ModelConfig, TrainConfig), validated by their constructors."""
+    model = dict(config["model"])
+    model["nsa"] = NSAConfig(**model.get("nsa", {}))
+    return ModelConfig(**model), TrainConfig(**config["train"])
