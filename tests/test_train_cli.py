@@ -92,3 +92,20 @@ def test_tiny_preset_lowers_the_loss(tmp_path, data):
                  "--set", f"train.data={data}", "--set", "train.steps=25"]) == 0
     val = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
     assert val[-1] < val[0] - 1.0, val
+
+
+def test_plot_runs_writes_a_png(tmp_path, capsys):
+    runs = []
+    for k, name in enumerate(("nsa", "full")):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"step": 0, "val_loss": 5.5}] + [{"step": s, "loss": 5.0 - s / 10 - k, "lr": 1e-3} for s in range(1, 9)]
+        lines[4]["val_loss"] = 4.0 - k
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 9, "lo')
+        runs.append(str(run))
+    out = tmp_path / "plots" / "curves.png"
+    assert main(["plot", *runs, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"loss plot saved to {out}" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        main(["plot", str(tmp_path), "--out", str(out)])

@@ -219,10 +219,35 @@ def train_command(args) -> int:
         print(json.dumps(config_dict(model_cfg, train_cfg)))
         result = train_run(run, model_cfg, train_cfg, device=dev, stop_at=args.stop_at,
                            progress=not args.no_progress)
-    val = "n/a" if result["val_loss"] is None else f"{result['val_loss']:.4f}"
-    print(f"step {result['step']}: loss {result['loss']}, val_loss {val}; checkpoint {run / CHECKPOINT_FILE}, "
+    loss, val = (("n/a" if result[k] is None else f"{result[k]:.4f}") for k in ("loss", "val_loss"))
+    print(f"step {result['step']}: loss {loss}, val_loss {val}; checkpoint {run / CHECKPOINT_FILE}, "
           f"metrics {run / METRICS_FILE}")
     return 0
+
+
+def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike, title: str | None = None) -> Path:
+    """Saves the loss curves of `nsa train` runs (train loss faint, validation loss with markers) to a PNG."""
+    from .train import read_metrics
+    given = Path(out)
+    out = given if given.suffix.lower() == ".png" else given.with_name(given.name + ".png")
+    check_out(given, out)
+    history = {}
+    for run in runs:
+        records = read_metrics(run)
+        h = History()
+        for r in records:
+            if "loss" in r:
+                h.steps.append(r["step"])
+                h.train_loss.append(r["loss"])
+            if "val_loss" in r:
+                h.val_steps.append(r["step"])
+                h.val_loss.append(r["val_loss"])
+        name = Path(run).name if Path(run).is_dir() else Path(run).parent.name
+        while name in history:
+            name += "'"
+        history[name] = h
+    plot_losses(history, out, title or "loss curves of " + ", ".join(history))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) after this step")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    pl = commands.add_parser("plot", help="plot the loss curves of runs of `nsa train`",
+                             description="Plots train (faint) and validation (markers) loss against the step of "
+                                         "each run's metrics.jsonl, all in one PNG.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their metrics.jsonl files)")
+    pl.add_argument("--out", required=True, help="the PNG to write")
+    pl.add_argument("--title", help="the plot's title")
     args = parser.parse_args(argv)
     try:
         require_cli_deps()
@@ -259,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(1, f"nsa: {e}\n")
     if args.command == "train":
         return train_command(args)
+    if args.command == "plot":
+        print(f"loss plot saved to {plot_runs(args.runs, args.out, args.title).resolve()}")
+        return 0
     demo(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
          out=args.out, data=args.data, seed=args.seed, sample_len=args.sample_len)
     return 0
