@@ -250,6 +250,43 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike, title: str 
     return out
 
 
+def parse_list(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag}: give at least one value")
+    return values
+
+
+def eval_passkey_command(args) -> int:
+    from . import eval as evaluation
+    dev = resolve_device(args.device)
+    lengths = parse_list(args.lengths, int, "--lengths")
+    depths = parse_list(args.depths, float, "--depths")
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    model, config = evaluation.load_model(args.path, dev)
+    source = Path(args.path)
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "passkey"
+    train_cfg = config.get("train", {})
+    data = args.data if args.data is not None else train_cfg.get("data")
+    corpus = load_corpus(data, train_cfg.get("data_max_bytes", 4_000_000))
+    print(f"passkey: {args.path} on {dev}; filler from the validation part of {corpus.source}")
+    print(f"lengths {lengths} x depths {depths}, {args.trials} trials per cell")
+
+    def report(cell):
+        print(f"  length {cell['length']:>6}  depth {cell['depth']:.2f}: {cell['correct']}/{cell['trials']}")
+    results = evaluation.passkey_grid(model, corpus.val, lengths, depths, args.trials, args.seed, progress=report)
+    results["checkpoint"] = str(args.path)
+    results["data"] = corpus.source
+    json_path = evaluation.save_results(results, out / "passkey.json")
+    png = evaluation.plot_heatmap(results, out / "passkey.png", f"passkey retrieval: {source.name}")
+    print(f"results saved to {json_path.resolve()}, heatmap to {png.resolve()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +321,23 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their metrics.jsonl files)")
     pl.add_argument("--out", required=True, help="the PNG to write")
     pl.add_argument("--title", help="the plot's title")
+
+    ev = commands.add_parser("eval", help="evaluate a trained model")
+    evals = ev.add_subparsers(dest="eval_command", required=True)
+    pk = evals.add_parser("passkey", help="passkey retrieval over a grid of context lengths x depths",
+                          description="A random 5-digit passkey stated once (\"The passkey is 48213. Remember "
+                                      "it.\") at a depth inside filler from validation text; the prompt ends with "
+                                      "\"What is the passkey? The passkey is\" and the model answers greedily. "
+                                      "Writes passkey.json (accuracy per cell, every answer) and passkey.png "
+                                      "(a heatmap).")
+    pk.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="an nsa train run folder or a checkpoint file")
+    pk.add_argument("--lengths", default="256,512,1024", help="context lengths in bytes (default: 256,512,1024)")
+    pk.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1] (default: 0,0.25,0.5,0.75,1)")
+    pk.add_argument("--trials", type=int, default=5, help="prompts per cell (default: 5)")
+    pk.add_argument("--data", help="filler text file or folder (default: the run's training data)")
+    pk.add_argument("--out", help="the results folder (default: RUN/passkey)")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     args = parser.parse_args(argv)
     try:
         require_cli_deps()
@@ -291,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(1, f"nsa: {e}\n")
     if args.command == "train":
         return train_command(args)
+    if args.command == "eval":
+        return eval_passkey_command(args)
     if args.command == "plot":
         print(f"loss plot saved to {plot_runs(args.runs, args.out, args.title).resolve()}")
         return 0

@@ -58,6 +58,13 @@ class ModelConfig:
         if self.mlp_hidden is None:
             self.mlp_hidden = 32 * math.ceil(8 * self.n_embd / 3 / 32)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """The inverse of dataclasses.asdict (the NSA block parameters nested under "nsa"), e.g. from JSON."""
+        d = dict(d)
+        nsa = d.pop("nsa", {})
+        return cls(**d, nsa=nsa if isinstance(nsa, NSAConfig) else NSAConfig(**nsa))
+
 
 class CausalSelfAttention(nn.Module):
     """Full causal attention with grouped-query heads and RoPE: x [B, T, C] -> [B, T, C].

@@ -335,6 +335,4 @@ def apply_overrides(config: dict, overrides: dict, where: str = "") -> dict:
 
 def build_configs(config: dict) -> tuple[ModelConfig, TrainConfig]:
     """{"model": {..., "nsa": {...}}, "train": {...}} -> (ModelConfig, TrainConfig), validated by their constructors."""
-    model = dict(config["model"])
-    model["nsa"] = NSAConfig(**model.get("nsa", {}))
-    return ModelConfig(**model), TrainConfig(**config["train"])
+    return ModelConfig.from_dict(config["model"]), TrainConfig(**config["train"])
