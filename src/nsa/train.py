@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import NSAConfig
-from .data import DEFAULT_MAX_BYTES, Corpus, get_batch, load_corpus
+from .data import DEFAULT_MAX_BYTES, Corpus, get_batch, get_packed_batch, load_corpus
 from .model import LanguageModel, ModelConfig
 
 SCHEDULES = ("cosine", "constant")
@@ -43,6 +43,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # and after the last step
     data: str | None = None  # a text file or folder (None: the Python stdlib's .py files)
     data_max_bytes: int = DEFAULT_MAX_BYTES
+    packed: bool = False  # split windows at document (file) boundaries into packed sequences with cu_seqlens
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -86,11 +87,11 @@ def autocast(device: str | torch.device) -> torch.autocast:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean loss of model over the given (x, y) batches."""
+def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> float:
+    """Mean loss of model over the given (x, y) or packed (x, y, cu_seqlens) batches."""
     model.eval()
     with autocast(batches[0][0].device):
-        loss = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+        loss = sum(model(*batch)[1].item() for batch in batches) / len(batches)
     model.train()
     return loss
 
@@ -214,8 +215,15 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
     optimizer = make_optimizer(model, train_cfg)
     generator = torch.Generator().manual_seed(train_cfg.seed)
     val_generator = torch.Generator().manual_seed(train_cfg.seed + 1)
-    val_batches = [get_batch(corpus.val, train_cfg.batch_size, train_cfg.seq_len, val_generator, device)
-                   for _ in range(train_cfg.eval_batches)]
+
+    def batch(split: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        data = getattr(corpus, split)
+        if train_cfg.packed:
+            return get_packed_batch(data, getattr(corpus, f"{split}_starts"), train_cfg.batch_size,
+                                    train_cfg.seq_len, gen, device)
+        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, device)
+
+    val_batches = [batch("val", val_generator) for _ in range(train_cfg.eval_batches)]
     metrics_path = run_dir / METRICS_FILE
     start = 0
     if resume:
@@ -246,12 +254,12 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
         tokens = train_cfg.batch_size * train_cfg.seq_len
         for step in steps:
             t0 = time.perf_counter()
-            x, y = get_batch(corpus.train, train_cfg.batch_size, train_cfg.seq_len, generator, device)
+            inputs = batch("train", generator)  # (x, y) or packed (x, y, cu_seqlens)
             lr = lr_at(step, train_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast(device):
-                loss = model(x, y)[1]
+                loss = model(*inputs)[1]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
