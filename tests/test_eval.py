@@ -7,10 +7,10 @@ import torch
 pytest.importorskip("safetensors")
 
 from nsa import LanguageModel, ModelConfig, NSAConfig
-from nsa.checkpoint import save_checkpoint
+from nsa.checkpoint import load_model, save_checkpoint
 from nsa.cli import main
 from nsa.data import encode
-from nsa.eval import NEEDLE, QUESTION, load_model, make_prompt, score_answer
+from nsa.eval import NEEDLE, QUESTION, make_prompt, score_answer
 from nsa.train import TrainConfig, config_dict
 
 FILLER = encode("".join(f"line {i} of some filler text\n" for i in range(100)))

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .model import LanguageModel, ModelConfig
+
 FORMAT = "nsa-checkpoint/1"
 META_KEY = "nsa"
 
@@ -262,3 +264,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     if restore_rng:
         _restore_rng(ckpt)
     return ckpt
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LanguageModel, dict]:
+    """A LanguageModel from an `nsa train` run folder (its checkpoint.safetensors) or a checkpoint file ->
+    (model in eval mode, the checkpoint's config)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.safetensors"
+    ckpt = read_checkpoint(path)
+    if "model" not in ckpt.config:
+        raise ValueError(f"checkpoint {path} holds no model config (was it written by nsa train?)")
+    model = LanguageModel(ModelConfig.from_dict(ckpt.config["model"]))
+    _restore_model(ckpt, model)
+    return model.to(device).eval(), ckpt.config

@@ -10,13 +10,13 @@ import argparse
 import importlib
 import json
 import os
-import tomllib
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
+from .checkpoint import load_model
 from .config import NSAConfig
 from .data import decode, load_corpus
 from .model import LanguageModel, ModelConfig
@@ -187,6 +187,10 @@ def read_config_file(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"--config: {path} does not exist or is not a file")
     text = path.read_text()
     try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # Python 3.10: the `cli` extra installs tomli, the same parser
+        import tomli as tomllib
+    try:
         config = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, ValueError) as e:
         raise ValueError(f"--config: {path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {e}")
@@ -267,7 +271,7 @@ def eval_passkey_command(args) -> int:
     depths = parse_list(args.depths, float, "--depths")
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
-    model, config = evaluation.load_model(args.path, dev)
+    model, config = load_model(args.path, dev)
     source = Path(args.path)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "passkey"
     train_cfg = config.get("train", {})

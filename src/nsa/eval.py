@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, read_checkpoint
-from .model import LanguageModel, ModelConfig
+from .model import LanguageModel
 
 NEEDLE = " The passkey is {key}. Remember it. "
 QUESTION = " What is the passkey? The passkey is"
@@ -57,20 +56,6 @@ def score_answer(answer: str, key: str) -> bool:
     """True when the answer's first run of digits (after leading whitespace) is exactly key."""
     m = re.match(r"\s*(\d+)", answer)
     return m is not None and m.group(1) == key
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LanguageModel, dict]:
-    """A LanguageModel from an `nsa train` run folder (its checkpoint.safetensors) or a checkpoint file ->
-    (model in eval mode, the checkpoint's config)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.safetensors"
-    ckpt = read_checkpoint(path)
-    if "model" not in ckpt.config:
-        raise ValueError(f"checkpoint {path} holds no model config (was it written by nsa train?)")
-    model = LanguageModel(ModelConfig.from_dict(ckpt.config["model"]))
-    load_checkpoint(path, model, restore_rng=False)
-    return model.to(device).eval(), ckpt.config
 
 
 @torch.no_grad()

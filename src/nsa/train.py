@@ -245,7 +245,7 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
             log.write(json.dumps(record) + "\n")
             log.flush()
 
-        if start == 0:
+        if not resume:
             result["val_loss"] = evaluate(model, val_batches)
             write({"step": 0, "val_loss": result["val_loss"]})
         steps = range(start, last)
