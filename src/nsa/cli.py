@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import os
+import textwrap
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -148,6 +149,10 @@ def demo(steps: int | None = None, seq_len: int | None = None, batch_size: int |
     return history
 
 
+def _field_list(section: str, names: list[str]) -> str:
+    return textwrap.fill(", ".join(names), width=100, initial_indent=f"  {section + ':':<11}", subsequent_indent=" " * 13)
+
+
 TRAIN_HELP = f"""Train one language model in a run folder RUN: RUN/{CONFIG_FILE} (the configs), RUN/{METRICS_FILE}
 (one JSON line per step: step, loss, lr, tokens_per_s, and val_loss every train.eval_every steps) and
 RUN/{CHECKPOINT_FILE} (the latest checkpoint, every train.checkpoint_every steps and at the end).
@@ -157,10 +162,13 @@ Settings, each later source overriding the earlier: the preset (--preset), a TOM
 tables [model], [model.nsa], [train]), then --set SECTION.FIELD=VALUE flags (values are read as JSON,
 else as strings: --set model.n_layer=4 --set model.nsa.window=128 --set train.lr=1e-3
 --set train.data=corpus/ --set model.attention=full). The fields:
-  model:     {', '.join(f.name for f in fields(ModelConfig) if f.name != "nsa")}
-  model.nsa: {', '.join(f.name for f in fields(NSAConfig))}
-  train:     {', '.join(f.name for f in fields(TrainConfig))}
+{_field_list("model", [f.name for f in fields(ModelConfig) if f.name != "nsa"])}
+{_field_list("model.nsa", [f.name for f in fields(NSAConfig)])}
+{_field_list("train", [f.name for f in fields(TrainConfig)])}
 Presets: tiny (CPU tests, seconds), small (one GPU, minutes), base (one GPU, hours; give it data).
+Ablations: --set model.attention=full; --set 'model.branches=["swa"]' (NSA with its compressed and
+selected gates forced to 0: window only). --set train.packed=true splits windows at file boundaries
+into packed sequences (cu_seqlens): nothing attends or is predicted across documents.
 On CUDA the forward passes run under bfloat16 autocast; AdamW, warm-up then cosine, gradient clipping.
 """
 
