@@ -1,4 +1,5 @@
-"""The `nsa` command. `nsa demo` trains a tiny NSA model and a tiny full-attention model side by side.
+"""The `nsa` command. `nsa demo` trains a tiny NSA model and a tiny full-attention model side by side;
+`nsa train` trains one model in a run folder (metrics, checkpoints, exact resume).
 
 Both models have the same sizes and the same seed and see the same batches; the demo prints their
 final losses, saves a plot of both loss curves and prints a sample from each.
@@ -7,17 +8,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import textwrap
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
+from .checkpoint import load_model
 from .config import NSAConfig
 from .data import decode, load_corpus
 from .model import LanguageModel, ModelConfig
-from .train import History, TrainConfig, autocast, train
+from .train import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, PRESETS, History, TrainConfig, apply_overrides,
+                    autocast, build_configs, config_dict, train, train_run)
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ def resolve_device(device: str) -> torch.device:
 def require_cli_deps() -> None:
     """Raises ModuleNotFoundError naming the fix when the `nsa` command's optional dependencies are missing."""
     missing = []
-    for name in ("tqdm", "matplotlib"):
+    for name in ("tqdm", "matplotlib", "safetensors"):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -144,6 +149,156 @@ def demo(steps: int | None = None, seq_len: int | None = None, batch_size: int |
     return history
 
 
+def _field_list(section: str, names: list[str]) -> str:
+    return textwrap.fill(", ".join(names), width=100, initial_indent=f"  {section + ':':<11}", subsequent_indent=" " * 13)
+
+
+TRAIN_HELP = f"""Train one language model in a run folder RUN: RUN/{CONFIG_FILE} (the configs), RUN/{METRICS_FILE}
+(one JSON line per step: step, loss, lr, tokens_per_s, and val_loss every train.eval_every steps) and
+RUN/{CHECKPOINT_FILE} (the latest checkpoint, every train.checkpoint_every steps and at the end).
+`nsa train --resume RUN` continues a run exactly (bitwise, on the same device) from its checkpoint.
+
+Settings, each later source overriding the earlier: the preset (--preset), a TOML or JSON file (--config:
+tables [model], [model.nsa], [train]), then --set SECTION.FIELD=VALUE flags (values are read as JSON,
+else as strings: --set model.n_layer=4 --set model.nsa.window=128 --set train.lr=1e-3
+--set train.data=corpus/ --set model.attention=full). The fields:
+{_field_list("model", [f.name for f in fields(ModelConfig) if f.name != "nsa"])}
+{_field_list("model.nsa", [f.name for f in fields(NSAConfig)])}
+{_field_list("train", [f.name for f in fields(TrainConfig)])}
+Presets: tiny (CPU tests, seconds), small (one GPU, minutes), base (one GPU, hours; give it data).
+Ablations: --set model.attention=full; --set 'model.branches=["swa"]' (NSA with its compressed and
+selected gates forced to 0: window only). --set train.packed=true splits windows at file boundaries
+into packed sequences (cu_seqlens): nothing attends or is predicted across documents.
+On CUDA the forward passes run under bfloat16 autocast; AdamW, warm-up then cosine, gradient clipping.
+"""
+
+
+def parse_set(items: list[str]) -> dict:
+    """["model.n_layer=4", ...] -> {"model.n_layer": 4, ...}; values as JSON (true, null, 1e-3, "x"), else strings."""
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. model.n_layer=4")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = {"None": None, "True": True, "False": False}.get(text, text)
+        out[key.strip()] = value
+    return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A TOML (.toml) or JSON file of settings -> dict; clear errors for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: {path} does not exist or is not a file")
+    text = path.read_text()
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # Python 3.10: the `cli` extra installs tomli, the same parser
+        import tomli as tomllib
+    try:
+        config = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        raise ValueError(f"--config: {path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {e}")
+    if not isinstance(config, dict):
+        raise ValueError(f"--config: {path} must hold a table / object of settings")
+    return config
+
+
+def train_command(args) -> int:
+    dev = resolve_device(args.device)
+    if args.resume:
+        if args.config or args.set or args.preset or args.run:
+            raise ValueError("--resume RUN continues the run with its saved settings; "
+                             "--preset, --config, --set and --run do not go with it")
+        run = Path(args.resume)
+        print(f"resuming {run} on {dev}")
+        result = train_run(run, device=dev, resume=True, stop_at=args.stop_at, progress=not args.no_progress)
+    else:
+        preset = args.preset or "tiny"
+        config = apply_overrides(PRESETS[preset], {}, "")
+        if args.config:
+            config = apply_overrides(config, read_config_file(args.config), f"--config {args.config}: ")
+        config = apply_overrides(config, parse_set(args.set or []), "--set: ")
+        model_cfg, train_cfg = build_configs(config)
+        run = Path(args.run or f"runs/{preset}")
+        if (run / CHECKPOINT_FILE).exists():
+            raise ValueError(f"--run: {run} already holds a run; continue it with --resume {run} "
+                             "or choose another folder")
+        print(f"run {run} on {dev}: preset {preset}")
+        print(json.dumps(config_dict(model_cfg, train_cfg)))
+        result = train_run(run, model_cfg, train_cfg, device=dev, stop_at=args.stop_at,
+                           progress=not args.no_progress)
+    loss, val = (("n/a" if result[k] is None else f"{result[k]:.4f}") for k in ("loss", "val_loss"))
+    print(f"step {result['step']}: loss {loss}, val_loss {val}; checkpoint {run / CHECKPOINT_FILE}, "
+          f"metrics {run / METRICS_FILE}")
+    return 0
+
+
+def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike, title: str | None = None) -> Path:
+    """Saves the loss curves of `nsa train` runs (train loss faint, validation loss with markers) to a PNG."""
+    from .train import read_metrics
+    given = Path(out)
+    out = given if given.suffix.lower() == ".png" else given.with_name(given.name + ".png")
+    check_out(given, out)
+    history = {}
+    for run in runs:
+        records = read_metrics(run)
+        h = History()
+        for r in records:
+            if "loss" in r:
+                h.steps.append(r["step"])
+                h.train_loss.append(r["loss"])
+            if "val_loss" in r:
+                h.val_steps.append(r["step"])
+                h.val_loss.append(r["val_loss"])
+        name = Path(run).name if Path(run).is_dir() else Path(run).parent.name
+        while name in history:
+            name += "'"
+        history[name] = h
+    plot_losses(history, out, title or "loss curves of " + ", ".join(history))
+    return out
+
+
+def parse_list(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag}: give at least one value")
+    return values
+
+
+def eval_passkey_command(args) -> int:
+    from . import eval as evaluation
+    dev = resolve_device(args.device)
+    lengths = parse_list(args.lengths, int, "--lengths")
+    depths = parse_list(args.depths, float, "--depths")
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    model, config = load_model(args.path, dev)
+    source = Path(args.path)
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "passkey"
+    train_cfg = config.get("train", {})
+    data = args.data if args.data is not None else train_cfg.get("data")
+    corpus = load_corpus(data, train_cfg.get("data_max_bytes", 4_000_000))
+    print(f"passkey: {args.path} on {dev}; filler from the validation part of {corpus.source}")
+    print(f"lengths {lengths} x depths {depths}, {args.trials} trials per cell")
+
+    def report(cell):
+        print(f"  length {cell['length']:>6}  depth {cell['depth']:.2f}: {cell['correct']}/{cell['trials']}")
+    results = evaluation.passkey_grid(model, corpus.val, lengths, depths, args.trials, args.seed, progress=report)
+    results["checkpoint"] = str(args.path)
+    results["data"] = corpus.source
+    json_path = evaluation.save_results(results, out / "passkey.json")
+    png = evaluation.plot_heatmap(results, out / "passkey.png", f"passkey retrieval: {source.name}")
+    print(f"results saved to {json_path.resolve()}, heatmap to {png.resolve()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,11 +314,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-len", type=int, help=f"bytes generated per sample (default: {CPU_PRESET.sample_len} on "
                                                   f"CPU, {GPU_PRESET.sample_len} on GPU)")
+
+    t = commands.add_parser("train", help="train one model in a run folder (metrics, checkpoints, --resume)",
+                            description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--preset", choices=sorted(PRESETS), help="the starting settings (default: tiny)")
+    t.add_argument("--config", metavar="FILE", help="a TOML or JSON file of settings ([model], [model.nsa], [train])")
+    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="one setting, e.g. model.n_layer=4 or train.lr=1e-3 (repeatable)")
+    t.add_argument("--run", metavar="RUN", help="the run folder (default: runs/PRESET)")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its checkpoint")
+    t.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) after this step")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    pl = commands.add_parser("plot", help="plot the loss curves of runs of `nsa train`",
+                             description="Plots train (faint) and validation (markers) loss against the step of "
+                                         "each run's metrics.jsonl, all in one PNG.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their metrics.jsonl files)")
+    pl.add_argument("--out", required=True, help="the PNG to write")
+    pl.add_argument("--title", help="the plot's title")
+
+    ev = commands.add_parser("eval", help="evaluate a trained model")
+    evals = ev.add_subparsers(dest="eval_command", required=True)
+    pk = evals.add_parser("passkey", help="passkey retrieval over a grid of context lengths x depths",
+                          description="A random 5-digit passkey stated once (\"The passkey is 48213. Remember "
+                                      "it.\") at a depth inside filler from validation text; the prompt ends with "
+                                      "\"What is the passkey? The passkey is\" and the model answers greedily. "
+                                      "Writes passkey.json (accuracy per cell, every answer) and passkey.png "
+                                      "(a heatmap).")
+    pk.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="an nsa train run folder or a checkpoint file")
+    pk.add_argument("--lengths", default="256,512,1024", help="context lengths in bytes (default: 256,512,1024)")
+    pk.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1] (default: 0,0.25,0.5,0.75,1)")
+    pk.add_argument("--trials", type=int, default=5, help="prompts per cell (default: 5)")
+    pk.add_argument("--data", help="filler text file or folder (default: the run's training data)")
+    pk.add_argument("--out", help="the results folder (default: RUN/passkey)")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     args = parser.parse_args(argv)
     try:
         require_cli_deps()
     except ModuleNotFoundError as e:
         parser.exit(1, f"nsa: {e}\n")
+    if args.command == "train":
+        return train_command(args)
+    if args.command == "eval":
+        return eval_passkey_command(args)
+    if args.command == "plot":
+        print(f"loss plot saved to {plot_runs(args.runs, args.out, args.title).resolve()}")
+        return 0
     demo(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
          out=args.out, data=args.data, seed=args.seed, sample_len=args.sample_len)
     return 0

@@ -47,6 +47,9 @@ class Corpus:
     train: torch.Tensor  # uint8 [N_train]
     val: torch.Tensor  # uint8 [N_val]
     source: str  # where it came from, for printing
+    # where each document (file) starts in train / val: long [n_docs], ascending, first 0; None: one document
+    train_starts: torch.Tensor | None = None
+    val_starts: torch.Tensor | None = None
 
 
 def _walk(root: Path, suffix: str | None) -> list[Path]:
@@ -118,19 +121,62 @@ def load_corpus(path: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
     if len(texts) == 1:
         data = texts[0]
         cut = int(len(data) * 0.9)
-        train, val = data[:cut], data[cut:]
+        train, val = [data[:cut]], [data[cut:]]
     else:
-        train = b"".join(t for k, t in enumerate(texts) if k % VAL_EVERY)
-        val = b"".join(t for k, t in enumerate(texts) if k % VAL_EVERY == 0)
-    return Corpus(_as_tensor(train), _as_tensor(val), f"{source} ({len(texts)} file{'s' * (len(texts) != 1)})")
+        train = [t for k, t in enumerate(texts) if k % VAL_EVERY]
+        val = [t for k, t in enumerate(texts) if k % VAL_EVERY == 0]
+    return Corpus(_as_tensor(b"".join(train)), _as_tensor(b"".join(val)),
+                  f"{source} ({len(texts)} file{'s' * (len(texts) != 1)})", _starts(train), _starts(val))
+
+
+def _starts(docs: list[bytes]) -> torch.Tensor:
+    """Offsets of the documents in their concatenation: long [len(docs)] (empty documents left out)."""
+    lengths = torch.tensor([0] + [len(d) for d in docs if d], dtype=torch.long)
+    return lengths.cumsum(0)[:-1] if len(lengths) > 1 else torch.zeros(1, dtype=torch.long)
+
+
+def _windows(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of seq_len + 1 bytes of data -> (their starts long [B], the windows long [B, seq_len + 1])."""
+    if len(data) <= seq_len:
+        raise ValueError(f"seq_len ({seq_len}) must be shorter than the data ({len(data)} bytes); "
+                         "use a smaller --seq-len or more data")
+    starts = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)
+    return starts, data[starts[:, None] + torch.arange(seq_len + 1)].long()
 
 
 def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None = None,
               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of data (uint8 [N]): inputs x and next-byte targets y, long [batch_size, seq_len]."""
-    if len(data) <= seq_len:
-        raise ValueError(f"seq_len ({seq_len}) must be shorter than the data ({len(data)} bytes); "
-                         "use a smaller --seq-len or more data")
-    starts = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)
-    window = data[starts[:, None] + torch.arange(seq_len + 1)].long()  # [B, seq_len + 1]
+    window = _windows(data, batch_size, seq_len, generator)[1]  # [B, seq_len + 1]
     return window[:, :-1].to(device), window[:, 1:].to(device)
+
+
+def get_packed_batch(data: torch.Tensor, starts: torch.Tensor | None, batch_size: int, seq_len: int,
+                     generator: torch.Generator | None = None, device: str | torch.device = "cpu"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """get_batch's windows (the same draws from generator), each split at document boundaries into packed
+    sequences: x, y long [1, batch_size * seq_len] and cu_seqlens int32 [N + 1] (FlashAttention's convention).
+
+    starts: long [n_docs], where each document starts in data (None: one document). No sequence crosses a
+    document boundary, so with cu_seqlens no token attends across documents; a target that is the first byte
+    of the next document is set to -100 (cross_entropy's ignore_index): nothing is predicted across documents.
+    """
+    window_starts, window = _windows(data, batch_size, seq_len, generator)
+    x, y = window[:, :-1], window[:, 1:]
+    cuts = [torch.zeros(1, dtype=torch.long)]
+    ignore = torch.zeros(batch_size, seq_len, dtype=torch.bool)
+    if starts is not None and len(starts):
+        for b, s in enumerate(window_starts.tolist()):
+            lo = int(torch.searchsorted(starts, s, right=True))
+            hi = int(torch.searchsorted(starts, s + seq_len, right=True))
+            k = starts[lo:hi] - s  # documents starting at window positions 1 .. seq_len
+            ignore[b, k - 1] = True  # the target of position k - 1 is a new document's first byte
+            inner = k[k < seq_len]
+            cuts.append(b * seq_len + inner)
+            cuts.append(torch.tensor([(b + 1) * seq_len]))
+    else:
+        cuts.append(torch.arange(1, batch_size + 1) * seq_len)
+    cu_seqlens = torch.cat(cuts).to(torch.int32)
+    y = y.masked_fill(ignore, -100)
+    return x.reshape(1, -1).to(device), y.reshape(1, -1).to(device), cu_seqlens.to(device)

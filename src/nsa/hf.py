@@ -73,6 +73,8 @@ class HFNativeSparseAttention(NativeSparseAttention):
         k_slc = self._rope(k_slc, positions)
         k_swa = k_slc if self.share_kv else self._rope(k_swa, positions)
         gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, len(BRANCHES))
+        if self.branches != BRANCHES:
+            gates = gates * self.gate_mask.to(gates.dtype)  # as the parent: exactly 0 for the branches forced off
         return q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates
 
     def _compress(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:

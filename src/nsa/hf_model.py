@@ -27,16 +27,16 @@ class NSAConfigHF(PretrainedConfig):
 
     model_type = "nsa"
 
-    def __init__(self, vocab_size: int = 256, n_layer: int = 4, n_embd: int = 256, n_head: int = 8,
-                 n_kv_head: int = 2, head_dim: int | None = None, mlp_hidden: int | None = None,
-                 attention: str = "nsa", nsa: dict | None = None, share_kv: bool = False,
-                 backend: str | None = None, rope_base: float = 10000.0, tie_embeddings: bool = True, **kwargs):
-        self.vocab_size, self.n_layer, self.n_embd, self.n_head = vocab_size, n_layer, n_embd, n_head
-        self.n_kv_head, self.head_dim, self.mlp_hidden, self.attention = n_kv_head, head_dim, mlp_hidden, attention
+    def __init__(self, nsa: dict | None = None, **kwargs):
+        for f in dataclasses.fields(ModelConfig):  # every ModelConfig field, its default when not given
+            if f.name != "nsa":
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                value = kwargs.pop(f.name, default)
+                setattr(self, f.name, list(value) if isinstance(value, tuple) else value)  # JSON-friendly
         self.nsa = dataclasses.asdict(NSAConfig(**(nsa or {})))  # validated, all fields spelled out
-        self.share_kv, self.backend, self.rope_base, self.tie_embeddings = share_kv, backend, rope_base, tie_embeddings
         kwargs.setdefault("use_cache", False)  # no transformers cache yet: generate() re-runs whole sequences
-        super().__init__(tie_word_embeddings=tie_embeddings, **kwargs)
+        kwargs["tie_word_embeddings"] = self.tie_embeddings
+        super().__init__(**kwargs)
         self.model_config()  # validates the rest
 
     def model_config(self) -> ModelConfig:

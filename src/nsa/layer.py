@@ -13,6 +13,16 @@ from .rope import apply_rope, positions_from_cu_seqlens
 BRANCHES = ("cmp", "slc", "swa")
 
 
+def check_branches(branches) -> tuple[str, ...]:
+    """A non-empty subset of BRANCHES (list or tuple, any order) -> a tuple in BRANCHES' order, else ValueError."""
+    if isinstance(branches, str) or not all(isinstance(b, str) for b in branches):
+        raise ValueError(f"branches must be a list or tuple of names from {BRANCHES}, got {branches!r}")
+    unknown = [b for b in branches if b not in BRANCHES]
+    if unknown or not branches:
+        raise ValueError(f"branches must be a non-empty subset of {BRANCHES}, got {tuple(branches)!r}")
+    return tuple(b for b in BRANCHES if b in branches)
+
+
 def cmp_block_index(seq_lens: list[int], config: NSAConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the compressed tokens of (packed) sequences of lengths seq_lens read their cmp_src tokens.
 
@@ -77,11 +87,16 @@ class NativeSparseAttention(nn.Module):
     Packed variable-length input: x [1, total, hidden] with cu_seqlens (int32 [N + 1]); positions
     restart at 0 in every sequence and every sequence gets its own compressed tokens.
     backend is passed to nsa.nsa_attention (None: fastest available).
+
+    branches: the branches whose gates are learned, a non-empty subset of ("cmp", "slc", "swa"); the gates of
+    the others are forced to exactly 0 (an ablation: ("swa",) is a sliding-window-only layer, whose output at t
+    depends on no token before t - w + 1). The forced-off branches are still computed (the op's cost is
+    unchanged): this compares quality, not speed.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  v_head_dim: int | None = None, config: NSAConfig = NSAConfig(), share_kv: bool = False,
-                 rope_base: float = 10000.0, backend: str | None = None):
+                 rope_base: float = 10000.0, backend: str | None = None, branches: tuple[str, ...] = BRANCHES):
         super().__init__()
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
@@ -96,6 +111,7 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
         if not rope_base > 0:
             raise ValueError(f"rope_base must be positive, got {rope_base!r}")
+        branches = check_branches(branches)
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.v_head_dim = head_dim, v_head_dim
         self.config, self.share_kv, self.rope_base, self.backend = config, share_kv, rope_base, backend
@@ -109,6 +125,9 @@ class NativeSparseAttention(nn.Module):
         self.compress_v = Compressor(l, v_head_dim, 4 * v_head_dim)
         self.gate_proj = nn.Linear(hidden_size, num_heads * len(BRANCHES))
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=False)
+        self.branches = branches
+        # 1 for a learned gate, 0 for one forced off; a buffer (not saved) so that it follows .to(device)
+        self.register_buffer("gate_mask", torch.tensor([float(b in branches) for b in BRANCHES]), persistent=False)
 
     def _check_input(self, x, cu_seqlens) -> list[int]:
         """Validates x (and cu_seqlens); returns seq_lens, the packed sequences' lengths ([T] when not packed)."""
@@ -136,6 +155,8 @@ class NativeSparseAttention(nn.Module):
         k_slc = apply_rope(k_slc, positions, self.rope_base)
         k_swa = k_slc if self.share_kv else apply_rope(k_swa, positions, self.rope_base)
         gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, len(BRANCHES))
+        if self.branches != BRANCHES:
+            gates = gates * self.gate_mask.to(gates.dtype)  # exactly 0 for the branches forced off
         return q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates
 
     def _compress(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .cache import KVCache, LayerCache, ModelCache, default_dtype_device
 from .config import NSAConfig
 from .graph import DecodeGraph
-from .layer import NativeSparseAttention
+from .layer import NativeSparseAttention, check_branches
 from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens
 
@@ -38,12 +38,16 @@ class ModelConfig:
     nsa: NSAConfig = field(default_factory=NSAConfig)
     share_kv: bool = False  # NSA only: one key/value projection for all three branches
     backend: str | None = None  # NSA only: passed to nsa.nsa_attention
+    # NSA only: the branches whose gates are learned; the others' gates are forced to 0. ("swa",) is the
+    # sliding-window-only ablation (attention="nsa" with only the window branch), e.g. --set 'model.branches=["swa"]'
+    branches: tuple[str, ...] = ("cmp", "slc", "swa")
     rope_base: float = 10000.0
     tie_embeddings: bool = True
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"ModelConfig.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        self.branches = check_branches(self.branches)
         if self.n_head % self.n_kv_head:
             raise ValueError(f"ModelConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim is None:
@@ -53,6 +57,13 @@ class ModelConfig:
             self.head_dim = self.n_embd // self.n_head
         if self.mlp_hidden is None:
             self.mlp_hidden = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """The inverse of dataclasses.asdict (the NSA block parameters nested under "nsa"), e.g. from JSON."""
+        d = dict(d)
+        nsa = d.pop("nsa", {})
+        return cls(**d, nsa=nsa if isinstance(nsa, NSAConfig) else NSAConfig(**nsa))
 
 
 class CausalSelfAttention(nn.Module):
@@ -147,7 +158,8 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.n_embd)
         if cfg.attention == "nsa":
             self.attn = NativeSparseAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, config=cfg.nsa,
-                                              share_kv=cfg.share_kv, rope_base=cfg.rope_base, backend=cfg.backend)
+                                              share_kv=cfg.share_kv, rope_base=cfg.rope_base, backend=cfg.backend,
+                                              branches=cfg.branches)
         else:
             self.attn = CausalSelfAttention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.n_embd)

@@ -6,13 +6,21 @@ On CUDA the forward passes run under bfloat16 autocast (weights and optimizer st
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .data import Corpus, get_batch
+from .checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from .config import NSAConfig
+from .data import DEFAULT_MAX_BYTES, Corpus, get_batch, get_packed_batch, load_corpus
+from .model import LanguageModel, ModelConfig
 
 SCHEDULES = ("cosine", "constant")
 
@@ -31,11 +39,17 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     seed: int = 0
+    # used by train_run (`nsa train`) only:
+    checkpoint_every: int = 100  # and after the last step
+    data: str | None = None  # a text file or folder (None: the Python stdlib's .py files)
+    data_max_bytes: int = DEFAULT_MAX_BYTES
+    packed: bool = False  # split windows at document (file) boundaries into packed sequences with cu_seqlens
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every",
+                     "data_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -73,11 +87,11 @@ def autocast(device: str | torch.device) -> torch.autocast:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean loss of model over the given (x, y) batches."""
+def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> float:
+    """Mean loss of model over the given (x, y) or packed (x, y, cu_seqlens) batches."""
     model.eval()
     with autocast(batches[0][0].device):
-        loss = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+        loss = sum(model(*batch)[1].item() for batch in batches) / len(batches)
     model.train()
     return loss
 
@@ -124,11 +138,209 @@ def train(models: dict[str, nn.Module], corpus: Corpus, cfg: TrainConfig, device
     return history
 
 
-def _progress_bar(total: int, desc: str):
-    """A tqdm bar over range(total); tqdm is an optional dependency (the `cli` extra)."""
+def _progress_bar(total: int, desc: str, start: int = 0, stop: int | None = None):
+    """A tqdm bar over range(start, stop) out of total; tqdm is an optional dependency (the `cli` extra)."""
     try:
         from tqdm.auto import tqdm
     except ImportError as e:
         raise ModuleNotFoundError('train(progress=True) needs tqdm: pip install "nsa[cli]" '
                                   "(or pass progress=False)") from e
-    return tqdm(range(total), desc=desc)
+    return tqdm(range(start, total if stop is None else stop), desc=desc, total=total, initial=start)
+
+
+# ---- one model, one run folder: `nsa train` ----
+
+METRICS_FILE = "metrics.jsonl"  # one JSON object per line: step, loss, lr, tokens_per_s, and val_loss when evaluated
+CHECKPOINT_FILE = "checkpoint.safetensors"  # the latest checkpoint, replaced atomically
+CONFIG_FILE = "config.json"  # the run's model and train configs (also inside every checkpoint)
+
+
+def config_dict(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
+    """{"model": ..., "train": ...}, JSON-serializable (the NSA block parameters nested under model.nsa)."""
+    return {"model": asdict(model_cfg), "train": asdict(train_cfg)}
+
+
+def configs_from_dict(config: dict):
+    """The inverse of config_dict -> (ModelConfig, TrainConfig)."""
+    return build_configs({"model": config["model"], "train": config.get("train", {})})
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl file (a run folder or the file itself); a cut last line is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (is it a run folder of `nsa train`?)")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash
+    return records
+
+
+def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, train_cfg: TrainConfig | None = None, *,
+              device: str | torch.device = "cpu", resume: bool = False, stop_at: int | None = None,
+              progress: bool = True, corpus: Corpus | None = None) -> dict:
+    """Trains one LanguageModel in the folder run_dir: metrics.jsonl, config.json and checkpoint.safetensors.
+
+    Every step appends {"step", "loss", "lr", "tokens_per_s"} to metrics.jsonl ("step": updates done, "loss":
+    the loss of that update's batch); validation steps (0, every eval_every, the last) add "val_loss" (mean
+    over eval_batches fixed validation windows). A checkpoint is saved every checkpoint_every steps, after
+    the last and at stop_at (a step to stop after, e.g. to split a run over sessions).
+    resume=True continues run_dir from its checkpoint with the saved configs (model_cfg / train_cfg must be
+    None): model, optimizer, the data sampler's position and the RNGs are restored, so the result is bitwise
+    that of an uninterrupted run on the same device. Returns {"step", "loss", "val_loss", "run_dir"}.
+    """
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    if resume:
+        if model_cfg is not None or train_cfg is not None:
+            raise ValueError("resume=True continues with the run's saved configs; pass no model_cfg / train_cfg")
+        model_cfg, train_cfg = configs_from_dict(read_checkpoint(ckpt_path).config)
+    else:
+        if ckpt_path.exists():
+            raise ValueError(f"{run_dir} already holds a run ({ckpt_path}); resume it or choose another folder")
+        if model_cfg is None or train_cfg is None:
+            raise ValueError("a new run needs model_cfg and train_cfg")
+    device = torch.device(device)
+    config = config_dict(model_cfg, train_cfg)
+    corpus = load_corpus(train_cfg.data, train_cfg.data_max_bytes) if corpus is None else corpus
+
+    torch.manual_seed(train_cfg.seed)
+    random.seed(train_cfg.seed)
+    model = LanguageModel(model_cfg).to(device)
+    optimizer = make_optimizer(model, train_cfg)
+    generator = torch.Generator().manual_seed(train_cfg.seed)
+    val_generator = torch.Generator().manual_seed(train_cfg.seed + 1)
+
+    def batch(split: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        data = getattr(corpus, split)
+        if train_cfg.packed:
+            return get_packed_batch(data, getattr(corpus, f"{split}_starts"), train_cfg.batch_size,
+                                    train_cfg.seq_len, gen, device)
+        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, device)
+
+    val_batches = [batch("val", val_generator) for _ in range(train_cfg.eval_batches)]
+    metrics_path = run_dir / METRICS_FILE
+    start = 0
+    if resume:
+        start = load_checkpoint(ckpt_path, model, optimizer, data_generator=generator).step
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= start] if metrics_path.exists() else []
+        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())  # drop steps after it
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        metrics_path.write_text("")
+    last = train_cfg.steps if stop_at is None else min(train_cfg.steps, stop_at)
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_path, model, optimizer, step=step, data_generator=generator, config=config)
+
+    result = {"step": start, "loss": None, "val_loss": None, "run_dir": str(run_dir)}
+    with open(metrics_path, "a") as log:
+        def write(record: dict) -> None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+        if not resume:
+            result["val_loss"] = evaluate(model, val_batches)
+            write({"step": 0, "val_loss": result["val_loss"]})
+        steps = range(start, last)
+        if progress:
+            steps = _progress_bar(train_cfg.steps, f"training {run_dir.name}", start=start, stop=last)
+        tokens = train_cfg.batch_size * train_cfg.seq_len
+        for step in steps:
+            t0 = time.perf_counter()
+            inputs = batch("train", generator)  # (x, y) or packed (x, y, cu_seqlens)
+            lr = lr_at(step, train_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device):
+                loss = model(*inputs)[1]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            loss = loss.item()  # waits for the device: the step's time is complete
+            record = {"step": step + 1, "loss": loss, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            result.update(step=step + 1, loss=loss)
+            if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
+                record["val_loss"] = result["val_loss"] = evaluate(model, val_batches)
+            write(record)
+            if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == last:
+                save(step + 1)
+            if progress:
+                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+                if result["val_loss"] is not None:
+                    postfix["val"] = f"{result['val_loss']:.3f}"
+                steps.set_postfix(postfix)
+    if start == last and not ckpt_path.exists():
+        save(start)
+    return result
+
+
+# ---- presets and overrides (`nsa train --preset NAME --config FILE --set model.n_layer=4`) ----
+
+# Plain dicts, so that an override of one field (model.n_embd) lets the derived ones (head_dim) follow.
+PRESETS: dict[str, dict[str, dict]] = {
+    # CPU tests and smoke runs: seconds on 2 cores with the PyTorch reference backend.
+    "tiny": {"model": {"n_layer": 2, "n_embd": 32, "n_head": 4, "n_kv_head": 1,
+                       "nsa": {"cmp_block": 8, "cmp_stride": 4, "slc_block": 8, "num_selected": 2, "window": 16}},
+             "train": {"steps": 30, "batch_size": 4, "seq_len": 64, "lr": 3e-3, "warmup_steps": 5, "eval_every": 10,
+                       "eval_batches": 2, "checkpoint_every": 10}},
+    # One GPU, minutes: the demo's GPU model for longer.
+    "small": {"model": {"n_layer": 6, "n_embd": 512, "n_head": 8, "n_kv_head": 2, "head_dim": 64,
+                        "nsa": {"cmp_block": 32, "cmp_stride": 16, "slc_block": 64, "num_selected": 8, "window": 256}},
+              "train": {"steps": 2000, "batch_size": 16, "seq_len": 1024, "lr": 1.5e-3, "warmup_steps": 100,
+                        "eval_every": 100, "eval_batches": 8, "checkpoint_every": 500}},
+    # One GPU, hours: the paper's block parameters at a 4k context (give it more data: --set train.data=PATH).
+    "base": {"model": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_kv_head": 2, "head_dim": 64, "nsa": {}},
+             "train": {"steps": 10000, "batch_size": 8, "seq_len": 4096, "lr": 6e-4, "warmup_steps": 500,
+                       "eval_every": 250, "eval_batches": 8, "checkpoint_every": 1000,
+                       "data_max_bytes": 1_000_000_000}},
+}
+SECTIONS = {"model": ModelConfig, "model.nsa": NSAConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, name: str, value):
+    """A float field given an int becomes a float (lr=1 -> 1.0); every other check is the config's own."""
+    ftype = {f.name: f.type for f in fields(SECTIONS[section])}[name]
+    if isinstance(value, int) and not isinstance(value, bool) and str(ftype).startswith("float"):
+        return float(value)
+    return value
+
+
+def apply_overrides(config: dict, overrides: dict, where: str = "") -> dict:
+    """A copy of config ({"model": {..., "nsa": {...}}, "train": {...}}) with overrides (the same shape, or
+    dotted keys such as "model.nsa.window") applied; unknown sections or fields raise a ValueError naming them."""
+    out = {"model": dict(config.get("model", {})), "train": dict(config.get("train", {}))}
+    out["model"]["nsa"] = dict(out["model"].get("nsa", {}))
+    flat = {}
+
+    def walk(prefix, d):
+        for key, value in d.items():
+            path = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, dict):
+                walk(path, value)
+            else:
+                flat[path] = value
+    walk("", overrides)
+    for path, value in flat.items():
+        section, _, name = path.rpartition(".")
+        if section not in SECTIONS:
+            raise ValueError(f"{where}unknown setting {path!r}: settings are model.FIELD, model.nsa.FIELD or "
+                             "train.FIELD")
+        known = [f.name for f in fields(SECTIONS[section]) if not (section == "model" and f.name == "nsa")]
+        if name not in known:
+            raise ValueError(f"{where}unknown setting {path!r}; {section} has {', '.join(known)}")
+        target = out["model"]["nsa"] if section == "model.nsa" else out[section]
+        target[name] = _coerce(section, name, value)
+    return out
+
+
+def build_configs(config: dict) -> tuple[ModelConfig, TrainConfig]:
+    """{"model": {..., "nsa": {...}}, "train": {...}} -> (ModelConfig, TrainConfig), validated by their constructors."""
+    return ModelConfig.from_dict(config["model"]), TrainConfig(**config["train"])

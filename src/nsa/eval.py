@@ -1,0 +1,119 @@
+"""Passkey retrieval: can the model find a 5-digit key stated once, deep inside filler text?
+
+A prompt of exactly `length` bytes (tokens: the models here are byte-level) is filler from validation text with
+the needle " The passkey is 48213. Remember it. " inserted at a relative depth (0: at the start, 1: right before
+the question), ending with the fixed question " What is the passkey? The passkey is". The model answers greedily
+(generate with temperature 0); the answer is right when its first run of digits, after leading spaces, is
+exactly the key (`score_answer`). `passkey_grid` runs N trials per (length, depth) cell, each with its own
+random key and filler, and reports the accuracy of every cell; `plot_heatmap` draws them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .model import LanguageModel
+
+NEEDLE = " The passkey is {key}. Remember it. "
+QUESTION = " What is the passkey? The passkey is"
+KEY_DIGITS = 5
+
+
+@dataclass
+class PasskeyPrompt:
+    tokens: torch.Tensor  # long [length]: the prompt's bytes
+    key: str  # the 5 digits
+    needle_start: int  # where the needle starts (in bytes)
+
+
+def make_prompt(filler: torch.Tensor, length: int, depth: float, key: str, offset: int = 0) -> PasskeyPrompt:
+    """A prompt of exactly `length` bytes: filler[offset:] cut to fit, the needle with `key` at relative
+    depth (0 .. 1) of the filler, then QUESTION. filler: uint8/long [N] bytes (wrapped around if short)."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    needle = NEEDLE.format(key=key).encode()
+    question = QUESTION.encode()
+    n = length - len(needle) - len(question)
+    if n < 0:
+        raise ValueError(f"length {length} is too short for the needle and the question "
+                         f"({len(needle) + len(question)} bytes)")
+    if len(filler) == 0:
+        raise ValueError("the filler text is empty")
+    index = (offset + torch.arange(n)) % len(filler)
+    text = filler[index].long()
+    at = round(depth * n)
+    tokens = torch.cat([text[:at], torch.tensor(list(needle)), text[at:], torch.tensor(list(question))])
+    return PasskeyPrompt(tokens, key, at)
+
+
+def score_answer(answer: str, key: str) -> bool:
+    """True when the answer's first run of digits (after leading whitespace) is exactly key."""
+    m = re.match(r"\s*(\d+)", answer)
+    return m is not None and m.group(1) == key
+
+
+@torch.no_grad()
+def passkey_grid(model: LanguageModel, filler: torch.Tensor, lengths: list[int], depths: list[float],
+                 trials: int = 5, seed: int = 0, progress=None) -> dict:
+    """Accuracy of the passkey test per (length, depth) cell, `trials` prompts each (one batch per cell).
+
+    Returns {"lengths", "depths", "trials", "accuracy": [[per depth] per length], "cells": [{"length", "depth",
+    "correct", "keys", "answers"}, ...]}. progress(cell) is called after each cell, if given.
+    """
+    rng = random.Random(seed)
+    device = next(model.parameters()).device
+    accuracy, cells = [], []
+    for length in lengths:
+        row = []
+        for depth in depths:
+            prompts = [make_prompt(filler, length, depth, str(rng.randrange(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS)),
+                                   rng.randrange(max(1, len(filler)))) for _ in range(trials)]
+            idx = torch.stack([p.tokens for p in prompts]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model.generate(idx, KEY_DIGITS + 2, temperature=0)  # a space, 5 digits, one more
+            answers = [bytes(row_out[length:].tolist()).decode("utf-8", errors="replace") for row_out in out.cpu()]
+            correct = [score_answer(a, p.key) for a, p in zip(answers, prompts)]
+            cell = {"length": length, "depth": depth, "correct": sum(correct), "trials": trials,
+                    "keys": [p.key for p in prompts], "answers": answers}
+            cells.append(cell)
+            row.append(sum(correct) / trials)
+            if progress is not None:
+                progress(cell)
+        accuracy.append(row)
+    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": accuracy, "cells": cells}
+
+
+def plot_heatmap(results: dict, path: str | os.PathLike, title: str = "passkey retrieval accuracy") -> Path:
+    """A heatmap PNG of results["accuracy"]: depth (rows) x context length (columns)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = torch.tensor(results["accuracy"]).T  # [depths, lengths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * acc.shape[1], 1.0 + 0.6 * acc.shape[0]))
+    im = ax.imshow(acc.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(acc.shape[1]), [str(n) for n in results["lengths"]])
+    ax.set_yticks(range(acc.shape[0]), [f"{d:g}" for d in results["depths"]])
+    for i in range(acc.shape[0]):
+        for j in range(acc.shape[1]):
+            ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set(xlabel="context length (bytes)", ylabel="needle depth", title=title)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def save_results(results: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path
