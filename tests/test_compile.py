@@ -54,3 +54,30 @@ def test_packed_batch_compiles_with_a_graph_break():
     want = model(idx, cu_seqlens=cu)[0]
     got = torch.compile(model, backend="aot_eager")(idx, cu_seqlens=cu)[0]
     torch.testing.assert_close(got, want)
+
+
+def test_prefill_and_decoding_steps_fullgraph_match_eager():
+    """model(prompt, cache=empty_cache) (prefill), then model(tokens, cache=cache) steps: the cache's host mirror (host_seqlens, ring_start) is
+    Python state that the compiled step updates (Dynamo replays the mutation); its ints become dynamic after the
+    first recompiles, so the steps settle on a few graphs instead of one per length."""
+    torch._dynamo.reset()
+    model = _model().eval()
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 256, (2, 13), generator=g)
+    eager_cache, compiled_cache = model.new_cache(2, 40), model.new_cache(2, 40)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    frames = torch._dynamo.utils.counters["stats"]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(prompt, cache=compiled_cache)[0], model(prompt, cache=eager_cache)[0])
+        start = frames["unique_graphs"]
+        for _ in range(10):
+            tokens = torch.randint(0, 256, (2, 1), generator=g)
+            want = model(tokens, cache=eager_cache)[0]
+            got = compiled(tokens, cache=compiled_cache)[0]
+            torch.testing.assert_close(got, want)
+            assert compiled_cache.host_seqlens == eager_cache.host_seqlens
+            assert compiled_cache.cache_seqlens.tolist() == eager_cache.cache_seqlens.tolist()
+            for a, b in zip(compiled_cache.layers, eager_cache.layers):
+                assert a.ring_start == b.ring_start
+                torch.testing.assert_close(a.k_cmp, b.k_cmp)
+    assert 1 <= frames["unique_graphs"] - start <= 4  # not one graph per step

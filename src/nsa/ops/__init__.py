@@ -4,6 +4,16 @@ Backends:
   "reference": plain PyTorch (ops/reference.py); exact in float64, runs anywhere, slow.
   "triton":    the fused kernels (ops/triton/); CUDA tensors only.
 backend=None picks "triton" for CUDA tensors when Triton is importable, else "reference".
+
+Every entry calls a custom op of ops/library.py (nsa::attention, nsa::select_blocks, nsa::decode_attention), so
+torch.compile sees one opaque node per call. What is read on the host, and so what torch.compile can trace:
+  dense inputs (cu_seqlens=None): shapes only, nothing read from the device: traces with fullgraph=True;
+  cu_seqlens: checked and turned into the packed lengths with one cu_seqlens.tolist() (the reference splits the
+      batch with them, the Triton kernels size their grids with them): a graph break under torch.compile, so
+      fullgraph=True refuses packed batches (compile without it, or keep packing out of the compiled region);
+  nsa_decode_attention: host_seqlens is checked eagerly, skipped while compiling (guarding on its values would
+      recompile every step); the Triton kernels then guard the rows on the device (NaN, error_flag) and the
+      reference op reads and checks cache_seqlens inside itself.
 """
 from __future__ import annotations
 
