@@ -81,3 +81,16 @@ def test_prefill_and_decoding_steps_fullgraph_match_eager():
                 assert a.ring_start == b.ring_start
                 torch.testing.assert_close(a.k_cmp, b.k_cmp)
     assert 1 <= frames["unique_graphs"] - start <= 4  # not one graph per step
+
+
+def test_ops_fullgraph_with_kernel_options():
+    """kernel_options travel to the ops as a string made when the KernelOptions is built: nothing to trace."""
+    torch._dynamo.reset()
+    opts = nsa.KernelOptions(selected_fwd=nsa.Launch(num_warps=2))
+    g = torch.Generator().manual_seed(5)
+    q, k_cmp = torch.randn(1, 20, 4, 8, generator=g), torch.randn(1, CFG.num_cmp_tokens(20), 2, 8, generator=g)
+
+    def select(q, k_cmp):
+        return nsa.select_blocks(q, k_cmp, CFG, backend="reference", kernel_options=opts)
+
+    torch.testing.assert_close(torch.compile(select, backend="aot_eager", fullgraph=True)(q, k_cmp), select(q, k_cmp))

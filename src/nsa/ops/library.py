@@ -13,7 +13,7 @@ these ops through the helpers at the end of this file; they are the supported AP
 Custom ops take only tensors and plain scalars, so:
   config          travels as its five ints (cmp_block, cmp_stride, slc_block, num_selected, window);
   backend         as its name ("reference" or "triton"), already resolved;
-  kernel_options  as a string: "" for the defaults, else the KernelOptions' repr (parsed back once and cached);
+  kernel_options  as a string: "" for None (the defaults), else the KernelOptions' repr (parsed back once, cached);
   cu_seqlens      as an optional tensor, with seq_lens (the packed lengths, host ints) beside it: the Triton
                   kernels size their grids from them (see ops/__init__.py for what this means under compile).
 Backward of the reference backend: nsa::attention_backward recomputes the reference forward under autograd and
@@ -43,8 +43,8 @@ def config_ints(config: NSAConfig) -> tuple[int, int, int, int, int]:
 
 
 def options_key(options: KernelOptions | None) -> str:
-    """A KernelOptions as a custom op's string argument ("" for the defaults)."""
-    return "" if options is None or options == KernelOptions() else repr(options)
+    """A KernelOptions as a custom op's string argument ("" for None: the defaults)."""
+    return "" if options is None else options.op_key
 
 
 @functools.lru_cache(maxsize=64)
