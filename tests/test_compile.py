@@ -1,6 +1,7 @@
 """torch.compile over the NSA model: the ops are custom ops (nsa/ops/library.py) and the dense path reads nothing on
 the host, so a whole training step traces with fullgraph=True (backend aot_eager on the CPU: forward and backward
 graphs through AOTAutograd, run eagerly)."""
+import pytest
 import torch
 
 import nsa
@@ -94,3 +95,27 @@ def test_ops_fullgraph_with_kernel_options():
         return nsa.select_blocks(q, k_cmp, CFG, backend="reference", kernel_options=opts)
 
     torch.testing.assert_close(torch.compile(select, backend="aot_eager", fullgraph=True)(q, k_cmp), select(q, k_cmp))
+
+
+def test_triton_op_fullgraph_forward_backward_interpreter():
+    """The Triton training op (here in Triton's interpreter) under fullgraph: the same output and gradients."""
+    pytest.importorskip("triton")
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(6)
+    B, T, HQ, HKV, D = 1, 24, 4, 2, 8
+    tc = CFG.num_cmp_tokens(T)
+    xs = [torch.randn(B, T, HQ, D, generator=g), torch.randn(B, tc, HKV, D, generator=g),
+          torch.randn(B, tc, HKV, D, generator=g)] + [torch.randn(B, T, HKV, D, generator=g) for _ in range(4)] + \
+        [torch.rand(B, T, HQ, 3, generator=g)]
+    xs = [x.requires_grad_() for x in xs]
+
+    def attention(*xs):
+        return nsa.nsa_attention(*xs, CFG, backend="triton")
+
+    want = attention(*xs)
+    want_grads = torch.autograd.grad(want.square().sum(), xs)
+    got = torch.compile(attention, backend="aot_eager", fullgraph=True)(*xs)
+    grads = torch.autograd.grad(got.square().sum(), xs)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b)
