@@ -202,8 +202,11 @@ def _decode_attention_fake(q, k_cmp, v_cmp, *rest):
 
 def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config: NSAConfig, scale: float, backend: str,
                   cu_seqlens=None, seq_lens=None, kernel_options: KernelOptions | None = None) -> Tensor:
-    return torch.ops.nsa.attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, *config_ints(config), scale,
-                                   backend, options_key(kernel_options), cu_seqlens, seq_lens)[0]
+    inputs = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
+    if backend == "triton":  # the kernels want contiguous inputs: copied once here, and the op saves the copies
+        inputs = tuple(x.contiguous() for x in inputs)  # (inside the op the backward would copy them again)
+    return torch.ops.nsa.attention(*inputs, *config_ints(config), scale, backend, options_key(kernel_options),
+                                   cu_seqlens, seq_lens)[0]
 
 
 def nsa_select_blocks(q, k_cmp, config: NSAConfig, scale: float, backend: str, cu_seqlens=None, seq_lens=None,

@@ -1,16 +1,17 @@
-"""The training op of NSA in Triton: the entry points ops/__init__.py dispatches to.
+"""The training op of NSA in Triton: what the custom ops of ops/library.py (nsa::attention, its backward,
+nsa::select_blocks) run for backend="triton".
 
-nsa_attention_fwd runs (its autograd is the custom op nsa::attention's, ops/library.py):
+nsa_attention_fwd runs:
   1. compressed branch (banded.banded_attention_fwd over k_cmp/v_cmp, band e(i) = i*d + l - 1 <= t)
      -> o_cmp, lse_cmp;
   2. block selection (topn.select_blocks_fwd, from q, k_cmp and lse_cmp) -> block ids;
   3. selected branch (selected_attention.selected_attention_fwd over k_slc/v_slc) -> o_slc, lse_slc;
   4. window branch (banded.banded_attention_fwd over k_swa/v_swa, window w) -> o_swa, lse_swa;
   5. gating, one fused kernel: o = g0 * o_cmp + g1 * o_slc + g2 * o_swa.
-It saves what a FlashAttention-style op keeps: the inputs, the three branch outputs, their lses and
-the block ids (nothing of size T x T or T x Tc). Backward: one fused kernel gives
-dgates[..., c] = sum_d do * o_c and the branch output gradients do_c = g_c * do; then each branch's
-backward; dq is the sum of the three branches' dq.
+nsa_attention_fwd returns, and the op's autograd saves, what a FlashAttention-style op keeps: the inputs, the
+three branch outputs, their lses and the block ids (nothing of size T x T or T x Tc). nsa_attention_bwd: one
+fused kernel gives dgates[..., c] = sum_d do * o_c and the branch output gradients do_c = g_c * do; then each
+branch's backward; dq is the sum of the three branches' dq.
 
 Determinism: the backward uses no float atomics (every gradient tile has one writer that sums in a
 fixed order), so gradients are bitwise reproducible run to run, always, whatever
