@@ -122,3 +122,14 @@ def test_triton_op_fullgraph_forward_backward_interpreter():
     torch.testing.assert_close(got, want)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_packed_batch_refused_by_fullgraph():
+    """The documented limit: cu_seqlens.tolist() (its checks, the packed lengths) cannot be traced: Dynamo refuses
+    the data-dependent checks (torch 2.13: a UserError) or breaks the graph there (Unsupported under fullgraph)."""
+    torch._dynamo.reset()
+    model = _model()
+    idx = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(7))
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+    with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):
+        torch.compile(model, backend="aot_eager", fullgraph=True)(idx, cu_seqlens=cu)
