@@ -4,6 +4,16 @@ Backends:
   "reference": plain PyTorch (ops/reference.py); exact in float64, runs anywhere, slow.
   "triton":    the fused kernels (ops/triton/); CUDA tensors only.
 backend=None picks "triton" for CUDA tensors when Triton is importable, else "reference".
+
+Every entry calls a custom op of ops/library.py (nsa::attention, nsa::select_blocks, nsa::decode_attention), so
+torch.compile sees one opaque node per call. What is read on the host, and so what torch.compile can trace:
+  dense inputs (cu_seqlens=None): shapes only, nothing read from the device: traces with fullgraph=True;
+  cu_seqlens: checked and turned into the packed lengths with one cu_seqlens.tolist() (the reference splits the
+      batch with them, the Triton kernels size their grids with them): a graph break under torch.compile, so
+      fullgraph=True refuses packed batches (compile without it, or keep packing out of the compiled region);
+  nsa_decode_attention: host_seqlens is checked eagerly, skipped while compiling (guarding on its values would
+      recompile every step); the Triton kernels then guard the rows on the device (NaN, error_flag) and the
+      reference op reads and checks cache_seqlens inside itself.
 """
 from __future__ import annotations
 
@@ -15,7 +25,7 @@ import warnings
 import torch
 
 from ..config import NSAConfig
-from . import reference
+from . import library
 from .checks import (check_attention_inputs, check_decode_inputs, check_decode_lengths, check_host_seqlens,
                      check_scale, check_select_inputs)
 from .types import KernelOptions, Launch, NSAInputs, check_kernel_options
@@ -69,12 +79,10 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config: NS
     """
     seq_lens = check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, cu_seqlens)
     scale = check_scale(scale, q.shape[-1])
-    options = check_kernel_options(kernel_options)
-    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale)
-    if _resolve_backend(backend, q.device) == "triton":
-        from .triton import nsa_attention as triton_nsa_attention
-        return triton_nsa_attention(*args, cu_seqlens=cu_seqlens, seq_lens=seq_lens, kernel_options=options)
-    return reference.nsa_attention(*args, seq_lens=seq_lens)
+    options = _check_options(kernel_options)
+    backend = _resolve_backend(backend, q.device)
+    return library.nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, backend,
+                                 cu_seqlens, seq_lens, options)
 
 
 def select_blocks(q, k_cmp, config: NSAConfig = NSAConfig(), *, scale=None, cu_seqlens=None, backend=None,
@@ -85,12 +93,9 @@ def select_blocks(q, k_cmp, config: NSAConfig = NSAConfig(), *, scale=None, cu_s
     """
     seq_lens = check_select_inputs(q, k_cmp, config, cu_seqlens)
     scale = check_scale(scale, q.shape[-1])
-    options = check_kernel_options(kernel_options)
-    if _resolve_backend(backend, q.device) == "triton":
-        from .triton import select_blocks as triton_select_blocks
-        return triton_select_blocks(q, k_cmp, config, scale, cu_seqlens=cu_seqlens, seq_lens=seq_lens,
-                                    kernel_options=options)
-    return reference.select_blocks(q, k_cmp, config, scale, seq_lens=seq_lens)
+    options = _check_options(kernel_options)
+    backend = _resolve_backend(backend, q.device)
+    return library.nsa_select_blocks(q, k_cmp, config, scale, backend, cu_seqlens, seq_lens, options)
 
 
 def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens,
@@ -116,9 +121,14 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cac
     """
     check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config, error_flag)
     scale = check_scale(scale, q.shape[-1])
-    options = check_kernel_options(kernel_options)
+    options = _check_options(kernel_options)
     S, capacity, cmp_capacity = q.shape[1], k_slc.shape[1], k_cmp.shape[1]
-    if host_seqlens is not None:
+    backend = _resolve_backend(backend, q.device)
+    if torch.compiler.is_compiling():
+        # traced: no host value is read here (host_seqlens would be guarded on, cache_seqlens.tolist() is a sync);
+        # the Triton kernels' guard (NaN rows, error_flag) holds, the reference op reads and checks cache_seqlens
+        lengths = None
+    elif host_seqlens is not None:
         lengths = check_host_seqlens(host_seqlens, q.shape[0])
         check_decode_lengths(lengths, S, capacity, cmp_capacity, config, name="host_seqlens")
     elif not _capturing(q.device):
@@ -126,14 +136,17 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cac
         check_decode_lengths(lengths, S, capacity, cmp_capacity, config)
     else:
         lengths = None  # no host read during capture: the kernels' guard (NaN rows, error_flag) is all there is
-    if _resolve_backend(backend, q.device) == "triton":
-        from .triton import nsa_decode_attention as triton_decode
-        return triton_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config, scale,
-                             error_flag=error_flag, kernel_options=options)
-    if lengths is None:
-        raise ValueError("the reference backend reads the lengths on the host: pass host_seqlens to capture "
-                         "nsa_decode_attention with backend='reference' in a CUDA graph")
-    return reference.nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, lengths, config, scale)
+        if backend == "reference":
+            raise ValueError("the reference backend reads the lengths on the host: pass host_seqlens to capture "
+                             "nsa_decode_attention with backend='reference' in a CUDA graph")
+    return library.nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config,
+                                        scale, backend, lengths if backend == "reference" else None, error_flag,
+                                        options)
+
+
+def _check_options(kernel_options) -> KernelOptions | None:
+    """None stays None (the defaults, and nothing to build while tracing); anything else is checked."""
+    return None if kernel_options is None else check_kernel_options(kernel_options)
 
 
 def _capturing(device: torch.device) -> bool:

@@ -99,6 +99,9 @@ class KernelOptions:
             raise ValueError(f"KernelOptions.decode_programs must be None or a positive int, got {p!r}")
         if not isinstance(self.pdl, bool):
             raise TypeError(f"KernelOptions.pdl must be a bool, got {self.pdl!r}")
+        # how the options travel to the custom ops (ops/library.py: a string argument), made once here so that
+        # torch.compile reads an attribute instead of tracing repr()
+        object.__setattr__(self, "op_key", repr(self))
 
 
 def check_kernel_options(kernel_options) -> KernelOptions:

@@ -1,16 +1,17 @@
-"""The training op of NSA in Triton: the entry points ops/__init__.py dispatches to.
+"""The training op of NSA in Triton: what the custom ops of ops/library.py (nsa::attention, its backward,
+nsa::select_blocks) run for backend="triton".
 
-nsa_attention runs, in one torch.autograd.Function:
+nsa_attention_fwd runs:
   1. compressed branch (banded.banded_attention_fwd over k_cmp/v_cmp, band e(i) = i*d + l - 1 <= t)
      -> o_cmp, lse_cmp;
   2. block selection (topn.select_blocks_fwd, from q, k_cmp and lse_cmp) -> block ids;
   3. selected branch (selected_attention.selected_attention_fwd over k_slc/v_slc) -> o_slc, lse_slc;
   4. window branch (banded.banded_attention_fwd over k_swa/v_swa, window w) -> o_swa, lse_swa;
   5. gating, one fused kernel: o = g0 * o_cmp + g1 * o_slc + g2 * o_swa.
-It saves what a FlashAttention-style op keeps: the inputs, the three branch outputs, their lses and
-the block ids (nothing of size T x T or T x Tc). Backward: one fused kernel gives
-dgates[..., c] = sum_d do * o_c and the branch output gradients do_c = g_c * do; then each branch's
-backward; dq is the sum of the three branches' dq.
+nsa_attention_fwd returns, and the op's autograd saves, what a FlashAttention-style op keeps: the inputs, the
+three branch outputs, their lses and the block ids (nothing of size T x T or T x Tc). nsa_attention_bwd: one
+fused kernel gives dgates[..., c] = sum_d do * o_c and the branch output gradients do_c = g_c * do; then each
+branch's backward; dq is the sum of the three branches' dq.
 
 Determinism: the backward uses no float atomics (every gradient tile has one writer that sums in a
 fixed order), so gradients are bitwise reproducible run to run, always, whatever
@@ -45,53 +46,54 @@ def _packing(config: NSAConfig, seq_lens, device):
     return torch.tensor(cu_cmp, dtype=torch.int32, device=device), max(max(seq_lens), 1)
 
 
-class _NSAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, cu, cu_cmp, max_len, options):
-        q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates = (
-            x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates))
-        packing = dict(cu_seqlens_q=cu, max_seqlen_q=max_len, options=options)
-        cmp_band = dict(branch_band("cmp", config), cu_seqlens_k=cu_cmp, **packing)
-        swa_band = dict(branch_band("swa", config), cu_seqlens_k=cu, **packing)
-        o_cmp, lse_cmp = banded_attention_fwd(q, k_cmp, v_cmp, scale, **cmp_band)
-        block_ids = select_blocks_fwd(q, k_cmp, lse_cmp, config, scale, cu_seqlens_q=cu, cu_seqlens_k=cu_cmp,
-                                      max_seqlen_q=max_len)
-        slc = dict(cu_seqlens=cu, max_seqlen=max_len, options=options)
-        o_slc, lse_slc = selected_attention_fwd(q, k_slc, v_slc, block_ids, scale, config.slc_block, **slc)
-        o_swa, lse_swa = banded_attention_fwd(q, k_swa, v_swa, scale, **swa_band)
-        o = gate_combine(gates, o_cmp, o_slc, o_swa)
-        ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, o_cmp, o_slc, o_swa,
-                              lse_cmp, lse_slc, lse_swa, block_ids)
-        ctx.config, ctx.scale, ctx.slc = config, scale, slc
-        ctx.cmp_band, ctx.swa_band = cmp_band, swa_band
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, o_cmp, o_slc, o_swa,
-         lse_cmp, lse_slc, lse_swa, block_ids) = ctx.saved_tensors
-        scale = ctx.scale
-        dgates, do_cmp, do_slc, do_swa = gate_backward(do.contiguous(), gates, o_cmp, o_slc, o_swa)
-        dq_cmp, dk_cmp, dv_cmp = banded_attention_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, **ctx.cmp_band)
-        dq_slc, dk_slc, dv_slc = selected_attention_bwd(do_slc, q, k_slc, v_slc, o_slc, lse_slc, block_ids, scale,
-                                                        ctx.config.slc_block, **ctx.slc)
-        dq_swa, dk_swa, dv_swa = banded_attention_bwd(do_swa, q, k_swa, v_swa, o_swa, lse_swa, scale, **ctx.swa_band)
-        dq = dq_cmp.add_(dq_slc).add_(dq_swa)
-        return (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dgates) + (None,) * 6
+def _bands(config: NSAConfig, cu_seqlens, seq_lens, device, options: KernelOptions):
+    """The keyword arguments of the three branches' kernels: (cmp_band, swa_band, slc, cu_cmp, max_len)."""
+    cu_cmp, max_len = _packing(config, seq_lens, device)
+    packing = dict(cu_seqlens_q=cu_seqlens, max_seqlen_q=max_len, options=options)
+    cmp_band = dict(branch_band("cmp", config), cu_seqlens_k=cu_cmp, **packing)
+    swa_band = dict(branch_band("swa", config), cu_seqlens_k=cu_seqlens, **packing)
+    slc = dict(cu_seqlens=cu_seqlens, max_seqlen=max_len, options=options)
+    return cmp_band, swa_band, slc, cu_cmp, max_len
 
 
-def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, *, cu_seqlens=None,
-                  seq_lens=None, kernel_options: KernelOptions = KernelOptions()):
-    """NSA (SPEC.md) with the Triton kernels; inputs already validated by ops/checks.py.
+def nsa_attention_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, *, cu_seqlens=None,
+                      seq_lens=None, kernel_options: KernelOptions = KernelOptions()):
+    """The forward of NSA (SPEC.md) with the Triton kernels; inputs already validated by ops/checks.py.
 
     q [B, T, Hq, Dk]; k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv]; k_slc, v_slc, k_swa, v_swa
     [B, T, Hkv, Dk or Dv]; gates [B, T, Hq, 3]; cu_seqlens int32 [N + 1] with seq_lens its python
-    lengths when packed. Returns o [B, T, Hq, Dv] in q's dtype, differentiable w.r.t. all eight inputs.
+    lengths when packed. Returns (o [B, T, Hq, Dv] in q's dtype, then what the backward needs: o_cmp, o_slc, o_swa
+    [B, T, Hq, Dv], lse_cmp, lse_slc, lse_swa float32 [B, Hq, T], block_ids int32 [B, T, Hkv, n]).
+    The autograd of the op lives in ops/library.py (the custom op nsa::attention), which calls nsa_attention_bwd.
     """
     check_backend_inputs(q, (q.shape[-1], v_cmp.shape[-1]))
-    cu_cmp, max_len = _packing(config, seq_lens, q.device)
-    return _NSAFunction.apply(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale,
-                              cu_seqlens, cu_cmp, max_len, kernel_options)
+    q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates = (
+        x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates))
+    cmp_band, swa_band, slc, cu_cmp, max_len = _bands(config, cu_seqlens, seq_lens, q.device, kernel_options)
+    o_cmp, lse_cmp = banded_attention_fwd(q, k_cmp, v_cmp, scale, **cmp_band)
+    block_ids = select_blocks_fwd(q, k_cmp, lse_cmp, config, scale, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_cmp,
+                                  max_seqlen_q=max_len)
+    o_slc, lse_slc = selected_attention_fwd(q, k_slc, v_slc, block_ids, scale, config.slc_block, **slc)
+    o_swa, lse_swa = banded_attention_fwd(q, k_swa, v_swa, scale, **swa_band)
+    o = gate_combine(gates, o_cmp, o_slc, o_swa)
+    return o, o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, block_ids
+
+
+def nsa_attention_bwd(do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, o_cmp, o_slc, o_swa,
+                      lse_cmp, lse_slc, lse_swa, block_ids, config, scale, *, cu_seqlens=None, seq_lens=None,
+                      kernel_options: KernelOptions = KernelOptions()):
+    """The gradients of the eight inputs (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dgates) from do and
+    what nsa_attention_fwd returned."""
+    q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates = (
+        x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates))
+    cmp_band, swa_band, slc, _, _ = _bands(config, cu_seqlens, seq_lens, q.device, kernel_options)
+    dgates, do_cmp, do_slc, do_swa = gate_backward(do.contiguous(), gates, o_cmp, o_slc, o_swa)
+    dq_cmp, dk_cmp, dv_cmp = banded_attention_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, **cmp_band)
+    dq_slc, dk_slc, dv_slc = selected_attention_bwd(do_slc, q, k_slc, v_slc, o_slc, lse_slc, block_ids, scale,
+                                                    config.slc_block, **slc)
+    dq_swa, dk_swa, dv_swa = banded_attention_bwd(do_swa, q, k_swa, v_swa, o_swa, lse_swa, scale, **swa_band)
+    dq = dq_cmp.add_(dq_slc).add_(dq_swa)
+    return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dgates
 
 
 @torch.no_grad()
