@@ -47,3 +47,9 @@ def test_nsa_inputs_unpack_in_argument_order():
     assert isinstance(inputs, NSAInputs) and inputs._fields[0] == "q" and inputs._fields[-1] == "gates"
     out = layer.o_proj(nsa.nsa_attention(*inputs, layer.config, backend="reference").flatten(2))
     torch.testing.assert_close(out, layer(x))
+
+
+def test_kernel_options_travel_as_json_and_back():
+    options = KernelOptions(selected_fwd=Launch(block_n=32, num_warps=1), decode_programs=8, pdl=False)
+    assert KernelOptions.from_op_key(options.op_key) == options
+    assert KernelOptions.from_op_key(KernelOptions().op_key) == KernelOptions()

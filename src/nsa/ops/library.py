@@ -13,7 +13,8 @@ these ops through the helpers at the end of this file; they are the supported AP
 Custom ops take only tensors and plain scalars, so:
   config          travels as its five ints (cmp_block, cmp_stride, slc_block, num_selected, window);
   backend         as its name ("reference" or "triton"), already resolved;
-  kernel_options  as a string: "" for None (the defaults), else the KernelOptions' repr (parsed back once, cached);
+  kernel_options  as a string: "" for None (the defaults), else the KernelOptions' fields as JSON (parsed back once,
+                  cached);
   cu_seqlens      as an optional tensor, with seq_lens (the packed lengths, host ints) beside it: the Triton
                   kernels size their grids from them (see ops/__init__.py for what this means under compile).
 Backward of the reference backend: nsa::attention_backward recomputes the reference forward under autograd and
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from ..config import NSAConfig
 from . import reference
-from .types import KernelOptions, Launch
+from .types import KernelOptions
 
 CONFIG_FIELDS = ("cmp_block", "cmp_stride", "slc_block", "num_selected", "window")
 
@@ -51,7 +52,7 @@ def options_key(options: KernelOptions | None) -> str:
 def _options(key: str) -> KernelOptions:
     if not key:
         return KernelOptions()
-    return eval(key, {"__builtins__": {}}, {"KernelOptions": KernelOptions, "Launch": Launch})  # our own repr
+    return KernelOptions.from_op_key(key)
 
 
 def _config(cmp_block, cmp_stride, slc_block, num_selected, window) -> NSAConfig:

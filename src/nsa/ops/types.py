@@ -4,6 +4,7 @@ Both are plain data (no Triton import), so they are importable on any machine.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -99,9 +100,15 @@ class KernelOptions:
             raise ValueError(f"KernelOptions.decode_programs must be None or a positive int, got {p!r}")
         if not isinstance(self.pdl, bool):
             raise TypeError(f"KernelOptions.pdl must be a bool, got {self.pdl!r}")
-        # how the options travel to the custom ops (ops/library.py: a string argument), made once here so that
-        # torch.compile reads an attribute instead of tracing repr()
-        object.__setattr__(self, "op_key", repr(self))
+        # how the options travel to the custom ops (ops/library.py: a string argument, JSON of the fields), made
+        # once here so that torch.compile reads an attribute instead of tracing the serialization
+        object.__setattr__(self, "op_key", json.dumps(asdict(self), sort_keys=True))
+
+    @classmethod
+    def from_op_key(cls, key: str) -> KernelOptions:
+        """The inverse of op_key (a JSON object of the fields; Launch fields as objects)."""
+        fields = json.loads(key)
+        return cls(**{name: Launch(**value) if isinstance(value, dict) else value for name, value in fields.items()})
 
 
 def check_kernel_options(kernel_options) -> KernelOptions:
