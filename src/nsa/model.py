@@ -364,6 +364,6 @@ def check_prompt(idx, vocab_size: int) -> None:
     if idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] < 1:
         raise ValueError(f"idx (the prompt) must have shape [B, T] with B, T >= 1, got {tuple(idx.shape)}; "
                          "a single prompt [T] becomes [1, T] with idx[None]")
-    low, high = idx.min().item(), idx.max().item()
+    low, high = torch.stack(torch.aminmax(idx)).tolist()  # one read of the device
     if low < 0 or high >= vocab_size:
         raise ValueError(f"idx (the prompt) must hold token ids in [0, {vocab_size}), got values in [{low}, {high}]")

@@ -79,7 +79,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config: NS
     """
     seq_lens = check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, cu_seqlens)
     scale = check_scale(scale, q.shape[-1])
-    options = _check_options(kernel_options)
+    options = check_kernel_options(kernel_options)
     backend = _resolve_backend(backend, q.device)
     return library.nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, backend,
                                  cu_seqlens, seq_lens, options)
@@ -93,7 +93,7 @@ def select_blocks(q, k_cmp, config: NSAConfig = NSAConfig(), *, scale=None, cu_s
     """
     seq_lens = check_select_inputs(q, k_cmp, config, cu_seqlens)
     scale = check_scale(scale, q.shape[-1])
-    options = _check_options(kernel_options)
+    options = check_kernel_options(kernel_options)
     backend = _resolve_backend(backend, q.device)
     return library.nsa_select_blocks(q, k_cmp, config, scale, backend, cu_seqlens, seq_lens, options)
 
@@ -121,7 +121,7 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cac
     """
     check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config, error_flag)
     scale = check_scale(scale, q.shape[-1])
-    options = _check_options(kernel_options)
+    options = check_kernel_options(kernel_options)
     S, capacity, cmp_capacity = q.shape[1], k_slc.shape[1], k_cmp.shape[1]
     backend = _resolve_backend(backend, q.device)
     if torch.compiler.is_compiling():
@@ -142,11 +142,6 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cac
     return library.nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config,
                                         scale, backend, lengths if backend == "reference" else None, error_flag,
                                         options)
-
-
-def _check_options(kernel_options) -> KernelOptions | None:
-    """None stays None (the defaults, and nothing to build while tracing); anything else is checked."""
-    return None if kernel_options is None else check_kernel_options(kernel_options)
 
 
 def _capturing(device: torch.device) -> bool:

@@ -111,10 +111,8 @@ class KernelOptions:
         return cls(**{name: Launch(**value) if isinstance(value, dict) else value for name, value in fields.items()})
 
 
-def check_kernel_options(kernel_options) -> KernelOptions:
-    """None -> the defaults; anything but a KernelOptions is refused."""
-    if kernel_options is None:
-        return KernelOptions()
-    if not isinstance(kernel_options, KernelOptions):
+def check_kernel_options(kernel_options) -> KernelOptions | None:
+    """None stays None (the defaults, and nothing to build while tracing); anything but a KernelOptions is refused."""
+    if kernel_options is not None and not isinstance(kernel_options, KernelOptions):
         raise TypeError(f"kernel_options must be None or an nsa.KernelOptions, got {type(kernel_options).__name__}")
     return kernel_options

@@ -103,10 +103,9 @@ def select_blocks(q, k_cmp, config, scale, *, cu_seqlens=None, seq_lens=None,
 
     The selection needs lse_cmp only; the compressed forward runs with v = k_cmp to get it."""
     check_backend_inputs(q, (q.shape[-1],))
-    cu_cmp, max_len = _packing(config, seq_lens, q.device)
+    cmp_band, _, _, cu_cmp, max_len = _bands(config, cu_seqlens, seq_lens, q.device, kernel_options)
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
-    _, lse_cmp = banded_attention_fwd(q, k_cmp, k_cmp, scale, **branch_band("cmp", config), cu_seqlens_q=cu_seqlens,
-                                      cu_seqlens_k=cu_cmp, max_seqlen_q=max_len, options=kernel_options)
+    _, lse_cmp = banded_attention_fwd(q, k_cmp, k_cmp, scale, **cmp_band)
     ids = select_blocks_fwd(q, k_cmp, lse_cmp, config, scale, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_cmp,
                             max_seqlen_q=max_len)
     return ids.long()
