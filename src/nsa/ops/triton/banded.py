@@ -9,10 +9,11 @@ block only the query blocks that can see it), so the window branch costs O(T * w
 compressed branch O(T * Tc / 2). Blocks that every row of the tile sees entirely skip the mask.
 
 Kernels (FlashAttention-2; exp2 with log2(e) folded into the scale; statistics in float32):
-  _banded_fwd_kernel      grid (query blocks, Hq, batch)             -> o, lse
+  _banded_fwd_kernel      grid (query blocks * Hq, batch)            -> o, lse
   _banded_delta_kernel    grid (query blocks, Hq, batch)             -> delta = rowsum(do * o)
-  _banded_dkdv_kernel     grid (key blocks, Hkv * splits, batch)     -> dk, dv
-  _banded_dq_kernel       grid (query blocks, Hq, batch)             -> dq
+  _banded_dkdv_kernel     grid (key blocks * Hkv * splits, batch)    -> dk, dv
+  _banded_dq_kernel       grid (query blocks * Hq, batch)            -> dq
+(fwd, dq and dk/dv launch their heaviest blocks first: utils.heaviest_first.)
 Every gradient has a single writer program that sums in a fixed order: no float atomics, so the backward
 is bitwise reproducible (and on an H100 faster than adding dq atomically from the dk/dv kernel).
 GQA: query head h reads key/value head h // G. A dk/dv program owns one key block of one key/value
@@ -28,7 +29,7 @@ import triton.language as tl
 
 from ..types import KernelOptions
 from .utils import (LOG2E, LOG2E_K, LN2_K, check_kernel_dtype, dot_precision, interpreting, key_end, keys_upto,
-                    last_dim_contiguous, load_rows, seq_bounds, softmax_update, visible)
+                    heaviest_first, last_dim_contiguous, load_rows, seq_bounds, softmax_update, visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,12 +120,13 @@ def _banded_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     """o[t] = sum_u softmax_u(scale q_t.k_u) v_u over visible u; lse[t] = log sum_u exp(scale q_t.k_u).
 
     Q [B, T, Hq, DK], K [B, Tk, Hkv, DK], V [B, Tk, Hkv, DV], O [B, T, Hq, DV], LSE [B, Hq, T] float32.
-    One program: BLOCK_M queries of one head of one sequence.
+    One program: BLOCK_M queries of one head of one sequence; grid (query blocks * Hq, sequences), the last
+    query blocks (most keys) first.
     """
-    h = tl.program_id(1)
-    batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(2), T, IS_VARLEN)
-    _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(2), Tk, IS_VARLEN)
-    m0 = tl.program_id(0) * BLOCK_M
+    m_block, h = heaviest_first(tl.program_id(0), Hq, tl.num_programs(0) // Hq, True)
+    batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(1), T, IS_VARLEN)
+    _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(1), Tk, IS_VARLEN)
+    m0 = m_block * BLOCK_M
     if m0 >= T_seq:
         return
     Qh = Q + batch * stride_qb + q0 * stride_qt + h * stride_qh
@@ -207,7 +209,7 @@ def _banded_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K,
                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                  stride_dks, stride_dkb, stride_dkt, stride_dkh,
                  stride_dvs, stride_dvb, stride_dvt, stride_dvh,
-                 T, Tk, Hq, G, SPLITS, qk_scale, scale,
+                 T, Tk, Hq, Hkv, G, SPLITS, qk_scale, scale,
                  KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
@@ -215,12 +217,14 @@ def _banded_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K,
     of its group and over the query blocks that can see them.
 
     DK_OUT [SPLITS, B, Tk, Hkv, DK], DV_OUT [SPLITS, B, Tk, Hkv, DV] (split s holds the sum over its heads).
+    Grid (key blocks * Hkv * SPLITS, sequences), the first key blocks (seen by the most queries) first.
     """
-    kvh = tl.program_id(1) // SPLITS
-    split = tl.program_id(1) % SPLITS
-    batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(2), T, IS_VARLEN)
-    _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(2), Tk, IS_VARLEN)
-    n0 = tl.program_id(0) * BLOCK_N
+    n_block, head_split = heaviest_first(tl.program_id(0), Hkv * SPLITS, tl.num_programs(0) // (Hkv * SPLITS), False)
+    kvh = head_split // SPLITS
+    split = head_split % SPLITS
+    batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(1), T, IS_VARLEN)
+    _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(1), Tk, IS_VARLEN)
+    n0 = n_block * BLOCK_N
     if n0 >= Tk_seq:
         return
     u = n0 + tl.arange(0, BLOCK_N)
@@ -283,11 +287,14 @@ def _banded_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """dq of BLOCK_M queries of one head: dq[t] = scale * sum_u ds[t, u] k_u over the visible keys. DQ [B, T, Hq, DK]."""
-    h = tl.program_id(1)
-    batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(2), T, IS_VARLEN)
-    _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(2), Tk, IS_VARLEN)
-    m0 = tl.program_id(0) * BLOCK_M
+    """dq of BLOCK_M queries of one head: dq[t] = scale * sum_u ds[t, u] k_u over the visible keys. DQ [B, T, Hq, DK].
+
+    Grid (query blocks * Hq, sequences), the last query blocks (most keys) first.
+    """
+    m_block, h = heaviest_first(tl.program_id(0), Hq, tl.num_programs(0) // Hq, True)
+    batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(1), T, IS_VARLEN)
+    _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(1), Tk, IS_VARLEN)
+    m0 = m_block * BLOCK_M
     if m0 >= T_seq:
         return
     Kh = K + batch * stride_kb + k0 * stride_kt + (h // G) * stride_kh
@@ -416,7 +423,7 @@ def banded_attention_fwd(q, k, v, scale, *, key_stride, key_span, window=None,
         return o, lse
     cfg = launch_params(Dk, Dv, options)
     fwd = cfg["fwd"]
-    grid = (triton.cdiv(max_t, fwd["BLOCK_M"]), Hq, nb)
+    grid = (triton.cdiv(max_t, fwd["BLOCK_M"]) * Hq, nb)
     _banded_fwd_kernel[grid](
         q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -477,15 +484,15 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     dv = torch.zeros(splits, B, Tk, Hkv, Dv, device=q.device, dtype=part_dtype or v.dtype)
     qk_scale = scale * LOG2E
     if programs:
-        _banded_dkdv_kernel[(triton.cdiv(max_k, kv_cfg["BLOCK_N"]), Hkv * splits, nb)](
+        _banded_dkdv_kernel[(triton.cdiv(max_k, kv_cfg["BLOCK_N"]) * Hkv * splits, nb)](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *dk.stride()[:4], *dv.stride()[:4],
-            T, Tk, Hq, G, splits, qk_scale, scale, **meta, **kv_cfg)
+            T, Tk, Hq, Hkv, G, splits, qk_scale, scale, **meta, **kv_cfg)
     dq = torch.empty_like(q)
     if T:
         q_cfg = cfg["dq"]
-        _banded_dq_kernel[(triton.cdiv(max_t, q_cfg["BLOCK_M"]), Hq, nb)](
+        _banded_dq_kernel[(triton.cdiv(max_t, q_cfg["BLOCK_M"]) * Hq, nb)](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             T, Tk, Hq, G, qk_scale, scale, **meta, **q_cfg)

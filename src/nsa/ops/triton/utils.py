@@ -156,6 +156,20 @@ def seq_bounds(cu_seqlens, b, total, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def heaviest_first(pid, programs_per_block, num_blocks, LAST_IS_HEAVIEST: tl.constexpr):
+    """(block, program within the block) of flat program id pid in [0, programs_per_block * num_blocks).
+
+    The programs of one block (its heads, or head splits) are adjacent and the blocks come heaviest first, so the
+    GPU starts the longest programs first and the short ones fill the tail (causal bands: a late query block sees
+    the most keys, an early key block is seen by the most queries); adjacent heads of one GQA group also read the
+    same key/value tiles while they are in L2.
+    """
+    index = pid // programs_per_block
+    block = num_blocks - 1 - index if LAST_IS_HEAVIEST else index
+    return block, pid % programs_per_block
+
+
+@triton.jit
 def pool_probs(p, w, SPLIT: tl.constexpr):
     """p [rows, tokens] float32 in [0, 1] times the integer weights w [tokens, blocks] -> float32 [rows, blocks].
 
