@@ -96,6 +96,25 @@ def test_forward_backward(case):
         assert_close(x, r, 1e-4, name)
 
 
+@pytest.mark.parametrize("rows", [32, 64])
+def test_query_tiles_of_several_queries(rows):
+    """KernelOptions.selected_fwd/dq.block_m: programs of rows // G queries walk the union of their blocks (G = 16:
+    several queries per program instead of one); same results as the reference, packed sequences included."""
+    from nsa import KernelOptions, Launch
+    seq_lens = [23, 9, 40]
+    Hkv, G, Dk, Dv, n, block = 1, 16, 16, 16, 3, 8
+    q, k, v, do, ids = make_case(1, sum(seq_lens), Hkv, G, Dk, Dv, n, block, torch.float32, seq_lens, seed=4)
+    cu = torch.tensor([0] + seq_lens).cumsum(0).to(torch.int32)
+    options = KernelOptions(selected_fwd=Launch(block_m=rows), selected_dq=Launch(block_m=rows))
+    o, lse = selected_attention_fwd(q, k, v, ids, 0.25, block, cu_seqlens=cu, options=options)
+    grads = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, cu_seqlens=cu, options=options)
+    ro, rlse, rdq, rdk, rdv = reference_all(q, k, v, do, ids, 0.25, block, seq_lens)
+    assert_close(o, ro, 1e-5, "o")
+    assert_close(lse, rlse, 1e-5, "lse")
+    for name, x, r in zip(("dq", "dk", "dv"), grads, (rdq, rdk, rdv)):
+        assert_close(x, r, 1e-4, name)
+
+
 def test_float16():
     B, T, Hkv, G, Dk, Dv, n, block = 1, 40, 2, 2, 32, 16, 3, 8
     q, k, v, do, ids = make_case(B, T, Hkv, G, Dk, Dv, n, block, torch.float16, seed=1)

@@ -363,15 +363,18 @@ def _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen):
     return cu_seqlens.numel() - 1, T, max(int(max_seqlen), 1)
 
 
-def _meta(G, DK, DV, block_size, n, dtype):
-    block_t, block_m = query_tile(G)
+def _meta(G, DK, DV, block_size, n, dtype, rows=TILE_ROWS):
+    block_t, block_m = query_tile(G, rows)
     return dict(G=G, N_SLOTS=n, N_PAD=triton.next_power_of_2(n), SLC_BLOCK=block_size, BLOCK_T=block_t,
                 BLOCK_M=block_m, BLOCK_DK=pow2_at_least(DK), BLOCK_DV=pow2_at_least(DV), DOT_PREC=dot_precision(dtype))
 
 
-def _walk_launch(launch, block_size: int, defaults: dict) -> dict:
-    """Launch keywords of the forward or dq kernel: BLOCK_N keys per tile (up to 64 of a block), warps, stages."""
-    return launch.over(dict(BLOCK_N=min(pow2_at_least(block_size), 64), **defaults), block_n="BLOCK_N")
+def _walk_launch(launch, block_size: int, defaults: dict) -> tuple[int, dict]:
+    """(rows, launch keywords) of the forward or dq kernel: at least `rows` (query, head) rows per program
+    (TILE_ROWS unless launch.block_m), BLOCK_N keys per tile (up to 64 of a block), warps, stages."""
+    kw = launch.over(dict(ROWS=TILE_ROWS, BLOCK_N=min(pow2_at_least(block_size), 64), **defaults),
+                     block_m="ROWS", block_n="BLOCK_N")
+    return kw.pop("ROWS"), kw
 
 
 def _sequence_ids(B: int, T: int, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,13 +434,14 @@ def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=
     nb, T, max_len = _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen)
     B, _, HQ, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
-    meta = _meta(HQ // HKV, DK, DV, block_size, block_ids.shape[3], q.dtype)
+    rows, launch = _walk_launch(options.selected_fwd, block_size, FWD_LAUNCH)
+    meta = _meta(HQ // HKV, DK, DV, block_size, block_ids.shape[3], q.dtype, rows)
     o = torch.empty(B, T, HQ, DV, device=q.device, dtype=q.dtype)  # every row is written (zeros where empty)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     if T:
         grid = (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV)
         _launch_walk(_selected_fwd_kernel, grid, block_ids, cu_seqlens, meta, (q, k, v, block_ids, o, lse),
-                     (scale * LOG2E, T, HQ, HKV, DK, DV), _walk_launch(options.selected_fwd, block_size, FWD_LAUNCH))
+                     (scale * LOG2E, T, HQ, HKV, DK, DV), launch)
     return o, lse
 
 
@@ -484,7 +488,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     B, _, HQ, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
     G = HQ // HKV
-    meta = _meta(G, DK, DV, block_size, block_ids.shape[3], q.dtype)
+    rows, launch = _walk_launch(options.selected_dq, block_size, DQ_LAUNCH)
+    meta = _meta(G, DK, DV, block_size, block_ids.shape[3], q.dtype, rows)
     varlen = cu_seqlens is not None
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)  # the reduction writes every token of every sequence
@@ -494,8 +499,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     qk_scale = scale * LOG2E
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     _launch_walk(_selected_dq_kernel, (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV), block_ids, cu_seqlens, meta,
-                 (q, k, v, block_ids, o, do, lse, dq, delta), (qk_scale, scale, T, HQ, HKV, DK, DV),
-                 _walk_launch(options.selected_dq, block_size, DQ_LAUNCH))
+                 (q, k, v, block_ids, o, do, lse, dq, delta), (qk_scale, scale, T, HQ, HKV, DK, DV), launch)
     num_blocks = triton.cdiv(max_len, block_size)
     chunk = KV_ITEM_QUERIES if chunk is None else chunk
     qlist, item_key, lo, hi, key_items = _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk)
