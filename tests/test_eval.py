@@ -1,4 +1,5 @@
-"""Passkey evaluation: prompt layout, the scorer, and an end-to-end run on a tiny model through the CLI."""
+"""Passkey evaluation: prompt layout, the scorer, the training mix, and an end-to-end run on a tiny model through the
+CLI."""
 import json
 
 import pytest
@@ -9,8 +10,8 @@ pytest.importorskip("safetensors")
 from nsa import LanguageModel, ModelConfig, NSAConfig
 from nsa.checkpoint import load_model, save_checkpoint
 from nsa.cli import main
-from nsa.data import encode
-from nsa.eval import NEEDLE, QUESTION, make_prompt, score_answer
+from nsa.data import decode, encode, get_batch, get_packed_batch
+from nsa.eval import ANSWER, NEEDLE, QUESTION, make_prompt, passkey_min_length, passkey_windows, score_answer
 from nsa.train import TrainConfig, config_dict
 
 FILLER = encode("".join(f"line {i} of some filler text\n" for i in range(100)))
@@ -38,6 +39,51 @@ def test_scorer_accepts_exactly_the_right_digits():
         assert score_answer(answer, "48213"), answer
     for answer in (" 4821", " 482134", " 48231", "", " x48213", " 4821.3", " 048213"):
         assert not score_answer(answer, "48213"), answer
+
+
+def test_passkey_mix_puts_the_needle_at_its_depth_and_the_answer_last():
+    B, L = 300, 150
+    x, y = get_batch(FILLER, B, L, torch.Generator().manual_seed(1))
+    windows = torch.cat([x, y[:, -1:]], dim=1)  # [B, L + 1]
+    mixed, needle_start = passkey_windows(windows, 0.3, torch.Generator().manual_seed(2))
+    rows = needle_start >= 0
+    assert 0.2 < rows.float().mean() < 0.4
+    assert torch.equal(mixed[~rows], windows[~rows])  # plain rows untouched
+    depths = []
+    for b in rows.nonzero()[:, 0].tolist():
+        text, at = decode(mixed[b]), needle_start[b].item()
+        key = text[-1 - 5:-1]
+        answer, needle = ANSWER.format(key=key), NEEDLE.format(key=key)
+        assert key.isdigit() and text.endswith(QUESTION + answer) and text[at:].startswith(needle)
+        filler = text[:at] + text[at + len(needle):-len(QUESTION + answer)]
+        assert filler == decode(windows[b][:len(filler)])  # the window's own bytes, in order
+        assert len(filler) == L + 1 - passkey_min_length()
+        depths.append(at / len(filler))
+    assert min(depths) < 0.1 and max(depths) > 0.9  # random depths over the whole window
+
+
+def test_passkey_mix_trains_the_answer_digits_dense_and_packed():
+    starts = torch.arange(0, len(FILLER), 500)  # documents of 500 bytes
+    x, y = get_batch(FILLER, 64, 120, torch.Generator().manual_seed(3), passkey_fraction=0.5)
+    xp, yp, cu = get_packed_batch(FILLER, starts, 64, 120, torch.Generator().manual_seed(3), passkey_fraction=0.5)
+    assert torch.equal(xp, x.reshape(1, -1))  # the same windows and mix from the same draws
+    plain_x, _ = get_batch(FILLER, 64, 120, torch.Generator().manual_seed(3))
+    n_mixed = 0
+    for b in range(64):
+        text = decode(torch.cat([x[b], y[b, -1:]]))
+        if QUESTION not in text:
+            assert torch.equal(x[b], plain_x[b])  # the windows are drawn first: the mix changes only its rows
+            continue
+        n_mixed += 1
+        key = text[text.index(NEEDLE[:16]) + 16:][:5]
+        answer = ANSWER.format(key=key).encode()
+        assert bytes(y[b, -len(answer):].tolist()) == answer  # the digits are the targets of the last positions
+        assert bytes(x[b, :1 - len(answer)].tolist()).endswith(QUESTION.encode())  # the prompt answers from there
+        inside = (cu > b * 120) & (cu < (b + 1) * 120)
+        assert not inside.any() and not (yp[0, b * 120:(b + 1) * 120] == -100).any()  # one sequence, all targets
+    assert 16 < n_mixed < 48
+    with pytest.raises(ValueError, match="passkey mix"):
+        get_batch(FILLER, 2, passkey_min_length() - 2, passkey_fraction=0.5)
 
 
 def test_passkey_eval_runs_end_to_end(tmp_path, capsys):

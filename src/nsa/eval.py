@@ -6,6 +6,9 @@ the question), ending with the fixed question " What is the passkey? The passkey
 (generate with temperature 0); the answer is right when its first run of digits, after leading spaces, is
 exactly the key (`score_answer`). `passkey_grid` runs N trials per (length, depth) cell, each with its own
 random key and filler, and reports the accuracy of every cell; `plot_heatmap` draws them.
+
+The training mix (`passkey_windows`, TrainConfig.passkey_fraction) puts the same pattern into training windows,
+followed by the answer (ANSWER), so that the model is trained to retrieve the key.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .model import LanguageModel
 
 NEEDLE = " The passkey is {key}. Remember it. "
 QUESTION = " What is the passkey? The passkey is"
+ANSWER = " {key}."  # what follows QUESTION in a training window of the passkey mix
 KEY_DIGITS = 5
 
 
@@ -50,6 +54,39 @@ def make_prompt(filler: torch.Tensor, length: int, depth: float, key: str, offse
     at = round(depth * n)
     tokens = torch.cat([text[:at], torch.tensor(list(needle)), text[at:], torch.tensor(list(question))])
     return PasskeyPrompt(tokens, key, at)
+
+
+def passkey_min_length() -> int:
+    """The fewest bytes a window of the passkey mix needs: the needle, the question and the answer."""
+    key = "0" * KEY_DIGITS
+    return len(NEEDLE.format(key=key)) + len(QUESTION) + len(ANSWER.format(key=key))
+
+
+def passkey_windows(windows: torch.Tensor, fraction: float, generator: torch.Generator | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training mix: each window of long [B, N] bytes becomes, with probability `fraction`, a passkey sample
+    made of its own bytes: make_prompt(window, N - len(answer), depth, key) then ANSWER, with depth uniform in
+    [0, 1] and a random 5-digit key, so the window's last bytes are the answer to the question.
+
+    Draws 3 * B numbers from generator whatever the outcome (the stream stays aligned for exact resume).
+    Returns (the windows long [B, N], needle_start long [B]: where row b's needle starts, -1 in plain rows).
+    """
+    B, N = windows.shape
+    if N < passkey_min_length():
+        raise ValueError(f"windows of {N} bytes are too short for the passkey mix (at least {passkey_min_length()}: "
+                         "needle, question and answer); raise train.seq_len or set train.passkey_fraction=0")
+    mixed = torch.rand(B, generator=generator) < fraction
+    depths = torch.rand(B, generator=generator)
+    keys = torch.randint(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS, (B,), generator=generator)
+    windows = windows.clone()
+    needle_start = torch.full((B,), -1, dtype=torch.long)
+    for b in mixed.nonzero()[:, 0].tolist():
+        key = str(keys[b].item())
+        answer = torch.tensor(list(ANSWER.format(key=key).encode()))
+        prompt = make_prompt(windows[b], N - len(answer), depths[b].item(), key)
+        windows[b] = torch.cat([prompt.tokens, answer])
+        needle_start[b] = prompt.needle_start
+    return windows, needle_start
 
 
 def score_answer(answer: str, key: str) -> bool:
