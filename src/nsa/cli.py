@@ -289,12 +289,22 @@ def eval_passkey_command(args) -> int:
     print(f"lengths {lengths} x depths {depths}, {args.trials} trials per cell")
 
     def report(cell):
-        print(f"  length {cell['length']:>6}  depth {cell['depth']:.2f}: {cell['correct']}/{cell['trials']}")
+        line = f"  length {cell['length']:>6}  depth {cell['depth']:.2f}: {cell['correct']}/{cell['trials']}"
+        if "nsa_layers" in cell:
+            line += ("  key-block hit rate per layer " + " ".join(f"{s['hit_rate']:.2f}" for s in cell["nsa_layers"])
+                     + f" (chance {cell['nsa_layers'][0]['chance']:.2f})")
+        print(line)
     results = evaluation.passkey_grid(model, corpus.val, lengths, depths, args.trials, args.seed, progress=report)
     results["checkpoint"] = str(args.path)
     results["data"] = corpus.source
     json_path = evaluation.save_results(results, out / "passkey.json")
     png = evaluation.plot_heatmap(results, out / "passkey.png", f"passkey retrieval: {source.name}")
+    if "nsa_layers" in results:
+        print("NSA layers over the grid: how often the key digits' blocks are selected at the answering position "
+              "(per KV head group), and the mean gates over the prompts:")
+        for i, s in enumerate(results["nsa_layers"]):
+            gates = "  ".join(f"{b} {g:.3f}" for b, g in s["gate_mean"].items())
+            print(f"  layer {i}: hit rate {s['hit_rate']:.3f} (chance {s['chance']:.3f})  gates {gates}")
     print(f"results saved to {json_path.resolve()}, heatmap to {png.resolve()}")
     return 0
 
