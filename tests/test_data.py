@@ -1,15 +1,18 @@
-"""load_corpus reads only regular files, never more than its byte cap, and never blocks on FIFOs or devices."""
+"""load_corpus reads only regular files, never more than its byte cap, and never blocks on FIFOs or devices;
+the python-env corpus (the environment's .py files) splits by file."""
 import contextlib
 import os
 import signal
 import socket
+import sysconfig
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
-from nsa.data import decode, load_corpus
+from nsa.data import decode, load_corpus, python_env_roots
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
 
@@ -144,3 +147,34 @@ def test_one_byte_file_loads(tmp_path):
     (tmp_path / "one.txt").write_text("x")  # its validation part is empty: used to fail in torch.frombuffer
     corpus = load_corpus(tmp_path / "one.txt")
     assert len(corpus.train) + len(corpus.val) == 1
+
+
+def test_python_env_corpus_splits_by_file(tmp_path, monkeypatch):
+    stdlib, site_packages = tmp_path / "lib" / "python3", tmp_path / "lib" / "python3" / "site-packages"
+    for k, folder in enumerate((stdlib / "json", site_packages / "pkg", site_packages / "pkg" / "__pycache__")):
+        folder.mkdir(parents=True)
+        for i in range(12):
+            (folder / f"m{i:02d}.py").write_text(f"#<{k}-{i:02d}>\n" + "x = 1\n" * 5)
+    (site_packages / "pkg" / "notes.txt").write_text("#<not python>\n")
+    # the site-packages folder sits inside the stdlib's too: each file must still count once
+    monkeypatch.setattr("nsa.data.python_env_roots", lambda: [stdlib, site_packages])
+    corpus = load_corpus("python-env")
+    files = {}
+    for split in ("train", "val"):
+        text = decode(getattr(corpus, split))
+        files[split] = [text[s:s + 7] for s in getattr(corpus, f"{split}_starts").tolist()]
+        assert all(name.startswith("#<") and name.endswith(">") for name in files[split])
+    every = files["train"] + files["val"]
+    assert sorted(every) == sorted(f"#<{k}-{i:02d}>" for k in (0, 1) for i in range(12))  # each file once, no cache
+    assert not set(files["train"]) & set(files["val"]) and len(files["val"]) == 3
+    again = load_corpus("python-env")
+    assert torch.equal(again.train, corpus.train) and torch.equal(again.val, corpus.val)
+    assert corpus.source.startswith("python-env") and "24 files" in corpus.source
+
+
+def test_python_env_corpus_reads_the_standard_library_and_site_packages():
+    roots = python_env_roots()
+    assert Path(sysconfig.get_paths()["stdlib"]).resolve() in roots
+    assert Path(torch.__file__).resolve().parent.parent in roots  # the site-packages holding torch
+    corpus = load_corpus("python-env", max_bytes=50_000)
+    assert 50_000 - 4 < len(corpus.train) + len(corpus.val) <= 50_000 and corpus.source.startswith("python-env")

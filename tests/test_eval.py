@@ -1,5 +1,7 @@
-"""Passkey evaluation: prompt layout, the scorer, and an end-to-end run on a tiny model through the CLI."""
+"""Passkey evaluation: prompt layout, the scorer, the training mix, and an end-to-end run on a tiny model through the
+CLI."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,8 +11,9 @@ pytest.importorskip("safetensors")
 from nsa import LanguageModel, ModelConfig, NSAConfig
 from nsa.checkpoint import load_model, save_checkpoint
 from nsa.cli import main
-from nsa.data import encode
-from nsa.eval import NEEDLE, QUESTION, make_prompt, score_answer
+from nsa.data import decode, encode, get_batch, get_packed_batch
+from nsa.eval import (ANSWER, NEEDLE, QUESTION, make_prompt, passkey_grid, passkey_min_length, passkey_windows,
+                      score_answer, selection_chance)
 from nsa.train import TrainConfig, config_dict
 
 FILLER = encode("".join(f"line {i} of some filler text\n" for i in range(100)))
@@ -40,6 +43,90 @@ def test_scorer_accepts_exactly_the_right_digits():
         assert not score_answer(answer, "48213"), answer
 
 
+def test_passkey_mix_puts_the_needle_at_its_depth_and_the_answer_last():
+    B, L = 300, 150
+    x, y = get_batch(FILLER, B, L, torch.Generator().manual_seed(1))
+    windows = torch.cat([x, y[:, -1:]], dim=1)  # [B, L + 1]
+    mixed, needle_start = passkey_windows(windows, 0.3, torch.Generator().manual_seed(2))
+    rows = needle_start >= 0
+    assert 0.2 < rows.float().mean() < 0.4
+    assert torch.equal(mixed[~rows], windows[~rows])  # plain rows untouched
+    depths = []
+    for b in rows.nonzero()[:, 0].tolist():
+        text, at = decode(mixed[b]), needle_start[b].item()
+        key = text[-1 - 5:-1]
+        answer, needle = ANSWER.format(key=key), NEEDLE.format(key=key)
+        assert key.isdigit() and text.endswith(QUESTION + answer) and text[at:].startswith(needle)
+        filler = text[:at] + text[at + len(needle):-len(QUESTION + answer)]
+        assert filler == decode(windows[b][:len(filler)])  # the window's own bytes, in order
+        assert len(filler) == L + 1 - passkey_min_length()
+        depths.append(at / len(filler))
+    assert min(depths) < 0.1 and max(depths) > 0.9  # random depths over the whole window
+
+
+def test_passkey_mix_trains_the_answer_digits_dense_and_packed():
+    starts = torch.arange(0, len(FILLER), 500)  # documents of 500 bytes
+    x, y = get_batch(FILLER, 64, 120, torch.Generator().manual_seed(3), passkey_fraction=0.5)
+    xp, yp, cu = get_packed_batch(FILLER, starts, 64, 120, torch.Generator().manual_seed(3), passkey_fraction=0.5)
+    assert torch.equal(xp, x.reshape(1, -1))  # the same windows and mix from the same draws
+    plain_x, _ = get_batch(FILLER, 64, 120, torch.Generator().manual_seed(3))
+    n_mixed = 0
+    for b in range(64):
+        text = decode(torch.cat([x[b], y[b, -1:]]))
+        if QUESTION not in text:
+            assert torch.equal(x[b], plain_x[b])  # the windows are drawn first: the mix changes only its rows
+            continue
+        n_mixed += 1
+        key = text[text.index(NEEDLE[:16]) + 16:][:5]
+        answer = ANSWER.format(key=key).encode()
+        assert bytes(y[b, -len(answer):].tolist()) == answer  # the digits are the targets of the last positions
+        assert bytes(x[b, :1 - len(answer)].tolist()).endswith(QUESTION.encode())  # the prompt answers from there
+        inside = (cu > b * 120) & (cu < (b + 1) * 120)
+        assert not inside.any() and not (yp[0, b * 120:(b + 1) * 120] == -100).any()  # one sequence, all targets
+    assert 16 < n_mixed < 48
+    with pytest.raises(ValueError, match="passkey mix"):
+        get_batch(FILLER, 2, passkey_min_length() - 2, passkey_fraction=0.5)
+
+
+def test_selection_chance_by_hand():
+    tiny = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=2, window=16)
+    assert selection_chance(80, tiny) == 2 / 10  # query 79 sees blocks 0 .. 9
+    assert selection_chance(81, tiny) == 2 / 11  # query 80 opens block 10
+    assert selection_chance(9, tiny) == 2 / 2  # blocks 0 and 1: both selected
+    assert selection_chance(1, tiny) == 1  # one block
+    assert selection_chance(8192, NSAConfig()) == 16 / 128  # the paper's n = 16 of 128 blocks of 64
+
+
+def test_selection_stats_of_a_tiny_nsa_model():
+    # slc_block 32, n = 3 at length 200: blocks 0 .. 6, all three slots forced (0, 5, 6), chance 3/7.
+    # Depth 0 puts the key's digits (bytes 16-20) in block 0: always selected; depth 0.5 in block 2: never.
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_embd=16, n_head=4, n_kv_head=2, backend="reference",
+                      nsa=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=32, num_selected=3, window=16))
+    results = passkey_grid(LanguageModel(cfg), FILLER, [200], [0.0, 0.5], trials=3)
+    first, middle = (cell["nsa_layers"] for cell in results["cells"])
+    assert len(first) == len(middle) == len(results["nsa_layers"]) == 2
+    for layer in first + middle + results["nsa_layers"]:
+        assert layer["chance"] == 3 / 7
+        assert all(0 < g < 1 for g in layer["gate_mean"].values())
+    assert [s["hit_rate"] for s in first] == [1.0, 1.0] and [s["hit_rate"] for s in middle] == [0.0, 0.0]
+    assert all(s["items"] == 3 * 2 * 5 for s in first)  # prompts x KV groups x digits
+    assert [s["hit_rate"] for s in results["nsa_layers"]] == [0.5, 0.5]
+    # free slots (n = 6 of 7 blocks): rates between 0 and 1, pooled over the cells by their counts
+    wide = replace(cfg, nsa=replace(cfg.nsa, num_selected=6))
+    results = passkey_grid(LanguageModel(wide), FILLER, [200, 300], [0.3, 0.6], trials=2)
+    for layer, pooled in zip(zip(*(c["nsa_layers"] for c in results["cells"])), results["nsa_layers"]):
+        assert all(0 <= s["hit_rate"] <= 1 for s in layer)
+        assert pooled["hits"] == sum(s["hits"] for s in layer)
+        assert pooled["chance"] == pytest.approx((6 / 7 + 6 / 7 + 6 / 10 + 6 / 10) / 4)
+    # window only: the other gates are exactly 0
+    swa = passkey_grid(LanguageModel(replace(cfg, branches=("swa",))), FILLER, [200], [0.5], trials=1)
+    assert all(s["gate_mean"]["cmp"] == s["gate_mean"]["slc"] == 0 < s["gate_mean"]["swa"]
+               for s in swa["nsa_layers"])
+    full = passkey_grid(LanguageModel(replace(cfg, attention="full")), FILLER, [200], [0.5], trials=1)
+    assert "nsa_layers" not in full and "nsa_layers" not in full["cells"][0]
+
+
 def test_passkey_eval_runs_end_to_end(tmp_path, capsys):
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=1, n_embd=16, n_head=2, n_kv_head=1, backend="reference",
@@ -59,6 +146,8 @@ def test_passkey_eval_runs_end_to_end(tmp_path, capsys):
     assert len(results["accuracy"]) == 2 and all(0 <= a <= 1 for row in results["accuracy"] for a in row)
     assert len(results["cells"]) == 4 and all(len(c["answers"]) == 2 for c in results["cells"])
     assert (run / "passkey" / "passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "heatmap" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "heatmap" in printed and "layer 0: hit rate" in printed and "gates cmp" in printed
+    assert len(results["nsa_layers"]) == 1 and 0 <= results["nsa_layers"][0]["hit_rate"] <= 1
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         main(["eval", "passkey", str(tmp_path / "nothing"), "--device", "cpu"])

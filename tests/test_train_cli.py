@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("safetensors")
 
@@ -67,6 +68,26 @@ def test_tiny_run_writes_metrics_and_a_checkpoint_and_resumes(tmp_path, data, ca
         main(tiny_args(run, data))  # the folder is taken
     with pytest.raises(ValueError, match="saved settings"):
         main(["train", "--resume", str(run), "--set", "train.lr=1"])
+
+
+def test_passkey_mix_resumes_exactly_and_leaves_validation_plain(tmp_path, data):
+    mix = ["--set", "train.seq_len=96", "--set", "train.passkey_fraction=0.5", "--no-progress"]
+    full, part, plain = tmp_path / "full", tmp_path / "part", tmp_path / "plain"
+    assert main(tiny_args(full, data, *mix)) == 0
+    assert main(tiny_args(part, data, *mix, "--stop-at", "3")) == 0
+    assert main(["train", "--resume", str(part), "--device", "cpu", "--no-progress"]) == 0
+    a, b = read_checkpoint(full / "checkpoint.safetensors"), read_checkpoint(part / "checkpoint.safetensors")
+    assert a.step == b.step == 6 and a.config["train"]["passkey_fraction"] == 0.5
+    for key in a.tensors:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+    assert main(tiny_args(plain, data, "--set", "train.seq_len=96", "--no-progress")) == 0
+    with_mix, without = read_metrics(full), read_metrics(plain)
+    assert with_mix[0]["val_loss"] == without[0]["val_loss"]  # the same validation windows, plain text
+    assert [r["loss"] for r in with_mix[1:]] != [r["loss"] for r in without[1:]]  # but other training batches
+    with pytest.raises(ValueError, match="seq_len .* too short for the passkey mix"):
+        main(tiny_args(tmp_path / "short", data, "--set", "train.passkey_fraction=0.1"))
+    with pytest.raises(ValueError, match=r"passkey_fraction must be in \[0, 1\]"):
+        main(tiny_args(tmp_path / "bad", data, "--set", "train.passkey_fraction=2"))
 
 
 def test_config_file_toml_and_json(tmp_path, data):

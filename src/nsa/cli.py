@@ -169,6 +169,9 @@ Presets: tiny (CPU tests, seconds), small (one GPU, minutes), base (one GPU, hou
 Ablations: --set model.attention=full; --set 'model.branches=["swa"]' (NSA with its compressed and
 selected gates forced to 0: window only). --set train.packed=true splits windows at file boundaries
 into packed sequences (cu_seqlens): nothing attends or is predicted across documents.
+--set train.data=python-env: the .py files of this Python environment (stdlib and site-packages).
+--set train.passkey_fraction=0.2: that share of training windows become passkey samples with their
+answer (nsa eval passkey's pattern); validation windows stay plain text.
 On CUDA the forward passes run under bfloat16 autocast; AdamW, warm-up then cosine, gradient clipping.
 """
 
@@ -289,12 +292,22 @@ def eval_passkey_command(args) -> int:
     print(f"lengths {lengths} x depths {depths}, {args.trials} trials per cell")
 
     def report(cell):
-        print(f"  length {cell['length']:>6}  depth {cell['depth']:.2f}: {cell['correct']}/{cell['trials']}")
+        line = f"  length {cell['length']:>6}  depth {cell['depth']:.2f}: {cell['correct']}/{cell['trials']}"
+        if "nsa_layers" in cell:
+            line += ("  key-block hit rate per layer " + " ".join(f"{s['hit_rate']:.2f}" for s in cell["nsa_layers"])
+                     + f" (chance {cell['nsa_layers'][0]['chance']:.2f})")
+        print(line)
     results = evaluation.passkey_grid(model, corpus.val, lengths, depths, args.trials, args.seed, progress=report)
     results["checkpoint"] = str(args.path)
     results["data"] = corpus.source
     json_path = evaluation.save_results(results, out / "passkey.json")
     png = evaluation.plot_heatmap(results, out / "passkey.png", f"passkey retrieval: {source.name}")
+    if "nsa_layers" in results:
+        print("NSA layers over the grid: how often the key digits' blocks are selected at the answering position "
+              "(per KV head group), and the mean gates over the prompts:")
+        for i, s in enumerate(results["nsa_layers"]):
+            gates = "  ".join(f"{b} {g:.3f}" for b, g in s["gate_mean"].items())
+            print(f"  layer {i}: hit rate {s['hit_rate']:.3f} (chance {s['chance']:.3f})  gates {gates}")
     print(f"results saved to {json_path.resolve()}, heatmap to {png.resolve()}")
     return 0
 
@@ -310,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(flag, type=int, help=f"{meaning} (default: {cpu} on CPU, {gpu} on GPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--out", default="runs/demo/loss.png", help="where to save the loss plot (PNG)")
-    p.add_argument("--data", help="a text file or a folder of text files (default: the Python stdlib's .py files)")
+    p.add_argument("--data", help="a text file, a folder of text files or python-env (default: the Python stdlib's .py "
+                                   "files)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-len", type=int, help=f"bytes generated per sample (default: {CPU_PRESET.sample_len} on "
                                                   f"CPU, {GPU_PRESET.sample_len} on GPU)")
@@ -346,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     pk.add_argument("--lengths", default="256,512,1024", help="context lengths in bytes (default: 256,512,1024)")
     pk.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1] (default: 0,0.25,0.5,0.75,1)")
     pk.add_argument("--trials", type=int, default=5, help="prompts per cell (default: 5)")
-    pk.add_argument("--data", help="filler text file or folder (default: the run's training data)")
+    pk.add_argument("--data", help="filler text file or folder, or python-env (default: the run's training data)")
     pk.add_argument("--out", help="the results folder (default: RUN/passkey)")
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")

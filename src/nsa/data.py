@@ -1,8 +1,10 @@
 """Byte-level data: tokenizer, a text corpus split train/validation by file, and a random window sampler.
 
 The default corpus is the Python standard library's own .py files (found at run time, so nothing is
-downloaded), capped at DEFAULT_MAX_BYTES. Files are taken in a fixed pseudo-random order and every
-VAL_EVERY-th one goes to validation, so the split is by file and the same on every run. Only regular
+downloaded), capped at DEFAULT_MAX_BYTES. The named corpus PYTHON_ENV ("python-env") is larger: the .py files
+of the whole running environment (the standard library and every site-packages folder: hundreds of MB on a
+typical ML machine), for GPU runs. Files are taken in a fixed pseudo-random order and every VAL_EVERY-th one
+goes to validation, so the split is by file and the same on every run over the same files. Only regular
 files are read (FIFOs, sockets, devices and broken symlinks are skipped with a warning), and never
 more bytes than the cap has left.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import codecs
 import os
 import random
+import site
 import stat
 import sysconfig
 import warnings
@@ -19,9 +22,12 @@ from pathlib import Path
 
 import torch
 
+from .eval import passkey_windows
+
 DEFAULT_MAX_BYTES = 4_000_000
 VAL_EVERY = 10  # file k (in the shuffled order) is a validation file when k % VAL_EVERY == 0
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+PYTHON_ENV = "python-env"  # load_corpus's name for the .py files of the running environment
 
 
 def _as_tensor(data: bytes) -> torch.Tensor:
@@ -61,6 +67,18 @@ def _walk(root: Path, suffix: str | None) -> list[Path]:
     return sorted(found)
 
 
+def python_env_roots() -> list[Path]:
+    """The folders of the running Python's source: its standard library, then its site-packages folders
+    (sysconfig's purelib / platlib and site.getsitepackages()), the existing ones, each once (resolved)."""
+    paths = sysconfig.get_paths()
+    roots = []
+    for folder in (paths["stdlib"], paths["purelib"], paths["platlib"], *site.getsitepackages()):
+        root = Path(folder).resolve()
+        if root.is_dir() and root not in roots:
+            roots.append(root)
+    return roots
+
+
 def _read_text(path: Path, limit: int) -> tuple[bytes | None, bool]:
     """Reads at most `limit` bytes of a regular file -> (them if UTF-8 text without NUL bytes, else None;
     whether the read reached the limit, where a cut character's incomplete tail is dropped).
@@ -89,7 +107,9 @@ def _read_text(path: Path, limit: int) -> tuple[bytes | None, bool]:
 
 
 def load_corpus(path: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:
-    """Loads a byte corpus: the stdlib's .py files (path None), one text file, or every text file under a folder.
+    """Loads a byte corpus: the stdlib's .py files (path None), the environment's .py files (path "python-env":
+    python_env_roots(); a folder of that name is given as ./python-env), one text file, or every text file
+    under a folder.
 
     Several files: split by file (see the module docstring), reading stops once max_bytes are loaded (the
     last file read may be cut short). One file: its first max_bytes, of which 90% train and 10% validate.
@@ -97,6 +117,10 @@ def load_corpus(path: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
     if path is None:
         root = Path(sysconfig.get_paths()["stdlib"])
         files, source = _walk(root, ".py"), f"Python stdlib .py files under {root}"
+    elif isinstance(path, str) and path == PYTHON_ENV:
+        roots = python_env_roots()  # nested roots walk to the same paths: the set keeps each file once
+        files = sorted({f for root in roots for f in _walk(root, ".py")})
+        source = f"{PYTHON_ENV}: .py files under {', '.join(map(str, roots))}"
     else:
         root = Path(path)
         if not root.exists():
@@ -135,39 +159,50 @@ def _starts(docs: list[bytes]) -> torch.Tensor:
     return lengths.cumsum(0)[:-1] if len(lengths) > 1 else torch.zeros(1, dtype=torch.long)
 
 
-def _windows(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of seq_len + 1 bytes of data -> (their starts long [B], the windows long [B, seq_len + 1])."""
+def _windows(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None,
+             passkey_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random windows of seq_len + 1 bytes of data -> (their starts long [B], the windows long [B, seq_len + 1],
+    needle_start long [B]: -1 in plain windows). passkey_fraction > 0: nsa.eval.passkey_windows mixes passkey
+    samples in (more draws from generator); 0 draws nothing more."""
     if len(data) <= seq_len:
         raise ValueError(f"seq_len ({seq_len}) must be shorter than the data ({len(data)} bytes); "
                          "use a smaller --seq-len or more data")
     starts = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)
-    return starts, data[starts[:, None] + torch.arange(seq_len + 1)].long()
+    windows = data[starts[:, None] + torch.arange(seq_len + 1)].long()
+    if passkey_fraction > 0:
+        return starts, *passkey_windows(windows, passkey_fraction, generator)
+    return starts, windows, torch.full((batch_size,), -1, dtype=torch.long)
 
 
 def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None = None,
-              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of data (uint8 [N]): inputs x and next-byte targets y, long [batch_size, seq_len]."""
-    window = _windows(data, batch_size, seq_len, generator)[1]  # [B, seq_len + 1]
+              device: str | torch.device = "cpu", passkey_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of data (uint8 [N]): inputs x and next-byte targets y, long [batch_size, seq_len].
+    passkey_fraction: the share of windows that are passkey samples (nsa.eval.passkey_windows), on average."""
+    window = _windows(data, batch_size, seq_len, generator, passkey_fraction)[1]  # [B, seq_len + 1]
     return window[:, :-1].to(device), window[:, 1:].to(device)
 
 
 def get_packed_batch(data: torch.Tensor, starts: torch.Tensor | None, batch_size: int, seq_len: int,
-                     generator: torch.Generator | None = None, device: str | torch.device = "cpu"
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+                     passkey_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """get_batch's windows (the same draws from generator), each split at document boundaries into packed
     sequences: x, y long [1, batch_size * seq_len] and cu_seqlens int32 [N + 1] (FlashAttention's convention).
 
     starts: long [n_docs], where each document starts in data (None: one document). No sequence crosses a
     document boundary, so with cu_seqlens no token attends across documents; a target that is the first byte
     of the next document is set to -100 (cross_entropy's ignore_index): nothing is predicted across documents.
+    passkey_fraction as in get_batch; a passkey sample is one sequence (its filler may span documents: the
+    sample is one document, as the prompts of nsa.eval are).
     """
-    window_starts, window = _windows(data, batch_size, seq_len, generator)
+    window_starts, window, needle_start = _windows(data, batch_size, seq_len, generator, passkey_fraction)
     x, y = window[:, :-1], window[:, 1:]
     cuts = [torch.zeros(1, dtype=torch.long)]
     ignore = torch.zeros(batch_size, seq_len, dtype=torch.bool)
     if starts is not None and len(starts):
         for b, s in enumerate(window_starts.tolist()):
+            if needle_start[b] >= 0:
+                cuts.append(torch.tensor([(b + 1) * seq_len]))
+                continue
             lo = int(torch.searchsorted(starts, s, right=True))
             hi = int(torch.searchsorted(starts, s + seq_len, right=True))
             k = starts[lo:hi] - s  # documents starting at window positions 1 .. seq_len

@@ -5,7 +5,12 @@ the needle " The passkey is 48213. Remember it. " inserted at a relative depth (
 the question), ending with the fixed question " What is the passkey? The passkey is". The model answers greedily
 (generate with temperature 0); the answer is right when its first run of digits, after leading spaces, is
 exactly the key (`score_answer`). `passkey_grid` runs N trials per (length, depth) cell, each with its own
-random key and filler, and reports the accuracy of every cell; `plot_heatmap` draws them.
+random key and filler, and reports the accuracy of every cell; `plot_heatmap` draws them. For NSA models it
+also reports, per layer, how often the selection blocks holding the key's digits are selected at the answering
+position, against chance, and the mean gate of each branch (`selection_stats`).
+
+The training mix (`passkey_windows`, TrainConfig.passkey_fraction) puts the same pattern into training windows,
+followed by the answer (ANSWER), so that the model is trained to retrieve the key.
 """
 from __future__ import annotations
 
@@ -18,10 +23,14 @@ from pathlib import Path
 
 import torch
 
+from .config import NSAConfig
+from .layer import BRANCHES, NativeSparseAttention
 from .model import LanguageModel
+from .ops import select_blocks
 
 NEEDLE = " The passkey is {key}. Remember it. "
 QUESTION = " What is the passkey? The passkey is"
+ANSWER = " {key}."  # what follows QUESTION in a training window of the passkey mix
 KEY_DIGITS = 5
 
 
@@ -52,10 +61,100 @@ def make_prompt(filler: torch.Tensor, length: int, depth: float, key: str, offse
     return PasskeyPrompt(tokens, key, at)
 
 
+def passkey_min_length() -> int:
+    """The fewest bytes a window of the passkey mix needs: the needle, the question and the answer."""
+    key = "0" * KEY_DIGITS
+    return len(NEEDLE.format(key=key)) + len(QUESTION) + len(ANSWER.format(key=key))
+
+
+def passkey_windows(windows: torch.Tensor, fraction: float, generator: torch.Generator | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training mix: each window of long [B, N] bytes becomes, with probability `fraction`, a passkey sample
+    made of its own bytes: make_prompt(window, N - len(answer), depth, key) then ANSWER, with depth uniform in
+    [0, 1] and a random 5-digit key, so the window's last bytes are the answer to the question.
+
+    Draws 3 * B numbers from generator whatever the outcome (the stream stays aligned for exact resume).
+    Returns (the windows long [B, N], needle_start long [B]: where row b's needle starts, -1 in plain rows).
+    """
+    B, N = windows.shape
+    if N < passkey_min_length():
+        raise ValueError(f"windows of {N} bytes are too short for the passkey mix (at least {passkey_min_length()}: "
+                         "needle, question and answer); raise train.seq_len or set train.passkey_fraction=0")
+    mixed = torch.rand(B, generator=generator) < fraction
+    depths = torch.rand(B, generator=generator)
+    keys = torch.randint(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS, (B,), generator=generator)
+    windows = windows.clone()
+    needle_start = torch.full((B,), -1, dtype=torch.long)
+    for b in mixed.nonzero()[:, 0].tolist():
+        key = str(keys[b].item())
+        answer = torch.tensor(list(ANSWER.format(key=key).encode()))
+        prompt = make_prompt(windows[b], N - len(answer), depths[b].item(), key)
+        windows[b] = torch.cat([prompt.tokens, answer])
+        needle_start[b] = prompt.needle_start
+    return windows, needle_start
+
+
 def score_answer(answer: str, key: str) -> bool:
     """True when the answer's first run of digits (after leading whitespace) is exactly key."""
     m = re.match(r"\s*(\d+)", answer)
     return m is not None and m.group(1) == key
+
+
+def selection_chance(length: int, config: NSAConfig) -> float:
+    """The chance that a given block is among the blocks selected for the query at position length - 1 when the
+    selection is uniformly random: min(n, J + 1) / (J + 1), its J + 1 = (length - 1) // slc_block + 1 candidate
+    blocks (SPEC.md, branch 2), n = num_selected."""
+    blocks = (length - 1) // config.slc_block + 1
+    return min(config.num_selected, blocks) / blocks
+
+
+def key_positions(prompt: PasskeyPrompt) -> torch.Tensor:
+    """Where the key's digits sit in the prompt: long [KEY_DIGITS]."""
+    return prompt.needle_start + NEEDLE.index("{key}") + torch.arange(len(prompt.key))
+
+
+@torch.no_grad()
+def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tensor) -> list[dict]:
+    """What each NSA layer of the model does on prompts idx long [B, T] whose key digits sit at key_pos long [B, K].
+
+    Per NSA layer (none for full attention: []): the blocks each KV head group selects at the last position
+    (the one that answers), from nsa.select_blocks on the layer's own inputs; "hits" counts the (prompt, group,
+    digit) triples whose digit's block is selected, out of "items"; "hit_rate" = hits / items, "chance" =
+    selection_chance(T, config); "gate_mean" {"cmp", "slc", "swa"}: each gate's mean over prompts, positions, heads.
+    """
+    layers = [block.attn for block in model.blocks if isinstance(block.attn, NativeSparseAttention)]
+    stats = []
+
+    def record(layer, args, output):
+        inputs = layer.nsa_inputs(args[0])
+        ids = select_blocks(inputs.q, inputs.k_cmp, layer.config, backend=layer.backend)[:, -1]  # [B, Hkv, n]
+        blocks = (key_pos // layer.config.slc_block).to(ids.device)  # [B, K]
+        hit = (ids[:, :, None, :] == blocks[:, None, :, None]).any(-1)  # [B, Hkv, K]
+        gates = inputs.gates.float().mean(dim=(0, 1, 2)).tolist()  # [3]
+        stats.append({"hits": int(hit.sum()), "items": hit.numel(), "hit_rate": hit.float().mean().item(),
+                      "chance": selection_chance(idx.shape[1], layer.config), "gate_mean": dict(zip(BRANCHES, gates))})
+
+    hooks = [layer.register_forward_hook(record) for layer in layers]
+    try:
+        if layers:
+            with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=idx.device.type == "cuda"):
+                model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats
+
+
+def summarize_selection(cells: list[dict]) -> list[dict]:
+    """The cells' per-layer selection_stats pooled: hits and items summed, chance weighted by items, gate_mean
+    averaged over the cells -> one dict per NSA layer (selection_stats' keys)."""
+    pooled = []
+    for per_cell in zip(*(cell["nsa_layers"] for cell in cells)):
+        hits, items = sum(s["hits"] for s in per_cell), sum(s["items"] for s in per_cell)
+        pooled.append({"hits": hits, "items": items, "hit_rate": hits / items,
+                       "chance": sum(s["chance"] * s["items"] for s in per_cell) / items,
+                       "gate_mean": {b: sum(s["gate_mean"][b] for s in per_cell) / len(per_cell) for b in BRANCHES}})
+    return pooled
 
 
 @torch.no_grad()
@@ -64,7 +163,8 @@ def passkey_grid(model: LanguageModel, filler: torch.Tensor, lengths: list[int],
     """Accuracy of the passkey test per (length, depth) cell, `trials` prompts each (one batch per cell).
 
     Returns {"lengths", "depths", "trials", "accuracy": [[per depth] per length], "cells": [{"length", "depth",
-    "correct", "keys", "answers"}, ...]}. progress(cell) is called after each cell, if given.
+    "correct", "keys", "answers"}, ...]}. NSA models add selection_stats to each cell ("nsa_layers") and pooled
+    over the grid (results["nsa_layers"], summarize_selection). progress(cell) is called after each cell, if given.
     """
     rng = random.Random(seed)
     device = next(model.parameters()).device
@@ -81,12 +181,19 @@ def passkey_grid(model: LanguageModel, filler: torch.Tensor, lengths: list[int],
             correct = [score_answer(a, p.key) for a, p in zip(answers, prompts)]
             cell = {"length": length, "depth": depth, "correct": sum(correct), "trials": trials,
                     "keys": [p.key for p in prompts], "answers": answers}
+            stats = selection_stats(model, idx, torch.stack([key_positions(p) for p in prompts]))
+            if stats:
+                cell["nsa_layers"] = stats
             cells.append(cell)
             row.append(sum(correct) / trials)
             if progress is not None:
                 progress(cell)
         accuracy.append(row)
-    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": accuracy, "cells": cells}
+    results = {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": accuracy,
+               "cells": cells}
+    if cells and "nsa_layers" in cells[0]:
+        results["nsa_layers"] = summarize_selection(cells)
+    return results
 
 
 def plot_heatmap(results: dict, path: str | os.PathLike, title: str = "passkey retrieval accuracy") -> Path:

@@ -20,6 +20,7 @@ import torch.nn as nn
 from .checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import NSAConfig
 from .data import DEFAULT_MAX_BYTES, Corpus, get_batch, get_packed_batch, load_corpus
+from .eval import passkey_min_length
 from .model import LanguageModel, ModelConfig
 
 SCHEDULES = ("cosine", "constant")
@@ -41,9 +42,12 @@ class TrainConfig:
     seed: int = 0
     # used by train_run (`nsa train`) only:
     checkpoint_every: int = 100  # and after the last step
-    data: str | None = None  # a text file or folder (None: the Python stdlib's .py files)
+    data: str | None = None  # a text file or folder, or "python-env" (nsa.data); None: the Python stdlib's .py files
     data_max_bytes: int = DEFAULT_MAX_BYTES
     packed: bool = False  # split windows at document (file) boundaries into packed sequences with cu_seqlens
+    # the share of training windows (on average) that are passkey samples ending with the answer
+    # (nsa.eval.passkey_windows); the validation windows stay plain text, comparable across runs
+    passkey_fraction: float = 0.0
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -52,6 +56,11 @@ class TrainConfig:
                      "data_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.passkey_fraction <= 1:
+            raise ValueError(f"TrainConfig.passkey_fraction must be in [0, 1], got {self.passkey_fraction}")
+        if self.passkey_fraction and self.seq_len + 1 < passkey_min_length():
+            raise ValueError(f"TrainConfig.seq_len ({self.seq_len}) is too short for the passkey mix: it needs "
+                             f"seq_len >= {passkey_min_length() - 1}, or passkey_fraction=0")
 
 
 @dataclass
@@ -218,10 +227,11 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
 
     def batch(split: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         data = getattr(corpus, split)
+        mix = train_cfg.passkey_fraction if split == "train" else 0.0  # validation stays plain text
         if train_cfg.packed:
             return get_packed_batch(data, getattr(corpus, f"{split}_starts"), train_cfg.batch_size,
-                                    train_cfg.seq_len, gen, device)
-        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, device)
+                                    train_cfg.seq_len, gen, device, mix)
+        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, device, mix)
 
     val_batches = [batch("val", val_generator) for _ in range(train_cfg.eval_batches)]
     metrics_path = run_dir / METRICS_FILE
