@@ -88,6 +88,22 @@ def test_passkey_mix_trains_the_answer_digits_dense_and_packed():
         get_batch(FILLER, 2, passkey_min_length() - 2, passkey_fraction=0.5)
 
 
+def test_answer_weights_mark_the_answer_of_passkey_rows_dense_and_packed():
+    starts = torch.arange(0, len(FILLER), 500)
+    x, y, w = get_batch(FILLER, 64, 120, torch.Generator().manual_seed(3), passkey_fraction=0.5, answer_weight=10.0)
+    assert torch.equal(torch.stack(get_batch(FILLER, 64, 120, torch.Generator().manual_seed(3),
+                                             passkey_fraction=0.5)), torch.stack([x, y]))  # the same draws
+    answer = len(ANSWER.format(key="12345"))
+    for b in range(64):
+        mixed = QUESTION.encode() in bytes(x[b].tolist())
+        assert (w[b, :-answer] == 1).all()
+        assert (w[b, -answer:] == (10.0 if mixed else 1.0)).all(), b
+    xp, yp, cu, wp = get_packed_batch(FILLER, starts, 64, 120, torch.Generator().manual_seed(3), passkey_fraction=0.5,
+                                      answer_weight=10.0)
+    assert (wp[yp == -100] == 0).all() and (yp == -100).any()  # ignored targets weigh nothing
+    assert torch.equal(wp[yp != -100], w.reshape(1, -1)[yp != -100])
+
+
 def test_selection_chance_by_hand():
     tiny = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=2, window=16)
     assert selection_chance(80, tiny) == 2 / 10  # query 79 sees blocks 0 .. 9

@@ -105,3 +105,17 @@ def test_both_attentions_check_cu_seqlens_alike(attention, cu_seqlens, error, wo
         model(torch.randint(0, 256, (1, 24)), cu_seqlens=cu_seqlens)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_loss_weights_give_the_weighted_mean_of_the_cross_entropy():
+    model = make_model("full")
+    idx, targets = torch.randint(0, 256, (2, 2, 40))
+    targets[0, 3] = -100
+    logits, plain = model(idx, targets)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    w = torch.rand(2, 40) + 0.5
+    w[0, 3] = 0.0
+    torch.testing.assert_close(model(idx, targets, loss_weights=(targets != -100).float())[1], plain)
+    torch.testing.assert_close(model(idx, targets, loss_weights=w)[1], (w.flatten() * ce).sum() / w.sum())
+    with pytest.raises(ValueError, match="loss_weights must have the targets' shape"):
+        model(idx, targets, loss_weights=w[:, :-1])

@@ -88,6 +88,12 @@ def test_passkey_mix_resumes_exactly_and_leaves_validation_plain(tmp_path, data)
         main(tiny_args(tmp_path / "short", data, "--set", "train.passkey_fraction=0.1"))
     with pytest.raises(ValueError, match=r"passkey_fraction must be in \[0, 1\]"):
         main(tiny_args(tmp_path / "bad", data, "--set", "train.passkey_fraction=2"))
+    weighted = tmp_path / "weighted"
+    assert main(tiny_args(weighted, data, *mix, "--set", "train.passkey_answer_weight=50")) == 0
+    assert read_metrics(weighted)[0]["val_loss"] == with_mix[0]["val_loss"]  # validation unweighted
+    assert [r["loss"] for r in read_metrics(weighted)[1:]] != [r["loss"] for r in with_mix[1:]]
+    with pytest.raises(ValueError, match="passkey_answer_weight must be > 0"):
+        main(tiny_args(tmp_path / "bad_weight", data, "--set", "train.passkey_answer_weight=0"))
 
 
 def test_config_file_toml_and_json(tmp_path, data):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .eval import passkey_windows
+from .eval import ANSWER, KEY_DIGITS, passkey_windows
 
 DEFAULT_MAX_BYTES = 4_000_000
 VAL_EVERY = 10  # file k (in the shuffled order) is a validation file when k % VAL_EVERY == 0
@@ -174,17 +174,31 @@ def _windows(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch
     return starts, windows, torch.full((batch_size,), -1, dtype=torch.long)
 
 
+def answer_weights(needle_start: torch.Tensor, seq_len: int, answer_weight: float) -> torch.Tensor:
+    """Loss weights float [B, seq_len] of a batch's targets: answer_weight on the answer (the key's digits and its
+    closing '.': a passkey sample's last len(ANSWER) targets) of the rows with needle_start >= 0, 1 elsewhere."""
+    weights = torch.ones(len(needle_start), seq_len)
+    answer = len(ANSWER.format(key="0" * KEY_DIGITS))
+    weights[needle_start >= 0, seq_len - answer:] = answer_weight
+    return weights
+
+
 def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None = None,
-              device: str | torch.device = "cpu", passkey_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+              device: str | torch.device = "cpu", passkey_fraction: float = 0.0,
+              answer_weight: float | None = None) -> tuple[torch.Tensor, ...]:
     """Random windows of data (uint8 [N]): inputs x and next-byte targets y, long [batch_size, seq_len].
-    passkey_fraction: the share of windows that are passkey samples (nsa.eval.passkey_windows), on average."""
-    window = _windows(data, batch_size, seq_len, generator, passkey_fraction)[1]  # [B, seq_len + 1]
-    return window[:, :-1].to(device), window[:, 1:].to(device)
+    passkey_fraction: the share of windows that are passkey samples (nsa.eval.passkey_windows), on average.
+    answer_weight given: a third tensor, the loss weights float [batch_size, seq_len] (answer_weights)."""
+    _, window, needle_start = _windows(data, batch_size, seq_len, generator, passkey_fraction)  # [B, seq_len + 1]
+    batch = window[:, :-1].to(device), window[:, 1:].to(device)
+    if answer_weight is None:
+        return batch
+    return *batch, answer_weights(needle_start, seq_len, answer_weight).to(device)
 
 
 def get_packed_batch(data: torch.Tensor, starts: torch.Tensor | None, batch_size: int, seq_len: int,
                      generator: torch.Generator | None = None, device: str | torch.device = "cpu",
-                     passkey_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     passkey_fraction: float = 0.0, answer_weight: float | None = None) -> tuple[torch.Tensor, ...]:
     """get_batch's windows (the same draws from generator), each split at document boundaries into packed
     sequences: x, y long [1, batch_size * seq_len] and cu_seqlens int32 [N + 1] (FlashAttention's convention).
 
@@ -192,7 +206,8 @@ def get_packed_batch(data: torch.Tensor, starts: torch.Tensor | None, batch_size
     document boundary, so with cu_seqlens no token attends across documents; a target that is the first byte
     of the next document is set to -100 (cross_entropy's ignore_index): nothing is predicted across documents.
     passkey_fraction as in get_batch; a passkey sample is one sequence (its filler may span documents: the
-    sample is one document, as the prompts of nsa.eval are).
+    sample is one document, as the prompts of nsa.eval are). answer_weight given: a fourth tensor, the loss
+    weights float [1, batch_size * seq_len] (answer_weights; 0 where the target is ignored).
     """
     window_starts, window, needle_start = _windows(data, batch_size, seq_len, generator, passkey_fraction)
     x, y = window[:, :-1], window[:, 1:]
@@ -214,4 +229,8 @@ def get_packed_batch(data: torch.Tensor, starts: torch.Tensor | None, batch_size
         cuts.append(torch.arange(1, batch_size + 1) * seq_len)
     cu_seqlens = torch.cat(cuts).to(torch.int32)
     y = y.masked_fill(ignore, -100)
-    return x.reshape(1, -1).to(device), y.reshape(1, -1).to(device), cu_seqlens.to(device)
+    batch = x.reshape(1, -1).to(device), y.reshape(1, -1).to(device), cu_seqlens.to(device)
+    if answer_weight is None:
+        return batch
+    weights = answer_weights(needle_start, seq_len, answer_weight).masked_fill(ignore, 0.0)
+    return *batch, weights.reshape(1, -1).to(device)

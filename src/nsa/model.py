@@ -214,10 +214,12 @@ class LanguageModel(nn.Module):
         return ModelCache([b.attn.new_cache(batch_size, capacity, dtype, device, max_trim) for b in self.blocks])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                cache: ModelCache | None = None, prompt_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: ModelCache | None = None, prompt_lens: list[int] | None = None,
+                loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx long [B, T] (or [1, total] packed, with cu_seqlens) -> (logits [B, T, vocab], loss).
 
-        loss: mean cross-entropy against targets long [B, T], None without targets.
+        loss: mean cross-entropy against targets long [B, T] (-100: ignored), None without targets; with
+        loss_weights float [B, T], the weighted mean sum(w * ce) / sum(w) (give ignored targets weight 0).
         With a cache, idx holds new tokens: an empty cache is prefilled with the prompts idx (right-padded,
         row b's length prompt_lens[b], default T), a non-empty one advances every row by T tokens.
         """
@@ -228,8 +230,16 @@ class LanguageModel(nn.Module):
             x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache.layers[i],
                       prompt_lens=prompt_lens)
         logits = self.lm_head(self.norm(x))
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
+        if targets is None:
+            return logits, None
+        if loss_weights is None:
+            return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if loss_weights.shape != targets.shape:
+            raise ValueError(f"loss_weights must have the targets' shape {tuple(targets.shape)}, "
+                             f"got {tuple(loss_weights.shape)}")
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        w = loss_weights.flatten().to(ce.dtype)
+        return logits, (w * ce).sum() / w.sum()
 
     def prefill(self, idx: torch.Tensor, cache: ModelCache, chunk_size: int | None = None) -> torch.Tensor:
         """Starts the cache over with prompts idx long [B, T] -> logits [B, T, vocab].

@@ -48,6 +48,9 @@ class TrainConfig:
     # the share of training windows (on average) that are passkey samples ending with the answer
     # (nsa.eval.passkey_windows); the validation windows stay plain text, comparable across runs
     passkey_fraction: float = 0.0
+    # the loss weight of each answer byte of a passkey sample (the key's digits and '.'), a text byte's being 1:
+    # > 1 puts more of the training signal on retrieval (the answer is 7 of a window's seq_len targets)
+    passkey_answer_weight: float = 1.0
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -58,6 +61,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.passkey_fraction <= 1:
             raise ValueError(f"TrainConfig.passkey_fraction must be in [0, 1], got {self.passkey_fraction}")
+        if not self.passkey_answer_weight > 0:
+            raise ValueError(f"TrainConfig.passkey_answer_weight must be > 0, got {self.passkey_answer_weight}")
         if self.passkey_fraction and self.seq_len + 1 < passkey_min_length():
             raise ValueError(f"TrainConfig.seq_len ({self.seq_len}) is too short for the passkey mix: it needs "
                              f"seq_len >= {passkey_min_length() - 1}, or passkey_fraction=0")
@@ -196,8 +201,8 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
     """Trains one LanguageModel in the folder run_dir: metrics.jsonl, config.json and checkpoint.safetensors.
 
     Every step appends {"step", "loss", "lr", "tokens_per_s"} to metrics.jsonl ("step": updates done, "loss":
-    the loss of that update's batch); validation steps (0, every eval_every, the last) add "val_loss" (mean
-    over eval_batches fixed validation windows). A checkpoint is saved every checkpoint_every steps, after
+    the loss of that update's batch, weighted when train.passkey_answer_weight != 1); validation steps (0, every
+    eval_every, the last) add "val_loss" (mean over eval_batches fixed validation windows, unweighted). A checkpoint is saved every checkpoint_every steps, after
     the last and at stop_at (a step to stop after, e.g. to split a run over sessions).
     resume=True continues run_dir from its checkpoint with the saved configs (model_cfg / train_cfg must be
     None): model, optimizer, the data sampler's position and the RNGs are restored, so the result is bitwise
@@ -228,10 +233,11 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
     def batch(split: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         data = getattr(corpus, split)
         mix = train_cfg.passkey_fraction if split == "train" else 0.0  # validation stays plain text
+        weight = train_cfg.passkey_answer_weight if mix and train_cfg.passkey_answer_weight != 1 else None
         if train_cfg.packed:
             return get_packed_batch(data, getattr(corpus, f"{split}_starts"), train_cfg.batch_size,
-                                    train_cfg.seq_len, gen, device, mix)
-        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, device, mix)
+                                    train_cfg.seq_len, gen, device, mix, weight)
+        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, device, mix, weight)
 
     val_batches = [batch("val", val_generator) for _ in range(train_cfg.eval_batches)]
     metrics_path = run_dir / METRICS_FILE
@@ -264,12 +270,13 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
         tokens = train_cfg.batch_size * train_cfg.seq_len
         for step in steps:
             t0 = time.perf_counter()
-            inputs = batch("train", generator)  # (x, y) or packed (x, y, cu_seqlens)
+            inputs = batch("train", generator)  # (x, y) or packed (x, y, cu_seqlens), then loss weights if any
             lr = lr_at(step, train_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            weights = inputs[-1] if len(inputs) == 3 + train_cfg.packed else None
             with autocast(device):
-                loss = model(*inputs)[1]
+                loss = model(*inputs[:2 + train_cfg.packed], loss_weights=weights)[1]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
