@@ -1,12 +1,14 @@
 """Gradient check of a whole model at an experiment's shape, CUDA only: are the bf16 kernels' gradients in a
 training step as close to the float32 oracle as full attention's are to its own?
 
-    python benchmarks/check_model_grads.py [--config experiments/retrieval-8k.toml] [--batch 2] [--warm-steps 50]
+    python benchmarks/check_model_grads.py [--config experiments/retrieval-8k.toml] [--batch 2] [--seq-len 2048]
+                                           [--warm-steps 50]
 
 For attention "nsa" and "full" alike: the experiment's model (same seed) is first trained --warm-steps steps as
 `nsa train` trains it (bf16 autocast, AdamW at the config's learning rate; past the initialization, where the
 compressed scores are nearly tied and the top-n selection is arbitrary), then the gradients of one batch of text
-are taken three ways:
+are taken three ways on --batch windows of --seq-len bytes (the oracle's PyTorch NSA is slow at the config's
+8192):
   bf16    the training path: bfloat16 autocast, the default backend (Triton kernels for NSA);
   fp32    float32, no autocast, the same backend;
   oracle  float32, no autocast, NSA on backend="reference" (pure PyTorch); full attention: SDPA's math backend.
@@ -61,6 +63,7 @@ def main() -> None:
     p = parser(__doc__, out=None, timing=False)
     p.add_argument("--config", default="experiments/retrieval-8k.toml")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--warm-steps", type=int, default=50)
     p.add_argument("--data-max-bytes", type=int, default=20_000_000)
     args = p.parse_args()
@@ -71,7 +74,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     warm = [get_batch(corpus.train, train_cfg.batch_size, train_cfg.seq_len, gen, "cuda")
             for _ in range(args.warm_steps)]
-    x, y = get_batch(corpus.val, args.batch, train_cfg.seq_len, gen, "cuda")
+    x, y = get_batch(corpus.val, args.batch, args.seq_len, gen, "cuda")
     for attention in ("nsa", "full"):
         torch.manual_seed(0)
         model_cfg.attention = attention
@@ -89,9 +92,9 @@ def main() -> None:
         losses, grads = {}, {}
         for mode in ("bf16", "fp32", "oracle"):
             losses[mode], grads[mode] = gradients(model, x, y, mode)
+            print(f"{attention} {mode}: loss {losses[mode]:.5f}", flush=True)
         bf16, fp32 = compare(grads["bf16"], grads["oracle"]), compare(grads["fp32"], grads["oracle"])
-        print(f"\n{attention}: loss bf16 {losses['bf16']:.5f}  fp32 {losses['fp32']:.5f}  oracle {losses['oracle']:.5f}"
-              f"  (after {args.warm_steps} warm-up steps, last train loss {loss.item():.4f})")
+        print(f"\n{attention} after {args.warm_steps} warm-up steps (last train loss {loss.item():.4f}):")
         rows = [[name, f"{bf16[name][0]:.2e}", f"{bf16[name][1]:.5f}", f"{fp32[name][0]:.2e}", f"{fp32[name][1]:.5f}"]
                 for name in grads["oracle"]]
         print(table(["parameter", "bf16 rel err", "bf16 cos", "fp32 rel err", "fp32 cos"], rows))
