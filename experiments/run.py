@@ -26,6 +26,7 @@ from nsa.train import CHECKPOINT_FILE, PRESETS, read_metrics
 
 HERE = Path(__file__).resolve().parent
 TINY_STEPS = 4
+TINY_NEEDLES = 2  # passkey needles a window at most (the experiments' configs may ask more: too long for tiny windows)
 TINY_GRID = ("96,128", "0,1", 1)  # lengths, depths, trials of the tiny evaluations
 WARMUP_STEPS_EXCLUDED = 10  # the first steps compile kernels: left out of the median step time
 
@@ -62,11 +63,13 @@ EXPERIMENTS = {
 
 
 def tiny_overrides() -> list[str]:
-    """--set flags that shrink an experiment to the tiny preset's model and TINY_STEPS steps of 2 short windows."""
+    """--set flags that shrink an experiment to the tiny preset's model and TINY_STEPS steps of 2 short windows
+    (TINY_NEEDLES passkey needles a window at most)."""
     tiny = PRESETS["tiny"]
     sets = [f"model.{k}={json.dumps(v)}" for k, v in tiny["model"].items() if k != "nsa"]
     sets += ["model.head_dim=null"] + [f"model.nsa.{k}={v}" for k, v in tiny["model"]["nsa"].items()]
-    train = dict(tiny["train"], steps=TINY_STEPS, batch_size=2, eval_batches=1, seq_len=passkey_min_length() + 16,
+    train = dict(tiny["train"], steps=TINY_STEPS, batch_size=2, eval_batches=1, passkey_needles=TINY_NEEDLES,
+                 seq_len=TINY_NEEDLES * passkey_min_length() + 16,
                  data_max_bytes=300_000)
     return sets + [f"train.{k}={json.dumps(v)}" for k, v in train.items()]
 

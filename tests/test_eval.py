@@ -47,7 +47,9 @@ def test_passkey_mix_puts_the_needle_at_its_depth_and_the_answer_last():
     B, L = 300, 150
     x, y = get_batch(FILLER, B, L, torch.Generator().manual_seed(1))
     windows = torch.cat([x, y[:, -1:]], dim=1)  # [B, L + 1]
-    mixed, needle_start = passkey_windows(windows, 0.3, torch.Generator().manual_seed(2))
+    mixed, needle_start, answer_mask = passkey_windows(windows, 0.3, torch.Generator().manual_seed(2))
+    assert torch.equal(answer_mask[rows := needle_start >= 0, -len(ANSWER.format(key='12345')):].all(1),
+                       torch.ones(int(rows.sum()), dtype=torch.bool)) and answer_mask.sum() == 7 * rows.sum()
     rows = needle_start >= 0
     assert 0.2 < rows.float().mean() < 0.4
     assert torch.equal(mixed[~rows], windows[~rows])  # plain rows untouched
@@ -86,6 +88,32 @@ def test_passkey_mix_trains_the_answer_digits_dense_and_packed():
     assert 16 < n_mixed < 48
     with pytest.raises(ValueError, match="passkey mix"):
         get_batch(FILLER, 2, passkey_min_length() - 2, passkey_fraction=0.5)
+
+
+def test_several_needles_each_question_asks_for_the_latest_key():
+    B, L, needles = 200, 400, 4
+    windows = FILLER[torch.arange(B)[:, None] * 7 + torch.arange(L + 1)].long()
+    mixed, needle_start, answer_mask = passkey_windows(windows, 0.5, torch.Generator().manual_seed(5), needles)
+    rows = needle_start >= 0
+    assert torch.equal(mixed[~rows], windows[~rows]) and not answer_mask[~rows].any()
+    counts = []
+    for b in rows.nonzero()[:, 0].tolist():
+        text = decode(mixed[b])
+        assert len(mixed[b]) == L + 1 and text.index(NEEDLE[:16]) == needle_start[b]
+        segments = text.split(QUESTION)[:-1]  # each ends with the answer of the previous question
+        counts.append(len(segments))
+        answers = []
+        for j, before in enumerate(segments):
+            key = before[before.rindex(NEEDLE[:16]) + 16:][:5]  # the most recent needle before the question
+            after = text.split(QUESTION)[j + 1]
+            assert after.startswith(ANSWER.format(key=key)), (b, j)
+            answers.append(ANSWER.format(key=key))
+        assert text.endswith(answers[-1])  # the window's last bytes answer its last question
+        marked = bytes(mixed[b][answer_mask[b]].tolist()).decode()
+        assert marked == "".join(answers)  # the mask covers exactly the answers' bytes
+    assert set(counts) == {1, 2, 3, 4}
+    with pytest.raises(ValueError, match="too short for the passkey mix with 9 needle"):
+        passkey_windows(windows, 0.5, None, 9)
 
 
 def test_answer_weights_mark_the_answer_of_passkey_rows_dense_and_packed():

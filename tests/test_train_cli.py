@@ -94,6 +94,14 @@ def test_passkey_mix_resumes_exactly_and_leaves_validation_plain(tmp_path, data)
     assert [r["loss"] for r in read_metrics(weighted)[1:]] != [r["loss"] for r in with_mix[1:]]
     with pytest.raises(ValueError, match="passkey_answer_weight must be > 0"):
         main(tiny_args(tmp_path / "bad_weight", data, "--set", "train.passkey_answer_weight=0"))
+    needles = tmp_path / "needles"
+    assert main(tiny_args(needles, data, *mix, "--set", "train.passkey_needles=2", "--set", "train.seq_len=160")) == 0
+    assert read_metrics(needles)[-1]["step"] == 6
+    with pytest.raises(ValueError, match="too short for the passkey mix: it needs seq_len >= 157 with passkey_needles=2"):
+        main(tiny_args(tmp_path / "short2", data, "--set", "train.passkey_fraction=0.5",
+                       "--set", "train.passkey_needles=2", "--set", "train.seq_len=120"))
+    with pytest.raises(ValueError, match="passkey_needles must be >= 1"):
+        main(tiny_args(tmp_path / "bad_needles", data, "--set", "train.passkey_needles=0"))
 
 
 def test_config_file_toml_and_json(tmp_path, data):

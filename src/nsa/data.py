@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .eval import ANSWER, KEY_DIGITS, passkey_windows
+from .eval import passkey_windows
 
 DEFAULT_MAX_BYTES = 4_000_000
 VAL_EVERY = 10  # file k (in the shuffled order) is a validation file when k % VAL_EVERY == 0
@@ -160,56 +160,59 @@ def _starts(docs: list[bytes]) -> torch.Tensor:
 
 
 def _windows(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None,
-             passkey_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             passkey_fraction: float = 0.0, passkey_needles: int = 1) -> tuple[torch.Tensor, ...]:
     """Random windows of seq_len + 1 bytes of data -> (their starts long [B], the windows long [B, seq_len + 1],
-    needle_start long [B]: -1 in plain windows). passkey_fraction > 0: nsa.eval.passkey_windows mixes passkey
-    samples in (more draws from generator); 0 draws nothing more."""
+    needle_start long [B]: -1 in plain windows, answer_mask bool [B, seq_len + 1]: the answers' bytes).
+    passkey_fraction > 0: nsa.eval.passkey_windows mixes passkey samples in (with passkey_needles; more draws from
+    generator); 0 draws nothing more."""
     if len(data) <= seq_len:
         raise ValueError(f"seq_len ({seq_len}) must be shorter than the data ({len(data)} bytes); "
                          "use a smaller --seq-len or more data")
     starts = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)
     windows = data[starts[:, None] + torch.arange(seq_len + 1)].long()
     if passkey_fraction > 0:
-        return starts, *passkey_windows(windows, passkey_fraction, generator)
-    return starts, windows, torch.full((batch_size,), -1, dtype=torch.long)
+        return starts, *passkey_windows(windows, passkey_fraction, generator, passkey_needles)
+    return (starts, windows, torch.full((batch_size,), -1, dtype=torch.long),
+            torch.zeros(batch_size, seq_len + 1, dtype=torch.bool))
 
 
-def answer_weights(needle_start: torch.Tensor, seq_len: int, answer_weight: float) -> torch.Tensor:
-    """Loss weights float [B, seq_len] of a batch's targets: answer_weight on the answer (the key's digits and its
-    closing '.': a passkey sample's last len(ANSWER) targets) of the rows with needle_start >= 0, 1 elsewhere."""
-    weights = torch.ones(len(needle_start), seq_len)
-    answer = len(ANSWER.format(key="0" * KEY_DIGITS))
-    weights[needle_start >= 0, seq_len - answer:] = answer_weight
-    return weights
+def answer_weights(answer_mask: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """Loss weights float [B, seq_len] of a batch's targets from answer_mask bool [B, seq_len + 1] (its windows'
+    answer bytes): answer_weight on the targets that are answer bytes, 1 elsewhere."""
+    return 1.0 + (answer_weight - 1.0) * answer_mask[:, 1:].float()
 
 
 def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None = None,
               device: str | torch.device = "cpu", passkey_fraction: float = 0.0,
-              answer_weight: float | None = None) -> tuple[torch.Tensor, ...]:
+              answer_weight: float | None = None, passkey_needles: int = 1) -> tuple[torch.Tensor, ...]:
     """Random windows of data (uint8 [N]): inputs x and next-byte targets y, long [batch_size, seq_len].
-    passkey_fraction: the share of windows that are passkey samples (nsa.eval.passkey_windows), on average.
-    answer_weight given: a third tensor, the loss weights float [batch_size, seq_len] (answer_weights)."""
-    _, window, needle_start = _windows(data, batch_size, seq_len, generator, passkey_fraction)  # [B, seq_len + 1]
+    passkey_fraction: the share of windows that are passkey samples (nsa.eval.passkey_windows, with
+    passkey_needles), on average. answer_weight given: a third tensor, the loss weights float [batch_size, seq_len]
+    (answer_weights)."""
+    _, window, _, answer_mask = _windows(data, batch_size, seq_len, generator, passkey_fraction,
+                                         passkey_needles)  # [B, seq_len + 1]
     batch = window[:, :-1].to(device), window[:, 1:].to(device)
     if answer_weight is None:
         return batch
-    return *batch, answer_weights(needle_start, seq_len, answer_weight).to(device)
+    return *batch, answer_weights(answer_mask, answer_weight).to(device)
 
 
 def get_packed_batch(data: torch.Tensor, starts: torch.Tensor | None, batch_size: int, seq_len: int,
                      generator: torch.Generator | None = None, device: str | torch.device = "cpu",
-                     passkey_fraction: float = 0.0, answer_weight: float | None = None) -> tuple[torch.Tensor, ...]:
+                     passkey_fraction: float = 0.0, answer_weight: float | None = None,
+                     passkey_needles: int = 1) -> tuple[torch.Tensor, ...]:
     """get_batch's windows (the same draws from generator), each split at document boundaries into packed
     sequences: x, y long [1, batch_size * seq_len] and cu_seqlens int32 [N + 1] (FlashAttention's convention).
 
     starts: long [n_docs], where each document starts in data (None: one document). No sequence crosses a
     document boundary, so with cu_seqlens no token attends across documents; a target that is the first byte
     of the next document is set to -100 (cross_entropy's ignore_index): nothing is predicted across documents.
-    passkey_fraction as in get_batch; a passkey sample is one sequence (its filler may span documents: the
+    passkey_fraction and passkey_needles as in get_batch; a passkey sample is one sequence (its filler may span documents: the
     sample is one document, as the prompts of nsa.eval are). answer_weight given: a fourth tensor, the loss
     weights float [1, batch_size * seq_len] (answer_weights; 0 where the target is ignored).
     """
-    window_starts, window, needle_start = _windows(data, batch_size, seq_len, generator, passkey_fraction)
+    window_starts, window, needle_start, answer_mask = _windows(data, batch_size, seq_len, generator,
+                                                                passkey_fraction, passkey_needles)
     x, y = window[:, :-1], window[:, 1:]
     cuts = [torch.zeros(1, dtype=torch.long)]
     ignore = torch.zeros(batch_size, seq_len, dtype=torch.bool)
@@ -232,5 +235,5 @@ def get_packed_batch(data: torch.Tensor, starts: torch.Tensor | None, batch_size
     batch = x.reshape(1, -1).to(device), y.reshape(1, -1).to(device), cu_seqlens.to(device)
     if answer_weight is None:
         return batch
-    weights = answer_weights(needle_start, seq_len, answer_weight).masked_fill(ignore, 0.0)
+    weights = answer_weights(answer_mask, answer_weight).masked_fill(ignore, 0.0)
     return *batch, weights.reshape(1, -1).to(device)

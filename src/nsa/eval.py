@@ -10,7 +10,8 @@ also reports, per layer, how often the selection blocks holding the key's digits
 position, against chance, and the mean gate of each branch (`selection_stats`).
 
 The training mix (`passkey_windows`, TrainConfig.passkey_fraction) puts the same pattern into training windows,
-followed by the answer (ANSWER), so that the model is trained to retrieve the key.
+followed by the answer (ANSWER), so that the model is trained to retrieve the key; TrainConfig.passkey_needles > 1
+puts several needle-question-answer segments into one window (more retrieval examples per window).
 """
 from __future__ import annotations
 
@@ -67,31 +68,53 @@ def passkey_min_length() -> int:
     return len(NEEDLE.format(key=key)) + len(QUESTION) + len(ANSWER.format(key=key))
 
 
-def passkey_windows(windows: torch.Tensor, fraction: float, generator: torch.Generator | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def passkey_windows(windows: torch.Tensor, fraction: float, generator: torch.Generator | None, needles: int = 1
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training mix: each window of long [B, N] bytes becomes, with probability `fraction`, a passkey sample
-    made of its own bytes: make_prompt(window, N - len(answer), depth, key) then ANSWER, with depth uniform in
-    [0, 1] and a random 5-digit key, so the window's last bytes are the answer to the question.
+    made of its own bytes, cut into k consecutive segments (k = 1 when needles = 1, else uniform in 1..needles,
+    segment lengths random, each at least passkey_min_length()); each segment becomes make_prompt(segment,
+    its length - len(answer), depth, key) then ANSWER, with depth uniform in [0, 1] and a random 5-digit key, so
+    every question asks for the most recent needle's key and the window's last bytes answer the last question.
 
-    Draws 3 * B numbers from generator whatever the outcome (the stream stays aligned for exact resume).
-    Returns (the windows long [B, N], needle_start long [B]: where row b's needle starts, -1 in plain rows).
+    Draws from generator whatever the outcome (the stream stays aligned for exact resume): B + 2 * B * needles
+    numbers, and B + B * needles more when needles > 1.
+    Returns (the windows long [B, N], needle_start long [B]: where row b's first needle starts, -1 in plain
+    rows, answer_mask bool [B, N]: True on the bytes of every ANSWER).
     """
     B, N = windows.shape
-    if N < passkey_min_length():
-        raise ValueError(f"windows of {N} bytes are too short for the passkey mix (at least {passkey_min_length()}: "
-                         "needle, question and answer); raise train.seq_len or set train.passkey_fraction=0")
+    if not isinstance(needles, int) or needles < 1:
+        raise ValueError(f"needles must be a positive int, got {needles!r}")
+    if N < needles * passkey_min_length():
+        raise ValueError(f"windows of {N} bytes are too short for the passkey mix with {needles} needle(s) (at least "
+                         f"{needles} x {passkey_min_length()}: needle, question and answer); raise train.seq_len, "
+                         "lower train.passkey_needles or set train.passkey_fraction=0")
     mixed = torch.rand(B, generator=generator) < fraction
-    depths = torch.rand(B, generator=generator)
-    keys = torch.randint(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS, (B,), generator=generator)
+    depths = torch.rand(B, needles, generator=generator)
+    keys = torch.randint(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS, (B, needles), generator=generator)
+    counts, shares = torch.ones(B, dtype=torch.long), torch.ones(B, needles)
+    if needles > 1:
+        counts = torch.randint(1, needles + 1, (B,), generator=generator)
+        shares = torch.rand(B, needles, generator=generator) + 1e-3
     windows = windows.clone()
     needle_start = torch.full((B,), -1, dtype=torch.long)
+    answer_mask = torch.zeros(B, N, dtype=torch.bool)
     for b in mixed.nonzero()[:, 0].tolist():
-        key = str(keys[b].item())
-        answer = torch.tensor(list(ANSWER.format(key=key).encode()))
-        prompt = make_prompt(windows[b], N - len(answer), depths[b].item(), key)
-        windows[b] = torch.cat([prompt.tokens, answer])
-        needle_start[b] = prompt.needle_start
-    return windows, needle_start
+        k = counts[b].item()
+        share = shares[b, :k] / shares[b, :k].sum()
+        lengths = passkey_min_length() + (share * (N - k * passkey_min_length())).long()
+        lengths[-1] = N - lengths[:-1].sum()
+        row, at = [], 0
+        for j, length in enumerate(lengths.tolist()):
+            key = str(keys[b, j].item())
+            answer = torch.tensor(list(ANSWER.format(key=key).encode()))
+            prompt = make_prompt(windows[b, at:at + length], length - len(answer), depths[b, j].item(), key)
+            row += [prompt.tokens, answer]
+            if j == 0:
+                needle_start[b] = prompt.needle_start
+            answer_mask[b, at + length - len(answer):at + length] = True
+            at += length
+        windows[b] = torch.cat(row)
+    return windows, needle_start, answer_mask
 
 
 def score_answer(answer: str, key: str) -> bool:

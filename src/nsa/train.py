@@ -51,6 +51,9 @@ class TrainConfig:
     # the loss weight of each answer byte of a passkey sample (the key's digits and '.'), a text byte's being 1:
     # > 1 puts more of the training signal on retrieval (the answer is 7 of a window's seq_len targets)
     passkey_answer_weight: float = 1.0
+    # > 1: a passkey sample holds 1..passkey_needles needle-question-answer segments (each question asks for the
+    # most recent key): more retrieval examples per window, at shorter distances
+    passkey_needles: int = 1
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -63,9 +66,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.passkey_fraction must be in [0, 1], got {self.passkey_fraction}")
         if not self.passkey_answer_weight > 0:
             raise ValueError(f"TrainConfig.passkey_answer_weight must be > 0, got {self.passkey_answer_weight}")
-        if self.passkey_fraction and self.seq_len + 1 < passkey_min_length():
+        if self.passkey_needles < 1:
+            raise ValueError(f"TrainConfig.passkey_needles must be >= 1, got {self.passkey_needles}")
+        if self.passkey_fraction and self.seq_len + 1 < self.passkey_needles * passkey_min_length():
             raise ValueError(f"TrainConfig.seq_len ({self.seq_len}) is too short for the passkey mix: it needs "
-                             f"seq_len >= {passkey_min_length() - 1}, or passkey_fraction=0")
+                             f"seq_len >= {self.passkey_needles * passkey_min_length() - 1} with passkey_needles="
+                             f"{self.passkey_needles}, or passkey_fraction=0")
 
 
 @dataclass
@@ -236,8 +242,9 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
         weight = train_cfg.passkey_answer_weight if mix and train_cfg.passkey_answer_weight != 1 else None
         if train_cfg.packed:
             return get_packed_batch(data, getattr(corpus, f"{split}_starts"), train_cfg.batch_size,
-                                    train_cfg.seq_len, gen, device, mix, weight)
-        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, device, mix, weight)
+                                    train_cfg.seq_len, gen, device, mix, weight, train_cfg.passkey_needles)
+        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, device, mix, weight,
+                         train_cfg.passkey_needles)
 
     val_batches = [batch("val", val_generator) for _ in range(train_cfg.eval_batches)]
     metrics_path = run_dir / METRICS_FILE
