@@ -171,7 +171,8 @@ selected gates forced to 0: window only). --set train.packed=true splits windows
 into packed sequences (cu_seqlens): nothing attends or is predicted across documents.
 --set train.data=python-env: the .py files of this Python environment (stdlib and site-packages).
 --set train.passkey_fraction=0.2: that share of training windows become passkey samples with their
-answer (nsa eval passkey's pattern); validation windows stay plain text.
+answer (nsa eval passkey's pattern); validation windows stay plain text. --set train.passkey_needles=16:
+1..16 needle-question-answer segments a sample; --set train.passkey_answer_weight=10: answers weigh more.
 On CUDA the forward passes run under bfloat16 autocast; AdamW, warm-up then cosine, gradient clipping.
 """
 
