@@ -27,7 +27,7 @@ from nsa.train import CHECKPOINT_FILE, PRESETS, read_metrics
 HERE = Path(__file__).resolve().parent
 TINY_STEPS = 4
 TINY_NEEDLES = 2  # passkey needles a window at most (the experiments' configs may ask more: too long for tiny windows)
-TINY_GRID = ("96,128", "0,1", 1)  # lengths, depths, trials of the tiny evaluations
+TINY_GRID = ("96,128", "0,1", 1)  # lengths, depths, trials of the tiny evaluations (repeat: the same lengths)
 WARMUP_STEPS_EXCLUDED = 10  # the first steps compile kernels: left out of the median step time
 
 
@@ -43,6 +43,7 @@ class Experiment:
     config: str | None  # the TOML under experiments/ (None: no training)
     models: dict[str, list[str]] = field(default_factory=dict)  # name -> its --set overrides
     passkey: Passkey | None = None
+    repeat_lengths: str | None = None  # `nsa eval repeat --lengths` of each model (None: not run)
     evaluates: str | None = None  # evaluate the models of this experiment instead of training
 
 
@@ -55,7 +56,7 @@ EXPERIMENTS = {
     "loss": Experiment("loss-8k.toml", {"nsa": [], "full": ["model.attention=full"]}),
     "retrieval": Experiment("retrieval-8k.toml",
                             {"nsa": [], "full": ["model.attention=full"], "swa": ['model.branches=["swa"]']},
-                            Passkey("1024,2048,4096,8192,16384", tenths(0, 10), 8)),
+                            Passkey("1024,2048,4096,8192,16384", tenths(0, 10), 8), "1024,2048,4096,8192,16384"),
     # depths 0 and 1 are left out: blocks 0, J - 1 and J are always selected, so keys there are hits by construction
     "learned": Experiment(None, {"nsa": [], "swa": []}, Passkey("2048,4096,8192,16384", tenths(1, 9), 16),
                           evaluates="retrieval"),
@@ -96,6 +97,12 @@ def commands(name: str, out: Path, tiny: bool = False) -> list[tuple[str, list[s
             steps.append((f"eval {model}", ["nsa", "eval", "passkey", str(run_dir(name, out, model)), "--lengths",
                                             lengths, "--depths", depths, "--trials", str(trials),
                                             "--out", str(out / name / model / "passkey"), *device]))
+    if exp.repeat_lengths is not None:
+        lengths, trials = (TINY_GRID[0], TINY_GRID[2]) if tiny else (exp.repeat_lengths, 8)
+        for model in exp.models:
+            steps.append((f"repeat {model}", ["nsa", "eval", "repeat", str(run_dir(name, out, model)), "--lengths",
+                                              lengths, "--trials", str(trials),
+                                              "--out", str(out / name / model / "repeat"), *device]))
     if exp.config is not None:
         steps.append(("plot", ["nsa", "plot", *(str(run_dir(name, out, m)) for m in exp.models),
                                "--out", str(out / name / "loss.png"), "--title", f"{name}: " + " vs ".join(exp.models)]))
@@ -126,6 +133,10 @@ def summarize(name: str, out: Path, wall: dict[str, float]) -> dict:
                 entry["nsa_layers"] = [{k: s[k] for k in ("hit_rate", "chance", "gate_mean")}
                                        for s in results["nsa_layers"]]
             entry["eval_wall_s"] = wall[f"eval {model}"]
+        if exp.repeat_lengths is not None:
+            results = json.loads((out / name / model / "repeat" / "repeat.json").read_text())
+            entry["repeat_loss_by_length"] = {str(n): {"first": a, "second": b} for n, a, b in
+                                              zip(results["lengths"], results["first"], results["second"])}
     return summary
 
 

@@ -1,6 +1,7 @@
 """Passkey evaluation: prompt layout, the scorer, the training mix, and an end-to-end run on a tiny model through the
 CLI."""
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -13,7 +14,7 @@ from nsa.checkpoint import load_model, save_checkpoint
 from nsa.cli import main
 from nsa.data import decode, encode, get_batch, get_packed_batch
 from nsa.eval import (ANSWER, NEEDLE, QUESTION, make_prompt, passkey_grid, passkey_min_length, passkey_windows,
-                      score_answer, selection_chance)
+                      repeat_loss, score_answer, selection_chance)
 from nsa.train import TrainConfig, config_dict
 
 FILLER = encode("".join(f"line {i} of some filler text\n" for i in range(100)))
@@ -195,3 +196,35 @@ def test_passkey_eval_runs_end_to_end(tmp_path, capsys):
     assert len(results["nsa_layers"]) == 1 and 0 <= results["nsa_layers"][0]["hit_rate"] <= 1
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         main(["eval", "passkey", str(tmp_path / "nothing"), "--device", "cpu"])
+    assert main(["eval", "repeat", str(run), "--lengths", "40,64", "--trials", "3", "--device", "cpu"]) == 0
+    repeat = json.loads((run / "repeat" / "repeat.json").read_text())
+    assert repeat["lengths"] == [40, 64] and repeat["trials"] == 3
+    assert all(math.isfinite(x) for x in repeat["first"] + repeat["second"])
+    assert "loss 2nd copy" in capsys.readouterr().out
+
+
+class CopierAtHalf(torch.nn.Module):
+    """Predicts, at position t of a [B, T] input, the byte T // 2 - 1 positions back (uniform when there is none):
+    a perfect copier of a chunk written twice, blind to everything else."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx):
+        B, T = idx.shape
+        n = T // 2
+        logits = torch.zeros(B, T, 256)
+        t = torch.arange(n - 1, T)
+        logits[:, t] = 30.0 * torch.nn.functional.one_hot(idx[:, t + 1 - n], 256).float()
+        return logits, None
+
+
+def test_repeat_loss_compares_the_same_bytes_of_both_copies():
+    results = repeat_loss(CopierAtHalf(), FILLER, [64, 100], trials=3)
+    assert results["lengths"] == [64, 100] and results["trials"] == 3
+    for first, second in zip(results["first"], results["second"]):
+        assert first == pytest.approx(math.log(256), rel=1e-5)  # nothing to copy from in the first copy
+        assert second < 1e-6  # every byte of the second copy predicted from n bytes back
+    with pytest.raises(ValueError, match="length 2 must be >= 4"):
+        repeat_loss(CopierAtHalf(), FILLER, [2])

@@ -278,18 +278,14 @@ def parse_list(text: str, kind, flag: str) -> list:
 
 def eval_passkey_command(args) -> int:
     from . import eval as evaluation
-    dev = resolve_device(args.device)
     lengths = parse_list(args.lengths, int, "--lengths")
     depths = parse_list(args.depths, float, "--depths")
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
-    model, config = load_model(args.path, dev)
+    model, _, corpus, out = load_eval_inputs(args)
     source = Path(args.path)
-    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "passkey"
-    train_cfg = config.get("train", {})
-    data = args.data if args.data is not None else train_cfg.get("data")
-    corpus = load_corpus(data, train_cfg.get("data_max_bytes", 4_000_000))
-    print(f"passkey: {args.path} on {dev}; filler from the validation part of {corpus.source}")
+    print(f"passkey: {args.path} on {next(model.parameters()).device}; filler from the validation part of "
+          f"{corpus.source}")
     print(f"lengths {lengths} x depths {depths}, {args.trials} trials per cell")
 
     def report(cell):
@@ -310,6 +306,34 @@ def eval_passkey_command(args) -> int:
             gates = "  ".join(f"{b} {g:.3f}" for b, g in s["gate_mean"].items())
             print(f"  layer {i}: hit rate {s['hit_rate']:.3f} (chance {s['chance']:.3f})  gates {gates}")
     print(f"results saved to {json_path.resolve()}, heatmap to {png.resolve()}")
+    return 0
+
+
+def load_eval_inputs(args) -> tuple:
+    """(model, the run's config, the corpus for filler, the out folder) of `nsa eval ...` args."""
+    model, config = load_model(args.path, resolve_device(args.device))
+    source = Path(args.path)
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / args.eval_command
+    train_cfg = config.get("train", {})
+    data = args.data if args.data is not None else train_cfg.get("data")
+    return model, config, load_corpus(data, train_cfg.get("data_max_bytes", 4_000_000)), out
+
+
+def eval_repeat_command(args) -> int:
+    from . import eval as evaluation
+    lengths = parse_list(args.lengths, int, "--lengths")
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    model, _, corpus, out = load_eval_inputs(args)
+    print(f"repeat: {args.path}; chunks of the validation part of {corpus.source}, each written twice; "
+          f"{args.trials} prompts per length")
+    results = evaluation.repeat_loss(model, corpus.val, lengths, args.trials, args.seed)
+    results["checkpoint"] = str(args.path)
+    results["data"] = corpus.source
+    print("  length  distance  loss 1st copy  loss 2nd copy  (nats/byte)")
+    for n, a, b in zip(results["lengths"], results["first"], results["second"]):
+        print(f"  {n:>6}  {n // 2:>8}  {a:>13.4f}  {b:>13.4f}")
+    print(f"results saved to {evaluation.save_results(results, out / 'repeat.json').resolve()}")
     return 0
 
 
@@ -361,10 +385,19 @@ def main(argv: list[str] | None = None) -> int:
     pk.add_argument("--lengths", default="256,512,1024", help="context lengths in bytes (default: 256,512,1024)")
     pk.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1] (default: 0,0.25,0.5,0.75,1)")
     pk.add_argument("--trials", type=int, default=5, help="prompts per cell (default: 5)")
-    pk.add_argument("--data", help="filler text file or folder, or python-env (default: the run's training data)")
-    pk.add_argument("--out", help="the results folder (default: RUN/passkey)")
-    pk.add_argument("--seed", type=int, default=0)
-    pk.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    rp = evals.add_parser("repeat", help="in-context copying at a distance: the loss on a text chunk's second copy",
+                          description="Random chunks of n = length / 2 validation bytes, each written twice; prints "
+                                      "and writes to repeat.json the mean loss on the first and on the second copy "
+                                      "(the same bytes, n bytes later). Lower on the second: the model retrieves "
+                                      "from n bytes back; equal: it cannot see that far.")
+    rp.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="an nsa train run folder or a checkpoint file")
+    rp.add_argument("--lengths", default="512,1024,2048", help="prompt lengths in bytes (default: 512,1024,2048)")
+    rp.add_argument("--trials", type=int, default=8, help="prompts per length (default: 8)")
+    for sub, name in ((pk, "passkey"), (rp, "repeat")):
+        sub.add_argument("--data", help="text file or folder, or python-env (default: the run's training data)")
+        sub.add_argument("--out", help=f"the results folder (default: RUN/{name})")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     args = parser.parse_args(argv)
     try:
         require_cli_deps()
@@ -373,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return train_command(args)
     if args.command == "eval":
-        return eval_passkey_command(args)
+        return eval_passkey_command(args) if args.eval_command == "passkey" else eval_repeat_command(args)
     if args.command == "plot":
         print(f"loss plot saved to {plot_runs(args.runs, args.out, args.title).resolve()}")
         return 0

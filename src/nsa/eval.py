@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .config import NSAConfig
 from .layer import BRANCHES, NativeSparseAttention
@@ -240,6 +241,35 @@ def plot_heatmap(results: dict, path: str | os.PathLike, title: str = "passkey r
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def repeat_loss(model: LanguageModel, text: torch.Tensor, lengths: list[int], trials: int = 8, seed: int = 0) -> dict:
+    """In-context copying at a distance, no training for it needed: each prompt is a random chunk c of n = length // 2
+    bytes of text (uint8 [N]), twice (c + c). The model's loss on the second copy's bytes 1..n-1, against its loss on
+    the same bytes in the first copy, shows how much it retrieves from n bytes back: a window-only model with
+    window w <= n cannot see the first copy and predicts both alike; full attention can.
+
+    Returns {"lengths", "trials", "first": [mean loss in nats/byte per length], "second": [...]}."""
+    rng = random.Random(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    first, second = [], []
+    for length in lengths:
+        n = length // 2
+        if n < 2 or len(text) < n:
+            raise ValueError(f"length {length} must be >= 4 and at most twice the text's {len(text)} bytes")
+        chunks = [text[s:s + n].long() for s in (rng.randrange(len(text) - n + 1) for _ in range(trials))]
+        idx = torch.stack([torch.cat([c, c]) for c in chunks]).to(device)  # [trials, 2n]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(idx)[0]
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
+        loss = loss.view(trials, 2 * n - 1)  # loss[:, t]: predicting byte t + 1
+        first.append(loss[:, :n - 1].mean().item())  # bytes 1 .. n-1 of the first copy
+        second.append(loss[:, n:].mean().item())  # the same bytes of the second copy
+    model.train(was_training)
+    return {"lengths": list(lengths), "trials": trials, "first": first, "second": second}
 
 
 def save_results(results: dict, path: str | os.PathLike) -> Path:
