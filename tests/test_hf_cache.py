@@ -111,5 +111,7 @@ def test_greedy_generate_triton_matches_nsa_generate(share_kv):
     model = make_model(share_kv=share_kv, dtype=torch.bfloat16, device="cuda", backend="triton")
     prompt = torch.randint(1, 64, (3, 200), generator=torch.Generator().manual_seed(1)).cuda()
     want = model.model.generate(prompt, 150, temperature=0, cuda_graph=False)
-    got = model.generate(prompt, max_new_tokens=150, do_sample=False, pad_token_id=0)
+    # the capacity nsa's generate allocates: the decoding kernels then split the same lengths the same way
+    got = model.generate(prompt, max_new_tokens=150, do_sample=False, pad_token_id=0,
+                         **{CACHE_FIELD: NSAHFCache(capacity=350)})
     assert torch.equal(got, want)
