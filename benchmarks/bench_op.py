@@ -26,7 +26,9 @@ Install on a machine without network from a wheel downloaded beforehand:
 Part "model": one training step (forward + backward, bfloat16 autocast, fp32 weights) of
 nsa.LanguageModel(ModelConfig(n_layer=2, n_embd=2048, n_head=16, n_kv_head=1, head_dim=128, vocab 256)), B = 1,
 attention "nsa" against "full" (SDPA, torch's default backend choice), at --model-T: median ms (CUDA events),
-tokens/s, full / nsa time, peak memory.
+tokens/s, full / nsa time, peak memory. With --compile, each model also runs as torch.compile(model,
+fullgraph=True) (inductor): its step time beside the eager one (eager / compiled), and the first compiled step's
+wall time (tracing and compiling included).
 
 Every configuration is guarded: an OOM, a missing package or an unsupported shape prints 'n/a (reason)' and the
 run goes on. Prints a header (date, GPU, versions, command) and markdown tables; writes results.json and
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import time
 
 import torch
 
@@ -328,48 +331,75 @@ def model_config(attention):
                            attention=attention)
 
 
-def model_step(attention, T, iters):
-    """{ms, peak_mib, tok_s, params} of one forward+backward of the model on B = 1 random tokens."""
+def model_step(attention, T, iters, compiled=False):
+    """{ms, peak_mib, tok_s, params, first_step_s} of one forward+backward of the model on B = 1 random tokens,
+    eager or through torch.compile(model, fullgraph=True) (first_step_s: the first step's wall time, which compiles
+    when compiled)."""
     model = nsa.LanguageModel(model_config(attention)).cuda().train()
+    forward = torch.compile(model, fullgraph=True) if compiled else model
     idx = torch.randint(0, 256, (1, T + 1), device="cuda")
     inputs, targets = idx[:, :-1], idx[:, 1:]
 
     def step():
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(inputs, targets)
+            _, loss = forward(inputs, targets)
         loss.backward()
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - start
     rec = measure(step, timer="events", iters=iters)
-    rec.update(tok_s=None if rec["ms"] is None else T / rec["ms"] * 1e3, params=model.num_params())
+    rec.update(tok_s=None if rec["ms"] is None else T / rec["ms"] * 1e3, params=model.num_params(),
+               first_step_s=first_step_s)
     return rec  # the model goes with this frame; run_model empties the cache
 
 
-def run_model(Ts, iters):
+def model_variants(compile_too):
+    """(key prefix, attention, compiled) of the measured models: eager nsa and full, and compiled ones too."""
+    modes = (False, True) if compile_too else (False,)
+    return [(attention + ("_compiled" if compiled else ""), attention, compiled)
+            for compiled in modes for attention in ("nsa", "full")]
+
+
+def run_model(Ts, iters, compile_too=False):
     rows = []
     for T in Ts:
         row = {"T": T}
-        for attention in ("nsa", "full"):
-            print(f"model step {attention} T={T} ...", flush=True)
-            rec, err = common.guarded(model_step, attention, T, iters)
+        for key, attention, compiled in model_variants(compile_too):
+            print(f"model step {key} T={T} ...", flush=True)
+            rec, err = common.guarded(model_step, attention, T, iters, compiled)
             torch.cuda.empty_cache()
             rec = rec or dict(ms=None, peak_mib=None, tok_s=None, error=err)
-            row.update({f"{attention}_ms": rec["ms"], f"{attention}_tok_s": rec["tok_s"],
-                        f"{attention}_peak_mib": rec["peak_mib"], f"{attention}_error": rec["error"],
+            row.update({f"{key}_ms": rec["ms"], f"{key}_tok_s": rec["tok_s"], f"{key}_peak_mib": rec["peak_mib"],
+                        f"{key}_error": rec["error"], f"{key}_first_step_s": rec.get("first_step_s"),
                         "params_" + attention: rec.get("params")})
         rows.append(row)
     return rows
 
 
-def model_table(rows):
+def model_table(rows, compile_too=False):
+    keys = [key for key, _, _ in model_variants(compile_too)]
+    headers = ["T"]
+    for key in keys:
+        headers += [f"{key} ms", f"{key} tokens/s", f"{key} MiB"] + (["first step s"] if key.endswith("compiled") else [])
+    headers += ["full / nsa"] + (["full / nsa compiled", "nsa eager / compiled", "full eager / compiled"]
+                                 if compile_too else [])
     out = []
     for r in rows:
         cells = []
-        for a in ("nsa", "full"):
-            err = r[f"{a}_error"]
-            cells += [fmt(r[f"{a}_ms"], ".1f", err), fmt(r[f"{a}_tok_s"], ".0f", err), fmt(r[f"{a}_peak_mib"], ".0f")]
-        out.append([r["T"], *cells, ratio(r["full_ms"], r["nsa_ms"])])
-    return common.table(["T", "nsa ms", "nsa tokens/s", "nsa MiB", "full ms", "full tokens/s", "full MiB",
-                         "full / nsa"], out)
+        for key in keys:
+            err = r[f"{key}_error"]
+            cells += [fmt(r[f"{key}_ms"], ".1f", err), fmt(r[f"{key}_tok_s"], ".0f", err),
+                      fmt(r[f"{key}_peak_mib"], ".0f")]
+            if key.endswith("compiled"):
+                cells.append(fmt(r[f"{key}_first_step_s"], ".1f"))
+        cells.append(ratio(r["full_ms"], r["nsa_ms"]))
+        if compile_too:
+            cells += [ratio(r["full_compiled_ms"], r["nsa_compiled_ms"]), ratio(r["nsa_ms"], r["nsa_compiled_ms"]),
+                      ratio(r["full_ms"], r["full_compiled_ms"])]
+        out.append([r["T"], *cells])
+    return common.table(headers, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,6 +414,8 @@ def main():
     parser.add_argument("--model-T", type=int, nargs="+", default=[8192, 32768, 65536],
                         help="sequence lengths of part 'model'")
     parser.add_argument("--model-iters", type=int, default=5, help="part 'model': timed steps (after 2 warm-up)")
+    parser.add_argument("--compile", action="store_true",
+                        help="part 'model': also time torch.compile(model, fullgraph=True) steps, beside eager")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
     args = parser.parse_args()
     common.require_cuda("bench_op.py")
@@ -402,7 +434,7 @@ def main():
                 results.append(run_shape(shape, T, config, args, fla))
                 torch.cuda.empty_cache()
     if "model" in args.parts:
-        model = run_model(args.model_T, args.model_iters)
+        model = run_model(args.model_T, args.model_iters, args.compile)
 
     common.print_header("NSA op against SDPA and fla-core; model training step", env)
     if results:
@@ -414,8 +446,9 @@ def main():
         cfg = model_config("nsa")
         print(f"\nModel training step: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, n_head {cfg.n_head}, n_kv_head "
               f"{cfg.n_kv_head}, head_dim {cfg.head_dim}, vocab {cfg.vocab_size}, B = 1, bf16 autocast, forward + "
-              f"backward; median of {args.model_iters} (CUDA events).\n")
-        print(model_table(model))
+              f"backward; median of {args.model_iters} (CUDA events)"
+              + ("; eager and torch.compile(fullgraph=True)" if args.compile else "") + ".\n")
+        print(model_table(model, args.compile))
     meta = dict(env, config=config, args=vars(args), fla=fla_note)
     path = common.write_json(args.out, meta, op=results, model=model)
     png = f"{args.out}/speedup.png"

@@ -144,6 +144,34 @@ def test_nbytes_formula(share_kv):
     assert cache.nbytes == B * 8 * Hkv * (Dk + Dv) * tokens + 4 * B + 4  # + 4: error_flag
 
 
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_grown_cache_decodes_as_one_made_large(share_kv):
+    """Growing a cache mid-decoding (past compressed tokens, selection blocks and the window) keeps every row's
+    contents: the steps after it equal those of a cache made with the final capacity."""
+    layer = make_layer(share_kv)
+    x = randn(2, T, HIDDEN)
+    small, large = layer.new_cache(2, 12), layer.new_cache(2, T)
+    want = feed(layer, x, large, [11, 1, 1, 57])
+    ys = [layer.prefill(x[:, :11], small), layer.step(x[:, 11:12], small)]
+    small.grow(13)  # by one token, then past many compressed tokens
+    ys.append(layer.step(x[:, 12:13], small))
+    small.grow(T)
+    ys.append(layer.step(x[:, 13:], small))
+    assert small.capacity == T and small.cmp_capacity == CFG.num_cmp_tokens(T) and small.k_cmp.shape[1] == small.cmp_capacity
+    assert (small.k_swa is small.k_slc) == share_kv
+    torch.testing.assert_close(torch.cat(ys, dim=1), want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="capacity must be an int >= the current capacity"):
+        small.grow(T - 1)
+
+
+def test_model_cache_grow_reaches_every_layer():
+    torch.manual_seed(0)
+    model = nsa.LanguageModel(nsa.ModelConfig(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attention="full"))
+    cache = model.new_cache(1, 4)
+    cache.grow(9)
+    assert cache.capacity == 9 and all(c.k.shape[1] == 9 and c.v.shape[1] == 9 for c in cache.layers)
+
+
 @pytest.mark.parametrize("attention", ["nsa", "full"])
 def test_model_cache_rows_of_different_lengths(attention):
     torch.manual_seed(0)

@@ -115,7 +115,7 @@ def test_out_is_checked_before_training(tmp_path, no_training):
             main(demo_args(data, out))
 
 
-@pytest.mark.parametrize("module", ["tqdm", "matplotlib"])
+@pytest.mark.parametrize("module", ["tqdm", "matplotlib", "safetensors"])
 def test_missing_cli_extra_exits_with_the_install_command(module, tmp_path, monkeypatch, capsys, no_training):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
     with pytest.raises(SystemExit) as info:

@@ -14,7 +14,8 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_si
 
 
 def tiny(arch: str, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, **extra):
-    kw = dict(SMALL, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, **extra)
+    kw = dict(SMALL, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+    kw.update(extra)
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -29,7 +30,7 @@ def tiny(arch: str, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, **ext
 
 
 CASES = [
-    ("llama", dict(heads=14, kv_heads=2, head_dim=8)),  # GQA group of 7
+    ("llama", dict(heads=14, kv_heads=2, head_dim=8, hidden_size=112)),  # GQA group of 7 (5.x: hidden = heads * D)
     ("llama", dict(rope_theta=500.0, rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     ("llama", dict(attention_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
@@ -188,14 +189,55 @@ def test_nsa_for_causal_lm_labels_and_generate():
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
 
-    with torch.no_grad():  # generate() without transformers' cache (the config's use_cache is False): greedy
+    with torch.no_grad():  # greedy generate() (through NSAHFCache: tests/test_hf_cache.py) = argmax of re-runs
         got = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
         seq = ids[:, :5]
         for _ in range(4):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(got, seq)
-    with pytest.raises(NotImplementedError, match="cache"):
-        model(ids, use_cache=True)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_nsa_for_causal_lm_padded_rows_are_their_own(padding):
+    """A padded row's logits and loss at its tokens are those of the row alone; padding columns count for nothing."""
+    model = tiny_nsa_hf().double()
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    tokens = slice(9, 24) if padding == "left" else slice(0, 15)
+    mask[1] = 0
+    mask[1, tokens] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    if padding == "left":  # a padding column would predict the row's first token (as in transformers): ignore it
+        labels[1, 9] = -100
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=labels, use_cache=False)
+        alone = [model(ids[:1], labels=ids[:1]), model(ids[1:, tokens], labels=ids[1:, tokens])]
+    torch.testing.assert_close(out.logits[0], alone[0].logits[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.logits[1, tokens], alone[1].logits[0], rtol=1e-10, atol=1e-10)
+    want = (23 * alone[0].loss + 14 * alone[1].loss) / 37  # the mean over every predicted token
+    torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=0)  # transformers' loss is float32
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # what generate() derives from the mask
+    torch.testing.assert_close(model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits,
+                               out.logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="position_ids must count"):
+        model(ids, attention_mask=mask, position_ids=torch.arange(1, 25).expand(2, -1), use_cache=False)
+    with pytest.raises(ValueError, match="one non-empty contiguous run"):
+        model(ids, attention_mask=torch.tensor([[1, 0] * 12, [1] * 24]), use_cache=False)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, 24\]"):
+        model(ids, attention_mask=mask[:, None, None], use_cache=False)
+
+
+def test_nsa_for_causal_lm_packed_position_ids():
+    """One row of sequences packed back to back (position_ids restarting at 0) runs as nsa's cu_seqlens."""
+    model = tiny_nsa_hf().double()
+    ids = torch.randint(0, 64, (1, 30), generator=torch.Generator().manual_seed(4))
+    pos = torch.cat([torch.arange(12), torch.arange(18)])[None]
+    with torch.no_grad():
+        got = model(ids, position_ids=pos).logits  # no cache is made for packed rows
+        apart = torch.cat([model(ids[:, :12]).logits, model(ids[:, 12:]).logits], dim=1)
+    torch.testing.assert_close(got, apart, rtol=1e-10, atol=1e-10)
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(ids, position_ids=pos, use_cache=True)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -212,7 +254,7 @@ def test_packed_position_ids(arch):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got, apart, rtol=1e-10, atol=1e-10)
     with pytest.raises(NotImplementedError, match="positions"):
-        model(ids, position_ids=pos + 1)
+        model(ids, position_ids=pos + 1, use_cache=False)
     with pytest.raises(NotImplementedError, match="one row"):
         model(ids.expand(2, -1), position_ids=pos.expand(2, -1))
 
@@ -241,3 +283,19 @@ def test_convert_keeps_dtype():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 97, (1, T))).logits).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_convert_triton_backend_reproduces_dense_logits(arch):
+    """The converted model on the Triton kernels (float32, window >= T) against the dense model, forward and backward."""
+    model = tiny(arch).float().cuda()
+    ids = torch.randint(0, 97, (2, 64), device="cuda")
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    nsa.convert(model, nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=2, window=64),
+                backend="triton", gate_bias=40.0)
+    out = model(ids, labels=ids, use_cache=False)
+    torch.testing.assert_close(out.logits, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in nsa.hf.new_parameters(model))

@@ -109,6 +109,23 @@ class LayerCache:
                              f"needs {longest + new_tokens} for {new_tokens} new ones; create the cache with "
                              f"capacity >= {longest + new_tokens}")
 
+    def grow(self, capacity: int) -> None:
+        """Reallocates the buffers for `capacity` tokens per row (at least the current capacity), keeping every
+        row's contents and length: for decoding whose final length is not known when the cache is made. Copies the
+        buffers once (grow geometrically to keep the cost amortized); a DecodeGraph captured on this cache before
+        is no longer valid."""
+        if not _is_int(capacity) or capacity < self.capacity:
+            raise ValueError(f"capacity must be an int >= the current capacity ({self.capacity}), got {capacity!r}")
+        for name in self.TOKEN_BUFFERS:
+            setattr(self, name, self._grown(getattr(self, name), int(capacity)))
+        self.capacity = int(capacity)
+
+    def _grown(self, buffer: torch.Tensor, tokens: int) -> torch.Tensor:
+        """A new [B, tokens, Hkv, D] buffer (head-major, as _buffer) starting with the contents of buffer."""
+        new = self._buffer(tokens, *buffer.shape[2:])
+        new[:, :buffer.shape[1]] = buffer
+        return new
+
     def check_dtype(self, x: torch.Tensor) -> None:
         if x.dtype != self.dtype:
             raise TypeError(f"the layer produces keys/values of dtype {x.dtype} but the cache holds {self.dtype}; "
@@ -242,6 +259,16 @@ class NSACache(LayerCache):
             self.k_swa, self.v_swa = self.k_slc, self.v_slc
         self.error_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
 
+    def grow(self, capacity: int) -> None:
+        """LayerCache.grow; the compressed slots grow with it (the spare slot stays last), the ring is kept."""
+        super().grow(capacity)
+        self.cmp_capacity = self.config.num_cmp_tokens(self.capacity)
+        self.cmp_slots_k = self._grown(self.k_cmp, self.cmp_capacity + 1)
+        self.cmp_slots_v = self._grown(self.v_cmp, self.cmp_capacity + 1)
+        self.k_cmp, self.v_cmp = self.cmp_slots_k[:, :self.cmp_capacity], self.cmp_slots_v[:, :self.cmp_capacity]
+        if self.share_kv:
+            self.k_swa, self.v_swa = self.k_slc, self.v_slc
+
     def advance_host(self, new_tokens: int) -> None:
         super().advance_host(new_tokens)
         self.ring_start = [max(r, n - self.ring_size) for r, n in zip(self.ring_start, self.host_seqlens)]
@@ -370,6 +397,15 @@ class ModelCache:
             for c in self.layers:
                 stack.enter_context(c.host_seqlens_kept())
             yield
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].capacity
+
+    def grow(self, capacity: int) -> None:
+        """LayerCache.grow in every layer."""
+        for c in self.layers:
+            c.grow(capacity)
 
     def reset(self, rows: list[int] | None = None) -> None:
         for c in self.layers:

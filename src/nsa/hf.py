@@ -104,30 +104,37 @@ class NSAAttentionHF(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache_position=None, position_ids=None, **kwargs):
         B, T, _ = hidden_states.shape
-        if cache_position is not None and cache_position.numel() and int(cache_position[0]) != 0:
+        # transformers 4.x passes cache_position; 5.x only the position_ids of the new tokens (and names the cache
+        # `cache` from 5.2x)
+        first = cache_position if cache_position is not None else position_ids
+        has_cache = past_key_values is not None or kwargs.get("cache") is not None
+        start = int(first.flatten()[0]) if has_cache and first is not None and first.numel() else 0
+        if start != 0:
             raise NotImplementedError(
-                "nsa.convert: decoding through transformers' KV cache is not supported yet (this call continues "
-                f"a sequence from position {int(cache_position[0])}); run whole sequences (use_cache=False)")
-        cu_seqlens = None if position_ids is None else _cu_seqlens_from_positions(position_ids, T)
+                "nsa.convert: decoding through transformers' KV cache is not supported yet for converted models (this "
+                f"call continues a sequence from position {start}); run whole sequences (use_cache=False)")
+        cu_seqlens = None if position_ids is None else cu_seqlens_from_position_ids(position_ids, T)
         if attention_mask is not None:
             _check_causal_mask(attention_mask, T, cu_seqlens)
         return self.nsa(hidden_states, cu_seqlens=cu_seqlens), None
 
 
-def _cu_seqlens_from_positions(position_ids: torch.Tensor, T: int) -> torch.Tensor | None:
-    """None when every row's positions are 0 .. T-1; for one row of sequences packed back to back (positions
-    restarting at 0 at each start, transformers' padding-free batches), their cu_seqlens (int32); else an error."""
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor, T: int) -> torch.Tensor | None:
+    """position_ids long [B, T] or [T] -> None when every row's positions are 0 .. T-1; for one row of sequences packed
+    back to back (positions restarting at 0 at each start, transformers' padding-free batches), their cu_seqlens
+    int32 [N + 1]; else NotImplementedError. Reads the positions on the host (whole-sequence calls only)."""
     pos = position_ids.expand(1, -1) if position_ids.dim() == 1 else position_ids
     if pos.shape[-1] != T:
-        raise NotImplementedError(f"nsa.convert: position_ids of shape {tuple(position_ids.shape)} for {T} tokens")
+        raise NotImplementedError(f"position_ids of shape {tuple(position_ids.shape)} for {T} tokens: NSA attention "
+                                  "needs one position per token")
     step_ok = (pos[:, 1:] == pos[:, :-1] + 1) | (pos[:, 1:] == 0)
     if not (bool((pos[:, 0] == 0).all()) and bool(step_ok.all())):
-        raise NotImplementedError("nsa.convert: NSA attention needs positions 0 .. T-1 in every row, or sequences "
+        raise NotImplementedError("NSA attention needs positions (position_ids) 0 .. T-1 in every row, or sequences "
                                   "packed in one row each starting at 0 (no left padding or offsets)")
     if bool(((pos == 0).sum(-1) == 1).all()):
         return None
     if pos.shape[0] != 1:
-        raise NotImplementedError("nsa.convert: packed position_ids (restarting at 0) need a batch of one row")
+        raise NotImplementedError("NSA attention: packed position_ids (restarting at 0) need a batch of one row")
     starts = (pos[0] == 0).nonzero().flatten()
     return torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
 

@@ -127,7 +127,14 @@ class NativeSparseAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=False)
         self.branches = branches
         # 1 for a learned gate, 0 for one forced off; a buffer (not saved) so that it follows .to(device)
-        self.register_buffer("gate_mask", torch.tensor([float(b in branches) for b in BRANCHES]), persistent=False)
+        self.register_buffer("gate_mask", torch.empty(len(BRANCHES)), persistent=False)
+        self.reset_gate_mask()
+
+    @torch.no_grad()
+    def reset_gate_mask(self) -> None:
+        """Writes gate_mask from self.branches: for loaders that make modules on the meta device and fill only the
+        saved tensors (transformers 5's from_pretrained), which leaves this unsaved buffer uninitialized."""
+        self.gate_mask.copy_(torch.tensor([float(b in self.branches) for b in BRANCHES]))
 
     def _check_input(self, x, cu_seqlens) -> list[int]:
         """Validates x (and cu_seqlens); returns seq_lens, the packed sequences' lengths ([T] when not packed)."""
