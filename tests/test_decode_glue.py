@@ -141,6 +141,27 @@ def test_glue_choice():
     assert not other._fused_glue(x, other.new_cache(1, 8))
 
 
+def test_fused_step_runs_no_torch_glue(op_inputs):
+    """The fused step leaves none of the torch glue's operations (rotary, cache writes, the ring gather) to torch:
+    what torch still runs is the projections, the gates and phi."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layer = make_layer(4, False, torch.float32)
+    x = torch.randn(2, 9, HIDDEN, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    cache = prefilled(layer, x[:, :8], None, 9)
+    with torch.no_grad(), Ops() as ops:
+        layer.step(x[:, 8:], cache)
+    assert {"decode_append_tokens", "decode_append_compressed", "addmm", "gelu"} <= ops.names
+    assert not ops.names & {"cos", "sin", "cat", "index_put_", "gather", "index", "remainder"}
+
+
 def _glue_case(S=2, seed=3):
     """A prefilled cache of a G = 2 layer, float32, rows at 22, 5 and 9 tokens (capacity 24), and the projections
     of S new tokens."""
