@@ -162,6 +162,22 @@ def test_fused_step_runs_no_torch_glue(op_inputs):
     assert not ops.names & {"cos", "sin", "cat", "index_put_", "gather", "index", "remainder"}
 
 
+def test_fused_step_reads_nothing_back(monkeypatch):
+    """A fused layer step (glue, phi, the decoding op) never waits on the device: no .item(), .tolist() or bool()."""
+    layer = make_layer(2, True, torch.float32)
+    x = torch.randn(2, 10, HIDDEN, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    cache = prefilled(layer, x[:, :8], [8, 3], 10)
+
+    def refuse(*_, **__):
+        raise AssertionError("host sync")
+
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    with torch.no_grad():
+        layer.step(x[:, 8:], cache)
+    assert cache.host_seqlens == [10, 5]
+
+
 def _glue_case(S=2, seed=3):
     """A prefilled cache of a G = 2 layer, float32, rows at 22, 5 and 9 tokens (capacity 24), and the projections
     of S new tokens."""
