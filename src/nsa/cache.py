@@ -16,7 +16,8 @@ NSACache (one per NativeSparseAttention layer) holds what SPEC.md's decoding sec
       (with share_kv one pair, returned for both branches);
   k_cmp, v_cmp [B, cmp_capacity, Hkv, D]: the compressed keys (rotated at their block centre) / values,
       cmp_capacity = num_cmp_tokens(capacity); compressed token i sits in slot i (the storage has one spare
-      slot more, where a step writes the candidate tokens that complete nothing: see completed_blocks);
+      slot more, where the torch glue's step writes the candidate tokens that complete nothing: see completed_blocks;
+      the fused glue, ops/triton/decode_glue.py, writes nothing for them);
   ring_k, ring_v [B, R, Hkv, D]: the cmp_src of the last R tokens, position p in slot p % R,
       R = max(1, l - 1 + max_trim). Compressed token i is made by phi from the cmp_src of tokens [i*d, i*d + l) as soon
       as token i*d + l - 1 arrives, so only the tokens of blocks still under construction (at most the last
