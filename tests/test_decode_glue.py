@@ -106,6 +106,18 @@ def test_fused_glue_equals_torch_glue(G, share_kv, dtype, op_inputs):
     assert any(completed) and not all(completed)
 
 
+def test_fused_glue_with_head_dims_192_and_128(op_inputs):
+    """Dk 192 / Dv 128 (Dk + Dv past 256, each head dim within the kernels' limit; not powers of two)."""
+    layer = make_layer(2, False, torch.float32, Dk=192, Dv=128, Hkv=1)
+    x = torch.randn(1, 12, HIDDEN, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    cache = prefilled(layer, x[:, :7], None, 12)
+    caches = [cache, copy.deepcopy(cache)]
+    with torch.no_grad():
+        step_both(layer, x[:, 7:12], caches, op_inputs)  # completes compressed token 0
+    assert_caches_agree(*caches)
+    assert caches[1].k_cmp[:, 0].any()
+
+
 def test_fused_glue_steps_equal_the_whole_sequence():
     """Tokens 14 (completing compressed token 2), 15 and 16 through the fused glue and the Triton decoding op: the
     outputs of the whole-sequence forward (float32; the forward on the reference backend)."""

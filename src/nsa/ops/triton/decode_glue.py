@@ -202,8 +202,9 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _check(kv: torch.Tensor, tensors: tuple) -> None:
-    check_backend_inputs(kv, (kv.shape[-1],))
+def _check(head_dims: tuple[int, int], tensors: tuple) -> None:
+    """What the kernels need: a Triton device and dtype, head dims (Dk, Dv) <= 256, contiguous last dims."""
+    check_backend_inputs(tensors[0], head_dims)
     if any(x.stride(-1) != 1 for x in tensors):
         raise ValueError("the fused decoding glue needs tensors whose last dim is contiguous")
 
@@ -220,7 +221,7 @@ def append_tokens(q, kv, inv_freq, cache_seqlens, ring_k, ring_v, k_slc, v_slc, 
     B, S, Hq, Dk = q.shape
     Hkv, Dv = kv.shape[3], v_slc.shape[3]
     share_kv = kv.shape[2] == 1
-    _check(kv, (q, kv, ring_k, ring_v, k_slc, v_slc) + (() if share_kv else (k_swa, v_swa)))
+    _check((Dk, Dv), (kv, q, ring_k, ring_v, k_slc, v_slc) + (() if share_kv else (k_swa, v_swa)))
     C = triton.cdiv(S, cmp_stride)
     q_out = torch.empty(B, S, Hq, Dk, dtype=q.dtype, device=q.device)
     k_blocks = torch.empty(B, C, Hkv, cmp_block, Dk, dtype=kv.dtype, device=kv.device)
@@ -247,7 +248,7 @@ def append_compressed(k_new, v_new, kv, inv_freq, cache_seqlens, ring_k, ring_v,
     B, S, _, Hkv, _ = kv.shape
     C, Dk, Dv = k_new.shape[1], k_new.shape[3], v_new.shape[3]
     k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    _check(kv, (kv, ring_k, ring_v, k_cmp, v_cmp))
+    _check((Dk, Dv), (kv, ring_k, ring_v, k_cmp, v_cmp))
     _append_compressed_kernel[(B,)](
         k_new, v_new, kv, inv_freq, cache_seqlens, ring_k, ring_v, k_cmp, v_cmp,
         kv.stride(0), kv.stride(1), kv.stride(3), *_strides(ring_k), *_strides(ring_v), *_strides(k_cmp),
