@@ -10,12 +10,17 @@ read from the cache, K and V of every KV head of every row (2 bytes an element):
 and the achieved bandwidth, bytes / time. Also: the timing floor (a one-kernel graph timed the same way), and
 the per-layer time of NSA and cuDNN steps replayed inside one graph of --graph-layers layers, each with its own
 cache (a model's decoding step), where those caches fit in memory.
-Part 2, end to end: LanguageModel.generate (greedy, KV cache, bfloat16 weights) of a small model, NSA and
-full attention, after a prompt of --prompt tokens: prefill time and decoding tokens/s (batch --e2e-B), the
-decoding steps replayed from a CUDA graph (generate's default on a GPU) and eager.
+Part 2, end to end: LanguageModel.generate (greedy, KV cache, bfloat16 weights) of the models --models
+(common.MODELS: the small demo model, width 512, 8 / 2 heads of 64; the wide one, width 2048, 16 / 1 heads of
+128; --layers layers each), NSA (its decoding glue fused, and with --glue torch also the torch glue) and full
+attention, after prompts of each of --prompts tokens, each batch size of --e2e-B: prefill seconds (the prompt's
+forward, reported apart) and decoding tokens/s over the steady steps (after the prefill, the eager step and the
+capture: tokens 4 .. --new-tokens), the steps replayed from a CUDA graph (generate's default on a GPU) and, with
+--step-modes eager, eager.
 Prints markdown tables (after a header naming the date, GPU and versions); writes results.json to --out.
 
     python benchmarks/bench_decode.py --L 8192 16384 32768 65536 131072 --B 1 32 --out bench_out
+    python benchmarks/bench_decode.py --L --prompts 8192 32768 65536 --e2e-B 1 32 --glue fused torch
 """
 from __future__ import annotations
 
@@ -111,30 +116,36 @@ def graph_floor(warmup, rep):
     return bench(z.zero_, warmup, rep)["ms"]
 
 
-def run_generate(attention, B, prompt_len, new_tokens, args, cuda_graph):
-    """Prefill seconds and decoding tokens/s of generate() for a small model, its steps eager or replayed from a
-    CUDA graph."""
-    cfg = nsa.ModelConfig(n_layer=args.layers, n_embd=args.dim, n_head=args.heads, n_kv_head=args.kv_heads,
-                          attention=attention)
-    model = nsa.LanguageModel(cfg).to("cuda", torch.bfloat16).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), device="cuda")
+def run_generate(model_name, attention, glue, B, prompt_len, args, cuda_graph):
+    """Prefill seconds and steady decoding tokens/s of generate() (see the module docstring)."""
+    model = common.make_model(model_name, attention, args.layers, fuse_decode_glue=glue == "fused")
+    prompt = torch.randint(0, model.cfg.vocab_size, (B, prompt_len), device="cuda")
     stamps = []
 
     def stamp(_tokens):
         torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    model.generate(prompt, new_tokens, temperature=0, cuda_graph=cuda_graph)  # warm up: compile every kernel
+    model.generate(prompt, args.new_tokens, temperature=0, cuda_graph=cuda_graph)  # warm up: compile every kernel
     torch.cuda.synchronize()
     start = time.perf_counter()
-    model.generate(prompt, new_tokens, temperature=0, callback=stamp, cuda_graph=cuda_graph)
-    decode_s = stamps[-1] - stamps[0]  # new_tokens - 1 decoding steps
-    out = dict(attention=attention, cuda_graph=cuda_graph, B=B, prompt=prompt_len, new_tokens=new_tokens,
-               prefill_s=stamps[0] - start, decode_tok_s=B * (new_tokens - 1) / decode_s,
+    model.generate(prompt, args.new_tokens, temperature=0, callback=stamp, cuda_graph=cuda_graph)
+    steady = stamps[STEADY:]  # from the token after the capture (generate captures at its third token)
+    out = dict(model=model_name, attention=attention, glue=glue if attention == "nsa" else None,
+               cuda_graph=cuda_graph, B=B, prompt=prompt_len, new_tokens=args.new_tokens,
+               prefill_s=stamps[0] - start, decode_tok_s=B * (len(steady) - 1) / (steady[-1] - steady[0]),
                params=model.num_params())
     del model
     torch.cuda.empty_cache()
     return out
+
+
+STEADY = 3  # tokens before the steady steps: the prefill's, the eager step's and the capturing step's
+
+
+def generate_runs(args):
+    """(model, attention, glue) of every end-to-end run: NSA with each --glue, then full attention."""
+    return [(m, "nsa", g) for m in args.models for g in args.glue] + [(m, "full", None) for m in args.models]
 
 
 def print_tables(attention, e2e, hbm, floor, graph_layers):
@@ -167,27 +178,42 @@ def print_tables(attention, e2e, hbm, floor, graph_layers):
             if rec["error"]:
                 print(f"  B={r['B']} L={r['L']} {name}: {rec['error']}")
     if e2e:
-        print("\n| attention | steps | B | prompt | prefill s | decode tokens/s |")
-        print("|---|---|---|---|---|---|")
-        for r in e2e:
-            steps = "CUDA graph" if r["cuda_graph"] else "eager"
-            err = r.get("error")
-            print(f"| {r['attention']} | {steps} | {r['B']} | {r['prompt']} | {fmt(r.get('prefill_s'), '.2f', err)} | "
-                  f"{fmt(r.get('decode_tok_s'), '.0f', err)} |")
+        print_generate(e2e)
+
+
+def print_generate(e2e):
+    """The end-to-end table: one line per (model, steps, B, prompt), NSA's runs beside full attention's."""
+    full = {(r["model"], r["cuda_graph"], r["B"], r["prompt"]): r.get("decode_tok_s")
+            for r in e2e if r["attention"] == "full"}
+    rows = []
+    for r in e2e:
+        err = r.get("error")
+        name = r["attention"] if r["attention"] == "full" else f"nsa ({r['glue']} glue)"
+        vs_full = full.get((r["model"], r["cuda_graph"], r["B"], r["prompt"]))
+        rows.append([r["model"], name, "CUDA graph" if r["cuda_graph"] else "eager", r["B"], r["prompt"],
+                     fmt(r.get("prefill_s"), ".2f", err), fmt(r.get("decode_tok_s"), ".0f", err),
+                     common.ratio(r.get("decode_tok_s"), vs_full)])
+    print("\nEnd to end, generate() (prefill apart; decoding tokens/s over the steady steps, all rows):\n")
+    print(common.table(["model", "attention", "steps", "B", "prompt", "prefill s", "decode tokens/s", "vs full"],
+                       rows))
 
 
 def main():
     parser = common.parser(__doc__)
-    parser.add_argument("--L", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072],
-                        help="context lengths (tokens held by each row)")
+    parser.add_argument("--L", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072],
+                        help="context lengths (tokens held by each row); none skips part 1")
     parser.add_argument("--B", type=int, nargs="+", default=[1, 32], help="batch sizes")
-    parser.add_argument("--prompt", type=int, default=32768, help="end to end: prompt tokens (0 skips part 2)")
+    parser.add_argument("--prompts", type=int, nargs="*", default=[8192, 32768, 65536],
+                        help="end to end: prompt lengths (none, or 0, skips part 2)")
     parser.add_argument("--new-tokens", type=int, default=64, help="end to end: tokens generated")
-    parser.add_argument("--e2e-B", type=int, default=1, help="end to end: batch size")
-    parser.add_argument("--layers", type=int, default=4, help="end to end model: layers")
-    parser.add_argument("--dim", type=int, default=512, help="end to end model: width")
-    parser.add_argument("--heads", type=int, default=8, help="end to end model: query heads")
-    parser.add_argument("--kv-heads", type=int, default=2, help="end to end model: key/value heads")
+    parser.add_argument("--e2e-B", type=int, nargs="+", default=[1, 32], help="end to end: batch sizes")
+    parser.add_argument("--models", nargs="+", default=sorted(common.MODELS), choices=sorted(common.MODELS),
+                        help="end to end: models (common.MODELS)")
+    parser.add_argument("--layers", type=int, default=4, help="end to end models: layers")
+    parser.add_argument("--glue", nargs="+", default=["fused"], choices=["fused", "torch"],
+                        help="end to end: NSA's decoding glue (fused Triton kernels, or the torch reference path)")
+    parser.add_argument("--step-modes", nargs="+", default=["graph"], choices=["graph", "eager"],
+                        help="end to end: decoding steps replayed from a CUDA graph, or eager")
     parser.add_argument("--graph-layers", type=int, default=8,
                         help="also time steps inside one graph of this many layers, where they fit (0: skip)")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
@@ -206,14 +232,17 @@ def main():
             attention.append(run_attention(B, L, config, args.warmup, args.rep, args.graph_layers))
             torch.cuda.empty_cache()  # the step's cache buffers are gone with run_attention's frame
     e2e = []
-    if args.prompt:
-        for name in ("nsa", "full"):
-            for cuda_graph in (True, False):
-                print(f"generate {name} prompt={args.prompt} cuda_graph={cuda_graph} ...", flush=True)
-                rec, err = common.guarded(run_generate, name, args.e2e_B, args.prompt, args.new_tokens, args,
-                                          cuda_graph)
-                e2e.append(rec or dict(attention=name, cuda_graph=cuda_graph, B=args.e2e_B, prompt=args.prompt,
-                                       error=err))
+    if args.new_tokens < STEADY + 2:
+        raise SystemExit(f"--new-tokens must be at least {STEADY + 2} (two steady steps to time)")
+    for prompt in (p for p in args.prompts if p):
+        for B in args.e2e_B:
+            for model_name, attention, glue in generate_runs(args):
+                for cuda_graph in (mode == "graph" for mode in args.step_modes):
+                    print(f"generate {model_name} {attention} glue={glue} B={B} prompt={prompt} "
+                          f"cuda_graph={cuda_graph} ...", flush=True)
+                    rec, err = common.guarded(run_generate, model_name, attention, glue, B, prompt, args, cuda_graph)
+                    e2e.append(rec or dict(model=model_name, attention=attention, glue=glue, cuda_graph=cuda_graph,
+                                           B=B, prompt=prompt, error=err))
     common.print_header("decoding step", env)
     print_tables(attention, e2e, hbm, floor, args.graph_layers)
     meta = dict(env, copy_gb_s=hbm, graph_floor_ms=floor, config=config,

@@ -40,6 +40,11 @@ class Shape(NamedTuple):
 
 SHAPES = {"P": Shape(Hq=64, Hkv=4, D=128), "S": Shape(Hq=32, Hkv=8, D=128)}
 
+# The models of the end-to-end decoding measurements (bench_decode.py, profile_decode.py), as ModelConfig keywords:
+# the small demo model (head dim 64) and a wide one (head dim 128, one KV head).
+MODELS = {"small": dict(n_embd=512, n_head=8, n_kv_head=2),
+          "wide": dict(n_embd=2048, n_head=16, n_kv_head=1, head_dim=128)}
+
 # nsa_attention's eight tensors, in its argument order (nsa.NSAInputs._fields, spelled out so that this module
 # imports without nsa).
 OP_NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa", "gates")
@@ -178,6 +183,18 @@ def decode_args(x: dict) -> list:
     return [x[n] for n in ("q", *CACHE_NAMES, "gates", "seq_lens")]
 
 
+def make_model(name: str, attention: str, n_layer: int, fuse_decode_glue: bool = True):
+    """LanguageModel MODELS[name] with `attention` ("nsa" or "full"), bfloat16 on the GPU, eval mode; NSA layers
+    run their decoding glue fused (ops/triton/decode_glue.py) or, with fuse_decode_glue=False, in torch."""
+    import nsa
+    cfg = nsa.ModelConfig(n_layer=n_layer, attention=attention, **MODELS[name])
+    model = nsa.LanguageModel(cfg).to("cuda", DTYPE).eval()
+    for block in model.blocks:
+        if attention == "nsa":
+            block.attn.fuse_decode_glue = fuse_decode_glue
+    return model
+
+
 def decode_step(x: dict, config, options=None) -> Callable:
     """The Triton decoding step on decode_inputs' x (kernel_options=options), as a callable of no arguments."""
     import nsa
@@ -286,9 +303,9 @@ def graphed(fn: Callable) -> tuple[Callable, bool]:
         return fn, False
 
 
-def kernel_times(fn: Callable, iters: int) -> dict:
-    """{kernel name: mean device microseconds per call} of fn's CUDA kernels (torch.profiler), after one
-    untimed call."""
+def kernel_profile(fn: Callable, iters: int) -> dict:
+    """{kernel name: (launches, device microseconds) per call, means} of fn's CUDA kernels (torch.profiler), after
+    one untimed call."""
     import collections
 
     from torch.profiler import ProfilerActivity, profile
@@ -298,11 +315,17 @@ def kernel_times(fn: Callable, iters: int) -> dict:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    times = collections.defaultdict(float)
+    launches, times = collections.defaultdict(float), collections.defaultdict(float)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
+            launches[e.name] += 1 / iters
             times[e.name] += e.device_time / iters
-    return dict(times)
+    return {name: (launches[name], times[name]) for name in times}
+
+
+def kernel_times(fn: Callable, iters: int) -> dict:
+    """{kernel name: mean device microseconds per call} of fn's CUDA kernels (kernel_profile)."""
+    return {name: us for name, (_, us) in kernel_profile(fn, iters).items()}
 
 
 def kernel_sum(times: dict, name: str) -> float:

@@ -1,9 +1,10 @@
 """Memory-safety run for compute-sanitizer: the Triton decoding step and the training op at small sizes on CUDA.
 
 Runs the decoding step's kernels (no host check, as inside a CUDA graph) with random lengths and with hostile
-ones (past the capacity, 0, negative, below S, huge, a k_cmp too small or with no slot), and the training op's
-forward and backward with random packed lengths; checks the hostile rows are NaN and flagged. Exits 0 when all
-is well; compute-sanitizer reports any access outside a buffer.
+ones (past the capacity, 0, negative, below S, huge, a k_cmp too small or with no slot), the layer's fused decoding
+glue (ops/triton/decode_glue.py) inside layer steps whose device length is hostile behind a valid host mirror, and
+the training op's forward and backward with random packed lengths; checks the hostile rows are NaN and flagged.
+Exits 0 when all is well; compute-sanitizer reports any access outside a buffer.
 
     compute-sanitizer --tool memcheck python benchmarks/memcheck_decode.py
 """
@@ -50,6 +51,31 @@ def check_decode(config, gen):
         assert flag.item() == 1 and o[1].isnan().all(), (cmp_slots, bad)
 
 
+def check_glue(config, gen):
+    """Layer steps of S = 1 and 5 tokens through the fused glue (share_kv off and on, Dk 32 != Dv 16), rows at random
+    lengths, then row 1's device length hostile for the glue (past capacity - S, negative, huge): that row NaN and
+    flagged, the others finite."""
+    B, capacity = 3, 120
+    for share_kv in (False, True):
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        layer = nsa.NativeSparseAttention(64, 8, 2, 32, 16, config=config, share_kv=share_kv, backend="triton")
+        layer = layer.to("cuda", torch.float16)
+        for S in (1, 5):
+            hostile = (capacity - S + 1, capacity + 1, -5, 10 ** 6, 2 ** 31 - 1, -2 ** 31)
+            for bad in (None,) + hostile:
+                cache = layer.new_cache(B, capacity)
+                lengths = torch.randint(0, capacity - S + 1, (B,), generator=gen).tolist()
+                cache.set_seqlens(lengths)
+                cache.advance_host(0)
+                if bad is not None:
+                    cache.cache_seqlens[1] = bad
+                with torch.no_grad():
+                    y = layer.step(rand(B, S, 64), cache)
+                flagged = cache.error_flag.item() == 1
+                assert flagged == (bad is not None) and (y[1].isnan().all() if flagged else y.isfinite().all())
+                assert torch.isfinite(y[[0, 2]]).all(), (share_kv, S, bad)
+
+
 def check_training_op(config, gen):
     """Forward and backward of the training op: random packed lengths (G = 4: tiles of several queries) and a dense
     batch (G = 16: one query a tile)."""
@@ -75,6 +101,7 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     for config in CONFIGS:
         check_decode(config, gen)
+        check_glue(config, gen)
         check_training_op(config, gen)
     torch.cuda.synchronize()
     print("memcheck_decode: ok")

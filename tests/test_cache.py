@@ -141,7 +141,7 @@ def test_nbytes_formula(share_kv):
     cache = layer.new_cache(B, cap, max_trim=5)
     sets = 1 if share_kv else 2
     tokens = sets * cap + CFG.num_cmp_tokens(cap) + 1 + CFG.cmp_block - 1 + 5  # + 1: the spare compressed slot
-    assert cache.nbytes == B * 8 * Hkv * (Dk + Dv) * tokens + 4 * B + 4  # + 4: error_flag
+    assert cache.nbytes == B * 8 * Hkv * (Dk + Dv) * tokens + 4 * B + 4 + 2 * Dk  # error_flag, rope_inv_freq
 
 
 @pytest.mark.parametrize("share_kv", [False, True])
@@ -273,7 +273,7 @@ def test_layers_make_their_caches_from_plain_sizes():
     """Each attention layer's new_cache passes its sizes to the cache constructor (which reads no layer)."""
     layer = make_layer(share_kv=True)
     cache = layer.new_cache(2, 20, max_trim=3)
-    plain = NSACache(CFG, 2, 20, 2, 8, 6, True, torch.float64, "cpu", max_trim=3)
+    plain = NSACache(CFG, 2, 20, 2, 8, 6, True, torch.float64, "cpu", max_trim=3, rope_base=layer.rope_base)
     assert (cache.k_slc.shape, cache.v_cmp.shape, cache.ring_v.shape, cache.nbytes) == \
         (plain.k_slc.shape, plain.v_cmp.shape, plain.ring_v.shape, plain.nbytes)
     assert layer.new_cache(1, 4, dtype=torch.float16).dtype == torch.float16

@@ -16,7 +16,8 @@ NSACache (one per NativeSparseAttention layer) holds what SPEC.md's decoding sec
       (with share_kv one pair, returned for both branches);
   k_cmp, v_cmp [B, cmp_capacity, Hkv, D]: the compressed keys (rotated at their block centre) / values,
       cmp_capacity = num_cmp_tokens(capacity); compressed token i sits in slot i (the storage has one spare
-      slot more, where a step writes the candidate tokens that complete nothing: see completed_blocks);
+      slot more, where the torch glue's step writes the candidate tokens that complete nothing: see completed_blocks;
+      the fused glue, ops/triton/decode_glue.py, writes nothing for them);
   ring_k, ring_v [B, R, Hkv, D]: the cmp_src of the last R tokens, position p in slot p % R,
       R = max(1, l - 1 + max_trim). Compressed token i is made by phi from the cmp_src of tokens [i*d, i*d + l) as soon
       as token i*d + l - 1 arrives, so only the tokens of blocks still under construction (at most the last
@@ -25,6 +26,9 @@ NSACache (one per NativeSparseAttention layer) holds what SPEC.md's decoding sec
   cache_seqlens int32 [B]: row b's valid data is slots [0, cache_seqlens[b]) of the token buffers and
       [0, num_cmp_tokens(cache_seqlens[b])) of k_cmp / v_cmp; whatever lies beyond is ignored (so trim() only
       has to lower the lengths); host_seqlens mirrors it.
+  rope_inv_freq float32 [Dk/2] (NSACache made with rope_base, as layer.new_cache makes it): the layer's rotary
+      frequencies (nsa.rope.inverse_frequencies), read by the fused decoding step (ops/triton/decode_glue.py); None
+      without rope_base (the step then keeps its torch glue).
   error_flag int32 [1] (NSACache): set to 1 by a decoding step that found a row out of range on the device
       (its outputs are NaN; see nsa_decode_attention); reset() clears it, ModelCache.check_decode_errors reads it.
 KVCache (one per full-attention layer) holds the token buffers k, v [B, capacity, Hkv, D] and the lengths the
@@ -42,6 +46,7 @@ import numbers
 import torch
 
 from .config import NSAConfig
+from .rope import inverse_frequencies
 
 
 class LayerCache:
@@ -229,14 +234,15 @@ class NSACache(LayerCache):
     """Cache of one NativeSparseAttention layer (see the module docstring for the buffers).
 
     nbytes = B * element_size * Hkv * (Dk + Dv) * (S * capacity + num_cmp_tokens(capacity) + 1 + l - 1 + max_trim)
-             + 4 * B + 4 (cache_seqlens, error_flag),  with S = 1 if share_kv else 2 (token buffer sets of the
-             selection and window branches).
+             + 4 * B + 4 (cache_seqlens, error_flag) + 2 * Dk (rope_inv_freq, with rope_base),  with S = 1 if share_kv
+             else 2 (token buffer sets of the selection and window branches).
     E.g. the paper's config (l = 32, d = 16), Hkv = 4, D = 128, bf16, share_kv=False, 128k tokens, B = 1:
     2 * 4 * 256 * (2 * 131072 + 8191 + 63) bytes = 554 MB, of which the compressed tokens are 3%.
     """
 
     def __init__(self, config: NSAConfig, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
-                 v_head_dim: int, share_kv: bool, dtype: torch.dtype, device, max_trim: int | None = None):
+                 v_head_dim: int, share_kv: bool, dtype: torch.dtype, device, max_trim: int | None = None,
+                 rope_base: float | None = None):
         self.TOKEN_BUFFERS = ("k_slc", "v_slc") if share_kv else ("k_slc", "v_slc", "k_swa", "v_swa")
         super().__init__(batch_size, capacity, num_kv_heads, head_dim, v_head_dim, dtype, device)
         max_trim = config.cmp_block if max_trim is None else max_trim
@@ -258,6 +264,10 @@ class NSACache(LayerCache):
         if share_kv:  # one token buffer set serves both branches (nbytes counts it once)
             self.k_swa, self.v_swa = self.k_slc, self.v_slc
         self.error_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        if rope_base is not None and not (isinstance(rope_base, numbers.Real) and rope_base > 0):
+            raise ValueError(f"rope_base must be None or a positive number (the layer's rope_base), got {rope_base!r}")
+        self.rope_base = rope_base
+        self.rope_inv_freq = None if rope_base is None else inverse_frequencies(head_dim, rope_base, self.device)
 
     def grow(self, capacity: int) -> None:
         """LayerCache.grow; the compressed slots grow with it (the spare slot stays last), the ring is kept."""

@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from .config import NSAConfig
 from .cache import NSACache, default_dtype_device
-from .ops import NSAInputs, nsa_attention, nsa_decode_attention
+from .ops import NSAInputs, decode_glue_fused, nsa_attention, nsa_decode_attention
+from .ops.library import decode_append_compressed, decode_append_tokens
 from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens
 
@@ -92,6 +93,12 @@ class NativeSparseAttention(nn.Module):
     the others are forced to exactly 0 (an ablation: ("swa",) is a sliding-window-only layer, whose output at t
     depends on no token before t - w + 1). The forced-off branches are still computed (the op's cost is
     unchanged): this compares quality, not speed.
+
+    fuse_decode_glue (an attribute, True by default): step() runs its glue (the rotary embeddings of q and the new
+    keys, the cache writes, the gather of the candidate compressed blocks) as the two Triton kernels of
+    ops/triton/decode_glue.py around phi, whenever the decoding op runs the Triton backend and the cache keeps the
+    layer's rotary frequencies (new_cache's do); False keeps the torch glue, the reference path. A subclass that
+    redefines _project or _compress (nsa.hf's, with its own rotary) always keeps the torch glue.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -129,6 +136,7 @@ class NativeSparseAttention(nn.Module):
         # 1 for a learned gate, 0 for one forced off; a buffer (not saved) so that it follows .to(device)
         self.register_buffer("gate_mask", torch.empty(len(BRANCHES)), persistent=False)
         self.reset_gate_mask()
+        self.fuse_decode_glue = True
 
     @torch.no_grad()
     def reset_gate_mask(self) -> None:
@@ -161,10 +169,14 @@ class NativeSparseAttention(nn.Module):
         v_cmp_src, v_slc, v_swa = values.unbind(2) if not self.share_kv else (values[:, :, 0],) * 3
         k_slc = apply_rope(k_slc, positions, self.rope_base)
         k_swa = k_slc if self.share_kv else apply_rope(k_swa, positions, self.rope_base)
-        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, len(BRANCHES))
+        return q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, self._gates(x)
+
+    def _gates(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden_size] -> gates [B, T, Hq, 3] in (0, 1), exactly 0 for the branches forced off."""
+        gates = torch.sigmoid(self.gate_proj(x)).view(*x.shape[:2], self.num_heads, len(BRANCHES))
         if self.branches != BRANCHES:
-            gates = gates * self.gate_mask.to(gates.dtype)  # exactly 0 for the branches forced off
-        return q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates
+            gates = gates * self.gate_mask.to(gates.dtype)
+        return gates
 
     def _compress(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Compressed tokens from blocks of cmp_src [B, N, l, Hkv, Dk or Dv] with indices ids long [N] or [B, N]:
@@ -212,7 +224,7 @@ class NativeSparseAttention(nn.Module):
         """
         dtype, device = default_dtype_device(self.q_proj.weight, dtype, device)
         return NSACache(self.config, batch_size, capacity, self.num_kv_heads, self.head_dim, self.v_head_dim,
-                        self.share_kv, dtype, device, max_trim)
+                        self.share_kv, dtype, device, max_trim, rope_base=self.rope_base)
 
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, NSACache):
@@ -249,15 +261,45 @@ class NativeSparseAttention(nn.Module):
         self._check_cache(cache)
         self._check_input(x, None)
         cache.check_new(x, x.shape[1])
-        positions = cache.next_positions(x.shape[1])  # [B, S]
-        q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
-        cache.write(positions, **self._token_kv(k_slc, v_slc, k_swa, v_swa))
-        ids, slots, k_blocks, v_blocks = cache.completed_blocks(k_cmp_src, v_cmp_src)  # [B, C], [B, C, l, Hkv, D]
-        k_cmp, v_cmp = self._compress(k_blocks, v_blocks, ids)  # every candidate: static shapes, no host branch
-        cache.append(positions, k_cmp_src, v_cmp_src, slots, k_cmp, v_cmp)
+        if self._fused_glue(x, cache):
+            q, gates = self._fused_step_glue(x, cache)
+        else:
+            positions = cache.next_positions(x.shape[1])  # [B, S]
+            q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
+            cache.write(positions, **self._token_kv(k_slc, v_slc, k_swa, v_swa))
+            ids, slots, k_blocks, v_blocks = cache.completed_blocks(k_cmp_src, v_cmp_src)  # [B, C], [B, C, l, Hkv, D]
+            k_cmp, v_cmp = self._compress(k_blocks, v_blocks, ids)  # every candidate: static shapes, no host branch
+            cache.append(positions, k_cmp_src, v_cmp_src, slots, k_cmp, v_cmp)
         # the host mirror of the lengths is checked instead of reading them back; a row the device still finds out
         # of range (lengths changed behind the mirror, or a replayed CUDA graph) gets NaN and sets error_flag
         o = nsa_decode_attention(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa,
                                  gates, cache.cache_seqlens, self.config, backend=self.backend,
                                  host_seqlens=cache.host_seqlens, error_flag=cache.error_flag)  # [B, S, Hq, Dv]
         return self.o_proj(o.flatten(2))
+
+    def _fused_glue(self, x: torch.Tensor, cache: NSACache) -> bool:
+        """step() takes _fused_step_glue (see the class docstring: fuse_decode_glue)."""
+        plain = type(self)._project is NativeSparseAttention._project and \
+            type(self)._compress is NativeSparseAttention._compress
+        return (self.fuse_decode_glue and plain and cache.rope_base == self.rope_base
+                and decode_glue_fused(self.backend, x.device))
+
+    def _fused_step_glue(self, x: torch.Tensor, cache: NSACache) -> tuple[torch.Tensor, torch.Tensor]:
+        """What step()'s torch glue does, in two Triton launches around phi (ops/triton/decode_glue.py): x [B, S,
+        hidden_size] -> (q [B, S, Hq, Dk] rotated, gates [B, S, Hq, 3]), with the new tokens and every compressed
+        token they complete written to the cache and its lengths advanced by S."""
+        B, S, _ = x.shape
+        Hkv, Dk, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
+        q = self.q_proj(x).view(B, S, self.num_heads, Dk)
+        kv = self.kv_proj(x).view(B, S, self.num_kv_sets, Hkv, Dk + Dv)
+        cache.check_dtype(kv)
+        k_swa, v_swa = (None, None) if self.share_kv else (cache.k_swa, cache.v_swa)
+        l, d = self.config.cmp_block, self.config.cmp_stride
+        q, k_blocks, v_blocks = decode_append_tokens(q, kv, cache.rope_inv_freq, cache.cache_seqlens, cache.ring_k,
+                                                     cache.ring_v, cache.k_slc, cache.v_slc, k_swa, v_swa, l, d)
+        # phi on every candidate ([B, C, Hkv, l, D] seen as [B, C, l, Hkv, D]): fixed shapes, no host branch
+        k_new, v_new = self.compress_k(k_blocks.transpose(2, 3)), self.compress_v(v_blocks.transpose(2, 3))
+        decode_append_compressed(k_new, v_new, kv, cache.rope_inv_freq, cache.cache_seqlens, cache.ring_k,
+                                 cache.ring_v, cache.k_cmp, cache.v_cmp, cache.capacity, l, d)
+        cache.advance_host(S)
+        return q, self._gates(x)

@@ -25,10 +25,16 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) 
     if D % 2:
         raise ValueError(f"apply_rope needs an even head dim, got {D}")
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=ct) / D)  # [D/2]
+    inv_freq = inverse_frequencies(D, base, x.device, ct)  # [D/2]
     angles = positions.to(ct)[..., None] * inv_freq  # [(B,) T, D/2]
     angles = torch.cat((angles, angles), dim=-1)[..., None, :]  # [(B,) T, 1, D]: broadcast over heads
     return (x.to(ct) * angles.cos() + rotate_half(x.to(ct)) * angles.sin()).to(x.dtype)
+
+
+def inverse_frequencies(head_dim: int, base: float, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """f = base ** (-2c / D) for c < D/2: [D/2] in dtype (apply_rope's float32 for every kernel dtype). The decoding
+    caches keep the float32 ones, so the fused decoding step (ops/triton/decode_glue.py) rotates with the same f."""
+    return base ** (-torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,13 @@ def nsa_decode_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cac
                                         options)
 
 
+def decode_glue_fused(backend, device: torch.device) -> bool:
+    """Whether a layer's decoding step on `device` runs its glue (rotary embeddings, cache writes, the candidate
+    blocks' gather) as the Triton kernels of ops/triton/decode_glue.py: when nsa_decode_attention runs the Triton
+    backend (backend, or None's choice for the device); with the reference backend the layer keeps its torch glue."""
+    return _resolve_backend(backend, device) == "triton"
+
+
 def _capturing(device: torch.device) -> bool:
     """A CUDA graph is being captured on the current stream (never on the CPU)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

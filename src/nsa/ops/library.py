@@ -4,6 +4,8 @@
   torch.ops.nsa.attention_backward  the gradients of its eight inputs
   torch.ops.nsa.select_blocks       the top-n block ids
   torch.ops.nsa.decode_attention    one decoding step over a KV cache (mutates error_flag)
+  torch.ops.nsa.decode_append_tokens, decode_append_compressed
+                                    the decoding step's glue around phi (Triton only; they write the cache)
 
 Each has a fake implementation (shapes and dtypes only), so torch.compile / torch.export see an opaque node;
 nsa::attention has its autograd registered (its backward calls nsa::attention_backward). The public entries
@@ -197,6 +199,44 @@ def decode_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_s
 @decode_attention.register_fake
 def _decode_attention_fake(q, k_cmp, v_cmp, *rest):
     return q.new_empty(*q.shape[:3], v_cmp.shape[3])
+
+
+# --- the decoding step's glue (Triton only: the reference path is the layer's torch glue) ----------------------
+
+@torch.library.custom_op("nsa::decode_append_tokens", mutates_args=("k_slc", "v_slc", "k_swa", "v_swa"))
+def decode_append_tokens(q: Tensor, kv: Tensor, inv_freq: Tensor, cache_seqlens: Tensor, ring_k: Tensor,
+                         ring_v: Tensor, k_slc: Tensor, v_slc: Tensor, k_swa: Optional[Tensor],
+                         v_swa: Optional[Tensor], cmp_block: int, cmp_stride: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(q rotated [B, S, Hq, Dk], k_blocks [B, C, Hkv, l, Dk], v_blocks [B, C, Hkv, l, Dv]); writes the new tokens
+    into the token buffers (ops/triton/decode_glue.py, launch 1)."""
+    from .triton.decode_glue import append_tokens
+    return append_tokens(q, kv, inv_freq, cache_seqlens, ring_k, ring_v, k_slc, v_slc, k_swa, v_swa, cmp_block,
+                         cmp_stride)
+
+
+@decode_append_tokens.register_fake
+def _decode_append_tokens_fake(q, kv, inv_freq, cache_seqlens, ring_k, ring_v, k_slc, v_slc, k_swa, v_swa,
+                               cmp_block, cmp_stride):
+    B, S, Hkv, Dk, Dv = kv.shape[0], kv.shape[1], kv.shape[3], q.shape[3], v_slc.shape[3]
+    C = -(-S // cmp_stride)
+    return torch.empty_like(q), kv.new_empty(B, C, Hkv, cmp_block, Dk), kv.new_empty(B, C, Hkv, cmp_block, Dv)
+
+
+@torch.library.custom_op("nsa::decode_append_compressed",
+                         mutates_args=("cache_seqlens", "ring_k", "ring_v", "k_cmp", "v_cmp"))
+def decode_append_compressed(k_new: Tensor, v_new: Tensor, kv: Tensor, inv_freq: Tensor, cache_seqlens: Tensor,
+                             ring_k: Tensor, ring_v: Tensor, k_cmp: Tensor, v_cmp: Tensor, capacity: int,
+                             cmp_block: int, cmp_stride: int) -> None:
+    """phi's outputs into the compressed buffers where complete, the new cmp_src into the ring, cache_seqlens += S
+    (ops/triton/decode_glue.py, launch 2)."""
+    from .triton.decode_glue import append_compressed
+    append_compressed(k_new, v_new, kv, inv_freq, cache_seqlens, ring_k, ring_v, k_cmp, v_cmp, capacity, cmp_block,
+                      cmp_stride)
+
+
+@decode_append_compressed.register_fake
+def _decode_append_compressed_fake(*args):
+    return None
 
 
 # --- what the public entries call --------------------------------------------------------------------------------

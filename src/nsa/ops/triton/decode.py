@@ -68,7 +68,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ...config import NSAConfig
 from ..types import KernelOptions
 from .utils import (LOG2E, block_ids, block_keys, check_backend_inputs, check_pooling, dot_precision, interpreting,
-                    keys_upto, load_rows, pool_probs, pow2_at_least, top_keys, visible)
+                    keys_upto, load_rows, pool_probs, pow2_at_least, row_offsets, top_keys, visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,12 +107,6 @@ def _row_length(CACHE_SEQLENS, b, S, CAPACITY, CMP_CAPACITY, CMP_STRIDE: tl.cons
     n = tl.where(in_range, n, 0)  # before Tc(n): n - 1 must not wrap around at -2^31
     ok = in_range & (keys_upto(n - 1, CMP_STRIDE, CMP_BLOCK) <= CMP_CAPACITY)
     return tl.where(ok, n, 0), ok
-
-
-@triton.jit
-def _row_offsets(b, s, h, stride_b, stride_s, stride_h):
-    """Offsets of x[b, s, h, :] in a [B, S, H, D] tensor, int64."""
-    return b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + h.to(tl.int64) * stride_h
 
 
 @triton.jit
@@ -245,7 +239,7 @@ def _cmp_kernel(Q, KC, VC, CACHE_SEQLENS, M, L, ACC, POOL, TMAX,
     NBJ: tl.constexpr = (BLOCK_C - HALO) // R  # whole blocks per tile
     seq_len, _ = _row_length(CACHE_SEQLENS, b, S, CAPACITY, CMP_CAPACITY, CMP_STRIDE, CMP_BLOCK)
     r, s, h, t, row_ok = _group_rows(r0, g, S, G, ROWS, seq_len, BLOCK_R)
-    q = tl.load(Q + _row_offsets(b, s, h, stride_qb, stride_qs, stride_qh)[:, None] + tl.arange(0, BLOCK_DK)[None, :],
+    q = tl.load(Q + row_offsets(b, s, h, stride_qb, stride_qs, stride_qh)[:, None] + tl.arange(0, BLOCK_DK)[None, :],
                 mask=row_ok[:, None] & (tl.arange(0, BLOCK_DK) < DK)[None, :], other=0.0)
     Kg = KC + b.to(tl.int64) * stride_kb + g * stride_kh
     Vg = VC + b.to(tl.int64) * stride_vb + g * stride_vh
@@ -360,7 +354,7 @@ def _sparse_kernel(Q, KS, VS, KW, VW, KEYS, IDS, CACHE_SEQLENS, M, L, ACC,
     g, b = tl.program_id(1), tl.program_id(2)
     seq_len, _ = _row_length(CACHE_SEQLENS, b, S, CAPACITY, CMP_CAPACITY, CMP_STRIDE, CMP_BLOCK)
     r, s, h, t, row_ok = _group_rows(r0, g, S, G, ROWS, seq_len, BLOCK_R)
-    q = tl.load(Q + _row_offsets(b, s, h, stride_qb, stride_qs, stride_qh)[:, None] + tl.arange(0, BLOCK_DK)[None, :],
+    q = tl.load(Q + row_offsets(b, s, h, stride_qb, stride_qs, stride_qh)[:, None] + tl.arange(0, BLOCK_DK)[None, :],
                 mask=row_ok[:, None] & (tl.arange(0, BLOCK_DK) < DK)[None, :], other=0.0)
     group = b.to(tl.int64) * Hkv + g
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -433,7 +427,7 @@ def _combine_kernel(M, L, ACC, GATES, O, CACHE_SEQLENS, ERROR_FLAG,
     group = b.to(tl.int64) * Hkv + g
     _wait_for_previous_launch(PDL)  # every branch's partials
     branches = (0, CMP_SPLITS, CMP_SPLITS + SLC_SPLITS, SPLITS_TOTAL)  # splits of o_cmp, o_slc, o_swa
-    gate = GATES + _row_offsets(b, s, h, stride_gb, stride_gs, stride_gh)
+    gate = GATES + row_offsets(b, s, h, stride_gb, stride_gs, stride_gh)
     o = tl.zeros([BLOCK_COLS], tl.float32)
     for c in tl.static_range(3):
         o_c = _merge_row(M, L, ACC, group, branches[c], branches[c + 1], r, cols, ROWS, SPLITS_TOTAL, DV, SPLIT_CHUNK)
@@ -442,7 +436,7 @@ def _combine_kernel(M, L, ACC, GATES, O, CACHE_SEQLENS, ERROR_FLAG,
     o = tl.where(ok, o, float("nan"))
     if ERROR_FLAG is not None:
         tl.store(ERROR_FLAG, 1, mask=ok == 0)
-    tl.store(O + _row_offsets(b, s, h, stride_ob, stride_os, stride_oh) + cols, o.to(O.dtype.element_ty),
+    tl.store(O + row_offsets(b, s, h, stride_ob, stride_os, stride_oh) + cols, o.to(O.dtype.element_ty),
              mask=cols < DV)
 
 

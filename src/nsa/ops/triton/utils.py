@@ -95,6 +95,12 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def row_offsets(b, t, h, stride_b, stride_t, stride_h):
+    """Offsets of x[b, t, h, :] in a [B, T, H, D] tensor, int64 (t and h may be vectors: the offsets broadcast)."""
+    return b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t + h.to(tl.int64) * stride_h
+
+
+@triton.jit
 def load_rows(base, rows, row_ok, stride_row, cols, n_cols):
     """x[rows, cols] of a row-strided matrix at base (int64 row offsets): [len(rows), len(cols)], zeros where a
     row is not ok or a column is >= n_cols. The one tile load of every kernel here."""
