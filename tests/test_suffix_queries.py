@@ -11,6 +11,7 @@ import torch
 import nsa
 from nsa import NSAConfig
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton cases: kernels on a GPU, else interpreted
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa", "gates")
 CONFIG = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, num_selected=3, window=24)
 
@@ -29,8 +30,8 @@ def full_inputs(key_lens, B=1, Hkv=2, G=2, D=16, dtype=torch.float64, seed=0):
                 v_swa=rand(B, T, Hkv, D), gates=torch.sigmoid(rand(B, T, Hkv * G, 3)))
 
 
-def cu_of(lens):
-    return torch.tensor([0] + list(lens)).cumsum(0).to(torch.int32)
+def cu_of(lens, device="cpu"):
+    return torch.tensor([0] + list(lens), device=device).cumsum(0).to(torch.int32)
 
 
 def suffix_rows(key_lens, query_lens):
@@ -46,17 +47,19 @@ def run(x, backend, **packing):
     """o and the eight gradients (against a fixed random do) of the op on inputs x."""
     xg = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
     o = nsa.nsa_attention(*(xg[n] for n in NAMES), CONFIG, backend=backend, **packing)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.dtype)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.device, o.dtype)
     return o, do, torch.autograd.grad(o, [xg[n] for n in NAMES], do)
 
 
-def check_suffix(backend, dtype, key_lens, query_lens, dense_batch=None, tol=1e-10):
+def check_suffix(backend, dtype, key_lens, query_lens, dense_batch=None, tol=1e-10, device="cpu"):
     B = dense_batch or 1
-    x = full_inputs(key_lens, B=B, dtype=dtype)
+    x = {k: v.to(device) for k, v in full_inputs(key_lens, B=B, dtype=dtype).items()}
     rows = suffix_rows(key_lens, query_lens) if dense_batch is None else torch.arange(key_lens[0] - query_lens[0],
                                                                                       key_lens[0])
-    full_packing = {} if dense_batch else dict(cu_seqlens=cu_of(key_lens))
-    suffix_packing = {} if dense_batch else dict(cu_seqlens=cu_of(query_lens), cu_seqlens_k=cu_of(key_lens))
+    rows = rows.to(device)
+    full_packing = {} if dense_batch else dict(cu_seqlens=cu_of(key_lens, device))
+    suffix_packing = {} if dense_batch else dict(cu_seqlens=cu_of(query_lens, device),
+                                                 cu_seqlens_k=cu_of(key_lens, device))
     xs = dict(x, q=x["q"][:, rows], gates=x["gates"][:, rows])
     o, do, grads = run(xs, backend, **suffix_packing)
 
@@ -83,11 +86,11 @@ def test_reference_packed_suffix_equals_full_rows():
 
 
 def test_triton_dense_suffix_equals_full_rows():
-    check_suffix("triton", torch.float32, [70], [29], dense_batch=2, tol=2e-5)
+    check_suffix("triton", torch.float32, [70], [29], dense_batch=2, tol=2e-5, device=DEVICE)
 
 
 def test_triton_packed_suffix_equals_full_rows():
-    check_suffix("triton", torch.float32, [53, 40, 75, 9], [53, 0, 21, 4], tol=2e-5)
+    check_suffix("triton", torch.float32, [53, 40, 75, 9], [53, 0, 21, 4], tol=2e-5, device=DEVICE)
 
 
 def test_bad_cu_seqlens_k_is_refused_with_the_fix():

@@ -173,6 +173,8 @@ into packed sequences (cu_seqlens): nothing attends or is predicted across docum
 --set train.passkey_fraction=0.2: that share of training windows become passkey samples with their
 answer (nsa eval passkey's pattern); validation windows stay plain text.
 On CUDA the forward passes run under bfloat16 autocast; AdamW, warm-up then cosine, gradient clipping.
+Several GPUs: torchrun --nproc-per-node N -m nsa train ... --set train.parallel=ddp (or fsdp) [--set
+train.context_parallel=C]; the checkpoint is then the folder RUN/checkpoint, resumable on any world size.
 """
 
 
@@ -235,7 +237,7 @@ def train_command(args) -> int:
         result = train_run(run, model_cfg, train_cfg, device=dev, stop_at=args.stop_at,
                            progress=not args.no_progress)
     loss, val = (("n/a" if result[k] is None else f"{result[k]:.4f}") for k in ("loss", "val_loss"))
-    print(f"step {result['step']}: loss {loss}, val_loss {val}; checkpoint {run / CHECKPOINT_FILE}, "
+    print(f"step {result['step']}: loss {loss}, val_loss {val}; checkpoint {result['checkpoint']}, "
           f"metrics {run / METRICS_FILE}")
     return 0
 
