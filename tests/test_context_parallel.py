@@ -109,7 +109,7 @@ def test_layout_holds_every_token_once_and_balances_the_causal_work(case, world_
 
 
 def test_layout_refuses_bad_arguments_with_the_fix():
-    with pytest.raises(ValueError, match="pass seq_len .* or seq_lens"):
+    with pytest.raises(ValueError, match="pass exactly one of seq_len .* or seq_lens"):
         ContextParallelLayout(CONFIG, world_size=2, rank=0)
     with pytest.raises(ValueError, match="batch must be 1"):
         ContextParallelLayout(CONFIG, seq_lens=[4, 5], batch=2, world_size=2, rank=0)
@@ -144,5 +144,27 @@ def test_gpu_world_of_one_equals_the_plain_op(tmp_path):
             for n, g, g_ref in zip(NAMES, grads_cp, grads):
                 expected = (shard_compressed if n in COMPRESSED else shard)(g_ref, layout)
                 torch.testing.assert_close(g, expected, rtol=2e-2, atol=2e-2, msg=lambda m: f"d{n}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_gpu_context_parallel_step_has_no_host_sync(tmp_path):
+    """Forward + backward of the CP op on a packed batch never waits for the device: the layout's lengths are host
+    ints and its index maps are made once per device (world of one)."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        layout, x, _ = layout_and_batch(("packed", [1000, 3000, 77]), torch.bfloat16)
+        local = {n: (shard_compressed if n in COMPRESSED else shard)(v.cuda(), layout).requires_grad_()
+                 for n, v in x.items()}
+        context_parallel_attention(*(local[n] for n in NAMES), layout).sum().backward()  # compile outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            o = context_parallel_attention(*(local[n] for n in NAMES), layout)
+            torch.autograd.grad(o, [local[n] for n in NAMES], torch.ones_like(o))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     finally:
         dist.destroy_process_group()

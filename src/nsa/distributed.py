@@ -70,7 +70,8 @@ class ContextParallelLayout:
         if not isinstance(config, NSAConfig):
             raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
         if (seq_len is None) == (seq_lens is None):
-            raise ValueError("pass seq_len (dense [batch, seq_len] inputs) or seq_lens (packed sequences), not both")
+            raise ValueError("pass exactly one of seq_len (dense [batch, seq_len] inputs) or seq_lens (packed "
+                             "sequences)")
         if seq_lens is not None:
             if batch != 1:
                 raise ValueError(f"packed sequences (seq_lens) come as one row [1, total, ...]: batch must be 1, "
@@ -142,7 +143,10 @@ class ContextParallelLayout:
         return len(self.local_cmp_rows) // self.batch
 
     def tensors(self, device) -> dict:
-        """The index maps and cu_seqlens on `device` (made once per device: no host read, no sync after that)."""
+        """On `device` (made once per device): the gather's slots of the rank's key prefixes (prefix_slots,
+        cmp_prefix_slots) and of the whole batch in order (full_slots); cmp_prefix_rows, the prefixes' compressed
+        tokens among the whole batch's; the rank's rows (local_rows, local_cmp_rows) and their positions in their
+        sequences; the pieces' cu_seqlens of queries (cu_q) and keys (cu_k)."""
         device = torch.device(device)
         if device not in self._device_cache:
             def cu(lens):
@@ -150,8 +154,7 @@ class ContextParallelLayout:
             self._device_cache[device] = dict(
                 prefix_slots=self._raw_slot[self._prefix_rows].to(device),
                 cmp_prefix_slots=self._cmp_slot[self._cmp_prefix_rows].to(device),
-                full_slots=self._raw_slot.to(device), cmp_full_slots=self._cmp_slot.to(device),
-                prefix_rows=self._prefix_rows.to(device), cmp_prefix_rows=self._cmp_prefix_rows.to(device),
+                full_slots=self._raw_slot.to(device), cmp_prefix_rows=self._cmp_prefix_rows.to(device),
                 local_rows=self.local_rows.to(device), local_cmp_rows=self.local_cmp_rows.to(device),
                 positions=self._positions.to(device), cu_q=cu(self.query_lens), cu_k=cu(self.key_lens))
         return self._device_cache[device]
@@ -239,16 +242,16 @@ class _GatherRows(torch.autograd.Function):
         return (None, None, None) + local
 
 
-def gather_rows(tensors: list[torch.Tensor], compressed: list[bool], slot_names: list[str],
+def gather_rows(tensors: list[torch.Tensor], slot_names: list[str],
                 layout: ContextParallelLayout) -> tuple[torch.Tensor, ...]:
     """Local shards [B, local_len or local_cmp_len, ...] -> the group's rows at the layout's slots `slot_names`
-    ("prefix_slots", "full_slots", "cmp_prefix_slots", "cmp_full_slots"), each [1, rows, ...]; one all-gather,
-    one reduce-scatter in the backward. Every tensor must share one dtype."""
+    ("prefix_slots" or "full_slots" for tokens, "cmp_prefix_slots" for compressed ones), each [1, rows, ...]; one
+    all-gather, one reduce-scatter in the backward. Every tensor must share one dtype."""
     dtypes = {x.dtype for x in tensors}
     if len(dtypes) != 1:
         raise TypeError(f"the gathered tensors must share one dtype, got {sorted(map(str, dtypes))}")
     t = layout.tensors(tensors[0].device)
-    pads = [layout.cmp_pad if c else layout.raw_pad for c in compressed]
+    pads = [layout.cmp_pad if name.startswith("cmp_") else layout.raw_pad for name in slot_names]
     return _GatherRows.apply(layout.group, pads, [t[name] for name in slot_names],
                              *(layout.to_packed(x) for x in tensors))
 
@@ -257,7 +260,7 @@ def unshard(x: torch.Tensor, layout: ContextParallelLayout) -> torch.Tensor:
     """The whole batch [B, T, ...] (packed [1, total, ...]) from every rank's shard x [B, local_len, ...]
     (a collective: every rank of the group calls it; differentiable)."""
     layout.check_local("x", x)
-    return layout.from_packed(gather_rows([x], [False], ["full_slots"], layout)[0])
+    return layout.from_packed(gather_rows([x], ["full_slots"], layout)[0])
 
 
 def attend_gathered(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, layout: ContextParallelLayout,
@@ -292,7 +295,6 @@ def context_parallel_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate
     backend = _resolve_backend(backend, q.device)
     shared = k_swa is k_slc and v_swa is v_slc
     raw = [k_slc, v_slc] if shared else [k_slc, v_slc, k_swa, v_swa]
-    gathered = gather_rows([k_cmp, v_cmp, *raw], [True, True] + [False] * len(raw),
-                           ["cmp_prefix_slots"] * 2 + ["prefix_slots"] * len(raw), layout)
+    gathered = gather_rows([k_cmp, v_cmp, *raw], ["cmp_prefix_slots"] * 2 + ["prefix_slots"] * len(raw), layout)
     keys = gathered if not shared else gathered + gathered[2:]
     return attend_gathered(q, *keys, gates, layout, scale, backend, options)

@@ -217,8 +217,7 @@ class NativeSparseAttention(nn.Module):
         device_tensors = layout.tensors(x.device)
         q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, device_tensors["positions"])
         raw = [k_slc, v_slc] if self.share_kv else [k_slc, v_slc, k_swa, v_swa]
-        gathered = gather_rows([k_cmp_src, v_cmp_src, *raw], [False] * (2 + len(raw)),
-                               ["full_slots"] * 2 + ["prefix_slots"] * len(raw), layout)
+        gathered = gather_rows([k_cmp_src, v_cmp_src, *raw], ["full_slots"] * 2 + ["prefix_slots"] * len(raw), layout)
         index, ids = cmp_block_index(layout.seq_lens, self.config, x.device)  # the whole (packed) batch's blocks
         k_cmp, v_cmp = self._compress(gathered[0][:, index], gathered[1][:, index], ids)  # [1, total_cmp, Hkv, D]
         prefix = device_tensors["cmp_prefix_rows"]

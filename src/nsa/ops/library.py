@@ -67,7 +67,8 @@ def attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Ten
               gates: Tensor, cmp_block: int, cmp_stride: int, slc_block: int, num_selected: int, window: int,
               scale: float, backend: str, options: str, cu_seqlens: Optional[Tensor],
               seq_lens: Optional[list[int]], cu_seqlens_k: Optional[Tensor] = None,
-              seq_lens_k: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+              seq_lens_k: Optional[list[int]] = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o [B, T, Hq, Dv], o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, block_ids): the last seven are what the
     Triton backward needs (empty tensors for the reference, whose backward recomputes)."""
     config = _config(cmp_block, cmp_stride, slc_block, num_selected, window)

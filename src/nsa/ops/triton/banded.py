@@ -147,11 +147,14 @@ def _banded_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Q_OFFSETS,
                                            BLOCK_N, KEY_STRIDE, KEY_SPAN, WINDOW)
     # Key blocks [lo, full_lo) and [full_hi, hi) straddle the band's edges and take the mask; the middle does not.
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t + offset, lo, full_lo,
-                               qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
+                               qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True,
+                               PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t + offset, full_lo, full_hi,
-                               qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False, PRECISION)
+                               qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False,
+                               PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t + offset, full_hi, hi,
-                               qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
+                               qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True,
+                               PRECISION)
 
     # A row with no visible key has l_i = 0 and acc = 0: o = 0 and lse = -inf.
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]

@@ -538,10 +538,10 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     kv = options.selected_dkdv.over(dict(BLOCK_M=KV_TILE_ROWS, **KV_LAUNCH), block_m="BLOCK_M")
     block_q, block_m = query_tile(G, kv.pop("BLOCK_M"))
     _selected_dkdv_kernel[(num_items,)](q, k, v, do, lse, delta, qlist, item_key, lo, hi, pdk, pdv, cu_seqlens,
-                                 cu_seqlens_k, qk_scale, scale, T, Tk, HQ, HKV, DK, DV, num_blocks, G=G, SLC_BLOCK=block_size,
-                                 BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_DK=block_dk,
+                                 cu_seqlens_k, qk_scale, scale, T, Tk, HQ, HKV, DK, DV, num_blocks, G=G,
+                                 SLC_BLOCK=block_size, BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_DK=block_dk,
                                  BLOCK_DV=block_dv, IS_VARLEN=varlen, DOT_PREC=meta["DOT_PREC"], **kv)
     _selected_dkdv_reduce_kernel[(nb * HKV * num_blocks,)](pdk, pdv, key_items, dk, dv, cu_seqlens_k, Tk, HKV, DK, DV,
-                                                    num_blocks, SLC_BLOCK=block_size, BLOCK_S=block_s, BLOCK_DK=block_dk,
-                                                    BLOCK_DV=block_dv, IS_VARLEN=varlen)
+                                                    num_blocks, SLC_BLOCK=block_size, BLOCK_S=block_s,
+                                                    BLOCK_DK=block_dk, BLOCK_DV=block_dv, IS_VARLEN=varlen)
     return dq, dk, dv
