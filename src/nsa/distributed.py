@@ -44,6 +44,15 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def host_to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor copied to `device` without waiting for it (CUDA: through pinned memory, non-blocking; a copy
+    from pageable memory synchronizes the stream)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def _chunk_bounds(n: int, chunks: int) -> list[int]:
     return [c * n // chunks for c in range(chunks + 1)]
 
@@ -150,13 +159,13 @@ class ContextParallelLayout:
         device = torch.device(device)
         if device not in self._device_cache:
             def cu(lens):
-                return torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
-            self._device_cache[device] = dict(
-                prefix_slots=self._raw_slot[self._prefix_rows].to(device),
-                cmp_prefix_slots=self._cmp_slot[self._cmp_prefix_rows].to(device),
-                full_slots=self._raw_slot.to(device), cmp_prefix_rows=self._cmp_prefix_rows.to(device),
-                local_rows=self.local_rows.to(device), local_cmp_rows=self.local_cmp_rows.to(device),
-                positions=self._positions.to(device), cu_q=cu(self.query_lens), cu_k=cu(self.key_lens))
+                return torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+            host = dict(prefix_slots=self._raw_slot[self._prefix_rows],
+                        cmp_prefix_slots=self._cmp_slot[self._cmp_prefix_rows], full_slots=self._raw_slot,
+                        cmp_prefix_rows=self._cmp_prefix_rows, local_rows=self.local_rows,
+                        local_cmp_rows=self.local_cmp_rows, positions=self._positions, cu_q=cu(self.query_lens),
+                        cu_k=cu(self.key_lens))
+            self._device_cache[device] = {k: host_to_device(v, device) for k, v in host.items()}
         return self._device_cache[device]
 
     def to_packed(self, x: torch.Tensor) -> torch.Tensor:

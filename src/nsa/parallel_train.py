@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .distributed import ContextParallelLayout, shard
+from .distributed import ContextParallelLayout, host_to_device, shard
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 META_FILE = "meta.json"
@@ -117,12 +117,13 @@ class TrainParallelism:
             lens = None if offsets is None else [b - a for a, b in zip(offsets[:-1], offsets[1:])]
             layout = ContextParallelLayout(model_config(model).nsa, seq_len=None if lens else x.shape[1],
                                            batch=1 if lens else x.shape[0], seq_lens=lens, group=self.cp_group)
-            x, y = shard(x, layout).to(self.device), shard(y, layout).to(self.device)
+            x, y = host_to_device(shard(x, layout), self.device), host_to_device(shard(y, layout), self.device)
             logits = model(x, context_parallel=layout)[0]
         else:
-            cu_local = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=self.device)
-            logits = model(x.to(self.device), cu_seqlens=cu_local)[0]
-            y = y.to(self.device)
+            cu_local = None if offsets is None else host_to_device(torch.tensor(offsets, dtype=torch.int32),
+                                                                   self.device)
+            logits = model(host_to_device(x, self.device), cu_seqlens=cu_local)[0]
+            y = host_to_device(y, self.device)
         share = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum") / max(count, 1)
         return share * self.world, share
 
