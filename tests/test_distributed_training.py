@@ -83,7 +83,8 @@ def _losses(run_dir):
 def test_ddp_fsdp_and_context_parallel_training_follow_one_process_and_resume_on_another_world(tmp_path,
                                                                                              corpus_dir):
     runs = {"ddp": dict(parallel="ddp"), "fsdp": dict(parallel="fsdp"),  # dense batches, split over 2 dp ranks
-            "ddp_cp": dict(parallel="ddp", context_parallel=2, packed=True)}  # packed, over 2 cp ranks
+            "ddp_cp": dict(parallel="ddp", context_parallel=2, packed=True),  # packed, over 2 cp ranks
+            "fsdp_cp": dict(parallel="fsdp", context_parallel=2)}
     _train(0, 1, corpus_dir, [(tmp_path / "one", {}, None), (tmp_path / "one_packed", dict(packed=True), None)])
     # the 2-process group also trains an FSDP2 run that stops after step 2, resumed below by one process
     spawn(_train, 2, corpus_dir, [(tmp_path / name, train, None) for name, train in runs.items()]

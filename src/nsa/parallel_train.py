@@ -45,7 +45,7 @@ class TrainParallelism:
         if mode == "none":
             if context_parallel != 1:
                 raise ValueError("train.context_parallel > 1 needs train.parallel='ddp' or 'fsdp' under torchrun")
-            self.world, self.rank, self.cp, self.cp_group, self.mesh = 1, 0, 1, None, None
+            self.world, self.rank, self.cp, self.cp_group, self.mesh, self.world_mesh = 1, 0, 1, None, None, None
             return
         if not dist.is_initialized():
             if "WORLD_SIZE" not in os.environ:
@@ -59,6 +59,7 @@ class TrainParallelism:
         self.cp = context_parallel
         self.mesh = init_device_mesh(device.type, (self.world // self.cp, self.cp), mesh_dim_names=("dp", "cp"))
         self.cp_group = self.mesh.get_group("cp")
+        self.world_mesh = init_device_mesh(device.type, (self.world,))  # FSDP2 shards over dp and cp alike
 
     @property
     def distributed(self) -> bool:
@@ -81,10 +82,9 @@ class TrainParallelism:
             return DistributedDataParallel(model, device_ids=ids)
         if self.mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
-            world_mesh = self.mesh._flatten("world") if self.cp > 1 else self.mesh["dp"]
             for block in model.blocks:
-                fully_shard(block, mesh=world_mesh)
-            fully_shard(model, mesh=world_mesh)
+                fully_shard(block, mesh=self.world_mesh)
+            fully_shard(model, mesh=self.world_mesh)
         return model
 
     def check_batch_size(self, batch_size: int) -> None:
