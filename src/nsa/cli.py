@@ -173,8 +173,9 @@ into packed sequences (cu_seqlens): nothing attends or is predicted across docum
 --set train.passkey_fraction=0.2: that share of training windows become passkey samples with their
 answer (nsa eval passkey's pattern); validation windows stay plain text.
 On CUDA the forward passes run under bfloat16 autocast; AdamW, warm-up then cosine, gradient clipping.
-Several GPUs: torchrun --nproc-per-node N -m nsa train ... --set train.parallel=ddp (or fsdp) [--set
-train.context_parallel=C]; the checkpoint is then the folder RUN/checkpoint, resumable on any world size.
+Several GPUs: torchrun --standalone --nproc-per-node N -m nsa train --run-dir RUN ... --set train.parallel=ddp
+(or fsdp) [--set train.context_parallel=C]; the checkpoint is then the folder RUN/checkpoint, resumable on any
+world size (--run-dir: torchrun takes --run for its own --run-path).
 """
 
 
@@ -337,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", metavar="FILE", help="a TOML or JSON file of settings ([model], [model.nsa], [train])")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="one setting, e.g. model.n_layer=4 or train.lr=1e-3 (repeatable)")
-    t.add_argument("--run", metavar="RUN", help="the run folder (default: runs/PRESET)")
+    t.add_argument("--run", "--run-dir", dest="run", metavar="RUN",
+                   help="the run folder (default: runs/PRESET); under torchrun spell it --run-dir (torchrun reads "
+                        "--run as its own --run-path)")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its checkpoint")
     t.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) after this step")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
