@@ -20,7 +20,8 @@ from dist_utils import spawn
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa", "gates")
 COMPRESSED = ("k_cmp", "v_cmp")
-CONFIG = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, num_selected=3, window=24)
+# n = 4 of up to ~10 blocks: besides the three forced blocks (0, J - 1, J) one is chosen by its score
+CONFIG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=4, window=12)
 
 
 def whole_batch(B, T, Tc, dtype, seed=0, Hkv=2, G=2, D=16):

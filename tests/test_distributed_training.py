@@ -11,7 +11,8 @@ from nsa.distributed import ContextParallelLayout, shard, unshard
 
 from dist_utils import spawn
 
-CONFIG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=3, window=12)
+# n = 4 of up to ~10 blocks: besides the three forced blocks (0, J - 1, J) one is chosen by its score
+CONFIG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=4, window=12)
 
 
 def _layer_cp_matches_single_process(rank, world_size):

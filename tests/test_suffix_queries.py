@@ -13,7 +13,8 @@ from nsa import NSAConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton cases: kernels on a GPU, else interpreted
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa", "gates")
-CONFIG = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, num_selected=3, window=24)
+# n = 4 of up to ~10 blocks: besides the three forced blocks (0, J - 1, J) one is chosen by its score
+CONFIG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=4, window=12)
 
 
 def full_inputs(key_lens, B=1, Hkv=2, G=2, D=16, dtype=torch.float64, seed=0):
