@@ -13,7 +13,8 @@ SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py
 
 
 def test_the_kept_scripts():
-    assert SCRIPTS == ["bench_decode.py", "bench_op.py", "check_model_grads.py", "memcheck_decode.py", "profile_decode.py", "tune_kernels.py"]
+    assert SCRIPTS == ["bench_cp.py", "bench_decode.py", "bench_op.py", "check_model_grads.py", "memcheck_decode.py",
+                       "profile_decode.py", "tune_kernels.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -174,6 +174,9 @@ into packed sequences (cu_seqlens): nothing attends or is predicted across docum
 answer (nsa eval passkey's pattern); validation windows stay plain text. --set train.passkey_needles=16:
 1..16 needle-question-answer segments a sample; --set train.passkey_answer_weight=10: answers weigh more.
 On CUDA the forward passes run under bfloat16 autocast; AdamW, warm-up then cosine, gradient clipping.
+Several GPUs: torchrun --standalone --nproc-per-node N -m nsa train --run-dir RUN ... --set train.parallel=ddp
+(or fsdp) [--set train.context_parallel=C]; the checkpoint is then the folder RUN/checkpoint, resumable on any
+world size (--run-dir: torchrun takes --run for its own --run-path).
 """
 
 
@@ -236,7 +239,7 @@ def train_command(args) -> int:
         result = train_run(run, model_cfg, train_cfg, device=dev, stop_at=args.stop_at,
                            progress=not args.no_progress)
     loss, val = (("n/a" if result[k] is None else f"{result[k]:.4f}") for k in ("loss", "val_loss"))
-    print(f"step {result['step']}: loss {loss}, val_loss {val}; checkpoint {run / CHECKPOINT_FILE}, "
+    print(f"step {result['step']}: loss {loss}, val_loss {val}; checkpoint {result['checkpoint']}, "
           f"metrics {run / METRICS_FILE}")
     return 0
 
@@ -360,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", metavar="FILE", help="a TOML or JSON file of settings ([model], [model.nsa], [train])")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="one setting, e.g. model.n_layer=4 or train.lr=1e-3 (repeatable)")
-    t.add_argument("--run", metavar="RUN", help="the run folder (default: runs/PRESET)")
+    t.add_argument("--run", "--run-dir", dest="run", metavar="RUN",
+                   help="the run folder (default: runs/PRESET); under torchrun spell it --run-dir (torchrun reads "
+                        "--run as its own --run-path)")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its checkpoint")
     t.add_argument("--stop-at", type=int, metavar="STEP", help="stop (with a checkpoint) after this step")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")

@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from .config import NSAConfig
 from .cache import NSACache, default_dtype_device
-from .ops import NSAInputs, decode_glue_fused, nsa_attention, nsa_decode_attention
+from .distributed import ContextParallelLayout, attend_gathered, gather_rows
+from .ops import NSAInputs, _resolve_backend, decode_glue_fused, nsa_attention, nsa_decode_attention
 from .ops.library import decode_append_compressed, decode_append_tokens
 from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens
@@ -203,11 +204,46 @@ class NativeSparseAttention(nn.Module):
         """
         return self._whole_sequence(x, cu_seqlens)[0]
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, hidden_size] (or [1, total, hidden_size] packed, with cu_seqlens int32 [N + 1]) -> same shape."""
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                context_parallel: ContextParallelLayout | None = None) -> torch.Tensor:
+        """x [B, T, hidden_size] (or [1, total, hidden_size] packed, with cu_seqlens int32 [N + 1]) -> same shape.
+
+        context_parallel: x is this rank's shard [B, local_len, hidden_size] of the layout's batch (which also
+        carries the packing: cu_seqlens stays None); see _context_parallel.
+        """
+        if context_parallel is not None:
+            if cu_seqlens is not None:
+                raise ValueError("with context_parallel the layout carries the packing: pass cu_seqlens=None")
+            return self._context_parallel(x, context_parallel)
         o = nsa_attention(*self.nsa_inputs(x, cu_seqlens), self.config,
                           cu_seqlens=cu_seqlens, backend=self.backend)  # [B, T, Hq, Dv]
         return self.o_proj(o.flatten(2))  # [B, T, Hq*Dv] -> [B, T, hidden_size]
+
+    def _context_parallel(self, x: torch.Tensor, layout: ContextParallelLayout) -> torch.Tensor:
+        """The forward of this rank's shard x [B, local_len, hidden_size] (nsa.distributed): its queries, keys and
+        values at their positions in the whole sequences; one all-gather brings every rank's raw keys/values and
+        phi's inputs (un-rotated cmp_src), every rank computes all compressed tokens from the gathered cmp_src (phi
+        is small next to the projections; no halo exchange), and its queries attend to the key prefixes of their
+        chunks. The backward reduce-scatters the keys' and values' gradients to their owners; the parameters'
+        gradients cover this rank's queries only, so sum (or average) them over the group (DDP / FSDP do)."""
+        if not isinstance(layout, ContextParallelLayout):
+            raise TypeError(f"context_parallel must be an nsa.distributed.ContextParallelLayout, got "
+                            f"{type(layout).__name__}")
+        if layout.config != self.config:
+            raise ValueError("the layout was made for another NSAConfig than this layer's")
+        self._check_input(x, None)
+        layout.check_local("x", x)
+        device_tensors = layout.tensors(x.device)
+        q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, device_tensors["positions"])
+        raw = [k_slc, v_slc] if self.share_kv else [k_slc, v_slc, k_swa, v_swa]
+        gathered = gather_rows([k_cmp_src, v_cmp_src, *raw], ["full_slots"] * 2 + ["prefix_slots"] * len(raw), layout)
+        index, ids = cmp_block_index(layout.seq_lens, self.config, x.device)  # the whole (packed) batch's blocks
+        k_cmp, v_cmp = self._compress(gathered[0][:, index], gathered[1][:, index], ids)  # [1, total_cmp, Hkv, D]
+        prefix = device_tensors["cmp_prefix_rows"]
+        keys = gathered[2:] if not self.share_kv else gathered[2:] * 2
+        o = attend_gathered(q, k_cmp[:, prefix], v_cmp[:, prefix], *keys, gates, layout, self.head_dim ** -0.5,
+                            _resolve_backend(self.backend, x.device))
+        return self.o_proj(o.flatten(2))
 
     def _token_kv(self, k_slc, v_slc, k_swa, v_swa) -> dict[str, torch.Tensor]:
         """The cache's token buffers (nsa.cache.NSACache.TOKEN_BUFFERS) by name: one pair when share_kv."""

@@ -166,10 +166,15 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.n_embd, cfg.mlp_hidden)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: LayerCache | None = None,
-                prompt_lens: list[int] | None = None) -> torch.Tensor:
-        """x [B, T, C] -> [B, T, C]. With a cache (this layer's): prefill when it is empty, else a decoding step."""
+                prompt_lens: list[int] | None = None, context_parallel=None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]. With a cache (this layer's): prefill when it is empty, else a decoding step.
+        context_parallel: x is this rank's shard (nsa.distributed.ContextParallelLayout; NSA attention only)."""
         h = self.attn_norm(x)
-        if cache is None:
+        if context_parallel is not None:
+            if not isinstance(self.attn, NativeSparseAttention):
+                raise ValueError("context parallelism runs NSA attention only (ModelConfig.attention='nsa')")
+            h = self.attn(h, context_parallel=context_parallel)
+        elif cache is None:
             h = self.attn(h, cu_seqlens=cu_seqlens)
         elif cache.is_empty:
             h = self.attn.prefill(h, cache, prompt_lens)
@@ -215,20 +220,27 @@ class LanguageModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 cache: ModelCache | None = None, prompt_lens: list[int] | None = None,
-                loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                loss_weights: torch.Tensor | None = None, context_parallel=None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx long [B, T] (or [1, total] packed, with cu_seqlens) -> (logits [B, T, vocab], loss).
 
         loss: mean cross-entropy against targets long [B, T] (-100: ignored), None without targets; with
         loss_weights float [B, T], the weighted mean sum(w * ce) / sum(w) (give ignored targets weight 0).
+        context_parallel (an nsa.distributed.ContextParallelLayout): idx is this rank's shard [B, local_len] of the
+        layout's batch and logits are its tokens'; no targets (the mean loss needs the whole batch's count of
+        targets: nsa.parallel_train computes each rank's share from the logits).
         With a cache, idx holds new tokens: an empty cache is prefilled with the prompts idx (right-padded,
         row b's length prompt_lens[b], default T), a non-empty one advances every row by T tokens.
         """
         if cache is not None and prompt_lens is not None and not cache.is_empty:
             raise ValueError("prompt_lens is for prefill into an empty cache; a decoding step advances every row by T")
+        if context_parallel is not None and (cache is not None or cu_seqlens is not None or targets is not None):
+            raise ValueError("context_parallel runs training-style forwards without targets (compute the loss from "
+                             "the logits), a cache or cu_seqlens (the layout carries the packing)")
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache.layers[i],
-                      prompt_lens=prompt_lens)
+                      prompt_lens=prompt_lens, context_parallel=context_parallel)
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None

@@ -6,6 +6,7 @@ On CUDA the forward passes run under bfloat16 autocast (weights and optimizer st
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from .config import NSAConfig
 from .data import DEFAULT_MAX_BYTES, Corpus, get_batch, get_packed_batch, load_corpus
 from .eval import passkey_min_length
 from .model import LanguageModel, ModelConfig
+from .parallel_train import PARALLEL_MODES, TrainParallelism, read_meta
 
 SCHEDULES = ("cosine", "constant")
 
@@ -54,10 +56,18 @@ class TrainConfig:
     # > 1: a passkey sample holds 1..passkey_needles needle-question-answer segments (each question asks for the
     # most recent key): more retrieval examples per window, at shorter distances
     passkey_needles: int = 1
+    # several processes (under torchrun; nsa.parallel_train): "none", "ddp" or "fsdp" (FSDP2, fully_shard per
+    # block), and the context-parallel group size (NSA attention only; it divides the world size)
+    parallel: str = "none"
+    context_parallel: int = 1
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"TrainConfig.parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        if not isinstance(self.context_parallel, int) or self.context_parallel < 1:
+            raise ValueError(f"TrainConfig.context_parallel must be an int >= 1, got {self.context_parallel!r}")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every",
                      "data_max_bytes"):
             if getattr(self, name) < 1:
@@ -172,6 +182,7 @@ def _progress_bar(total: int, desc: str, start: int = 0, stop: int | None = None
 
 METRICS_FILE = "metrics.jsonl"  # one JSON object per line: step, loss, lr, tokens_per_s, and val_loss when evaluated
 CHECKPOINT_FILE = "checkpoint.safetensors"  # the latest checkpoint, replaced atomically
+DISTRIBUTED_CHECKPOINT = "checkpoint"  # a distributed run's: a torch.distributed.checkpoint folder
 CONFIG_FILE = "config.json"  # the run's model and train configs (also inside every checkpoint)
 
 
@@ -212,29 +223,45 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
     the last and at stop_at (a step to stop after, e.g. to split a run over sessions).
     resume=True continues run_dir from its checkpoint with the saved configs (model_cfg / train_cfg must be
     None): model, optimizer, the data sampler's position and the RNGs are restored, so the result is bitwise
-    that of an uninterrupted run on the same device. Returns {"step", "loss", "val_loss", "run_dir"}.
+    that of an uninterrupted run on the same device. Returns {"step", "loss", "val_loss", "run_dir", "checkpoint"}.
+
+    train.parallel "ddp" / "fsdp" (run under torchrun; nsa.parallel_train): every process calls train_run with the
+    same arguments (device "cuda" means the process's LOCAL_RANK GPU); the global batch is split over the ranks,
+    rank 0 writes the metrics and configs, and the checkpoint is a torch.distributed.checkpoint folder
+    (DISTRIBUTED_CHECKPOINT), which resumes on any world size.
     """
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / CHECKPOINT_FILE
+    distributed_ckpt = run_dir / DISTRIBUTED_CHECKPOINT
     if resume:
         if model_cfg is not None or train_cfg is not None:
             raise ValueError("resume=True continues with the run's saved configs; pass no model_cfg / train_cfg")
-        model_cfg, train_cfg = configs_from_dict(read_checkpoint(ckpt_path).config)
+        saved = read_meta(distributed_ckpt)["config"] if distributed_ckpt.exists() else \
+            read_checkpoint(run_dir / CHECKPOINT_FILE).config
+        model_cfg, train_cfg = configs_from_dict(saved)
     else:
-        if ckpt_path.exists():
-            raise ValueError(f"{run_dir} already holds a run ({ckpt_path}); resume it or choose another folder")
         if model_cfg is None or train_cfg is None:
             raise ValueError("a new run needs model_cfg and train_cfg")
+        for path in (run_dir / CHECKPOINT_FILE, distributed_ckpt):
+            if path.exists():
+                raise ValueError(f"{run_dir} already holds a run ({path}); resume it or choose another folder")
     device = torch.device(device)
+    if train_cfg.parallel != "none" and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    par = TrainParallelism(train_cfg.parallel, train_cfg.context_parallel, device)
+    par.check_batch_size(train_cfg.batch_size)
+    ckpt_path = distributed_ckpt if par.distributed else run_dir / CHECKPOINT_FILE
     config = config_dict(model_cfg, train_cfg)
     corpus = load_corpus(train_cfg.data, train_cfg.data_max_bytes) if corpus is None else corpus
 
     torch.manual_seed(train_cfg.seed)
     random.seed(train_cfg.seed)
-    model = LanguageModel(model_cfg).to(device)
+    model = par.wrap(LanguageModel(model_cfg).to(device))
     optimizer = make_optimizer(model, train_cfg)
     generator = torch.Generator().manual_seed(train_cfg.seed)
     val_generator = torch.Generator().manual_seed(train_cfg.seed + 1)
+
+    batch_device = "cpu" if par.distributed else device  # the global batch; each rank moves its own part
 
     def batch(split: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         data = getattr(corpus, split)
@@ -242,34 +269,51 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
         weight = train_cfg.passkey_answer_weight if mix and train_cfg.passkey_answer_weight != 1 else None
         if train_cfg.packed:
             return get_packed_batch(data, getattr(corpus, f"{split}_starts"), train_cfg.batch_size,
-                                    train_cfg.seq_len, gen, device, mix, weight, train_cfg.passkey_needles)
-        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, device, mix, weight,
+                                    train_cfg.seq_len, gen, batch_device, mix, weight, train_cfg.passkey_needles)
+        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, batch_device, mix, weight,
                          train_cfg.passkey_needles)
+
+    @torch.no_grad()
+    def validate() -> float:
+        model.eval()
+        with autocast(device):
+            loss = sum(par.global_loss(par.loss(model, b, train_cfg.seq_len)[1]) for b in val_batches)
+        model.train()
+        return loss / len(val_batches)
 
     val_batches = [batch("val", val_generator) for _ in range(train_cfg.eval_batches)]
     metrics_path = run_dir / METRICS_FILE
     start = 0
     if resume:
-        start = load_checkpoint(ckpt_path, model, optimizer, data_generator=generator).step
+        if par.distributed:
+            start = par.load(ckpt_path, model, optimizer, generator)
+        else:
+            start = load_checkpoint(ckpt_path, model, optimizer, data_generator=generator).step
         kept = [r for r in read_metrics(metrics_path) if r["step"] <= start] if metrics_path.exists() else []
-        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())  # drop steps after it
-    else:
+        if par.is_main:
+            atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())  # drop steps after it
+    elif par.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
         metrics_path.write_text("")
     last = train_cfg.steps if stop_at is None else min(train_cfg.steps, stop_at)
 
     def save(step: int) -> None:
-        save_checkpoint(ckpt_path, model, optimizer, step=step, data_generator=generator, config=config)
+        if par.distributed:
+            par.save(ckpt_path, model, optimizer, step, generator, config)
+        else:
+            save_checkpoint(ckpt_path, model, optimizer, step=step, data_generator=generator, config=config)
 
-    result = {"step": start, "loss": None, "val_loss": None, "run_dir": str(run_dir)}
-    with open(metrics_path, "a") as log:
+    result = {"step": start, "loss": None, "val_loss": None, "run_dir": str(run_dir), "checkpoint": str(ckpt_path)}
+    progress = progress and par.is_main
+    with open(metrics_path, "a") if par.is_main else contextlib.nullcontext() as log:
         def write(record: dict) -> None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
 
         if not resume:
-            result["val_loss"] = evaluate(model, val_batches)
+            result["val_loss"] = validate()
             write({"step": 0, "val_loss": result["val_loss"]})
         steps = range(start, last)
         if progress:
@@ -283,16 +327,16 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
                 group["lr"] = lr
             weights = inputs[-1] if len(inputs) == 3 + train_cfg.packed else None
             with autocast(device):
-                loss = model(*inputs[:2 + train_cfg.packed], loss_weights=weights)[1]
+                backward_loss, share = par.loss(model, inputs[:2 + train_cfg.packed], train_cfg.seq_len, weights)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            backward_loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()
-            loss = loss.item()  # waits for the device: the step's time is complete
+            loss = par.global_loss(share)  # waits for the device: the step's time is complete
             record = {"step": step + 1, "loss": loss, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - t0)}
             result.update(step=step + 1, loss=loss)
             if (step + 1) % train_cfg.eval_every == 0 or step + 1 == train_cfg.steps:
-                record["val_loss"] = result["val_loss"] = evaluate(model, val_batches)
+                record["val_loss"] = result["val_loss"] = validate()
             write(record)
             if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == last:
                 save(step + 1)

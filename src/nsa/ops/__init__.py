@@ -68,21 +68,27 @@ def _interpreting() -> bool:
 
 
 def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config: NSAConfig = NSAConfig(), *,
-                  scale=None, cu_seqlens=None, backend=None, kernel_options: KernelOptions | None = None):
+                  scale=None, cu_seqlens=None, backend=None, kernel_options: KernelOptions | None = None,
+                  cu_seqlens_k=None):
     """Native Sparse Attention (SPEC.md).
 
     q [B, T, Hq, Dk]; k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv] (compressed tokens);
-    k_slc, v_slc, k_swa, v_swa [B, T, Hkv, Dk or Dv]; gates [B, T, Hq, 3] in (0, 1), order (cmp, slc, swa).
-    cu_seqlens: int32 [N + 1] for packed sequences ([1, total, H, D] inputs, k_cmp packed per sequence).
+    k_slc, v_slc, k_swa, v_swa [B, Tk, Hkv, Dk or Dv]; gates [B, T, Hq, 3] in (0, 1), order (cmp, slc, swa).
+    Suffix queries: Tk >= T keys, the queries being the last T positions of the keys' sequence (FlashAttention's
+    bottom-right causal alignment; Tc counts the compressed tokens of the Tk keys): what a context-parallel rank
+    computes for its query chunk against the gathered keys. Tk = T is the whole sequence.
+    cu_seqlens: int32 [N + 1] for packed sequences ([1, total, H, D] inputs, k_cmp packed per sequence);
+    cu_seqlens_k: int32 [N + 1], the keys' offsets when they are longer than the queries (None: cu_seqlens).
     kernel_options: an nsa.KernelOptions tuning the Triton kernels (None: the library's choices).
     Returns o [B, T, Hq, Dv] in q's dtype.
     """
-    seq_lens = check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, cu_seqlens)
+    seq_lens, seq_lens_k = check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config,
+                                                  cu_seqlens, cu_seqlens_k)
     scale = check_scale(scale, q.shape[-1])
     options = check_kernel_options(kernel_options)
     backend = _resolve_backend(backend, q.device)
     return library.nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, backend,
-                                 cu_seqlens, seq_lens, options)
+                                 cu_seqlens, seq_lens, options, cu_seqlens_k, seq_lens_k)
 
 
 def select_blocks(q, k_cmp, config: NSAConfig = NSAConfig(), *, scale=None, cu_seqlens=None, backend=None,

@@ -33,27 +33,48 @@ def cmp_seqlens(seq_lens: list[int], config: NSAConfig) -> list[int]:
     return [config.num_cmp_tokens(n) for n in seq_lens]
 
 
-def check_cu_seqlens(cu_seqlens, total: int, batch: int, device: torch.device) -> list[int]:
-    """Validates cu_seqlens ([N + 1] int32, 0 .. total, non-decreasing); returns the sequence lengths."""
+def check_cu_seqlens(cu_seqlens, total: int, batch: int, device: torch.device, name: str = "cu_seqlens") -> list[int]:
+    """Validates cu_seqlens ([N + 1] int32, 0 .. total, non-decreasing), called `name` in errors; returns the
+    sequence lengths."""
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32 (FlashAttention's convention), got {cu_seqlens.dtype}; "
-                        "use cu_seqlens.to(torch.int32)")
+        raise TypeError(f"{name} must be int32 (FlashAttention's convention), got {cu_seqlens.dtype}; "
+                        f"use {name}.to(torch.int32)")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"{name} must be 1-D with N + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}; move it with .to(q.device)")
+        raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}; move it with .to(q.device)")
     if batch != 1:
-        raise ValueError(f"with cu_seqlens the inputs must be packed as [1, total, H, D], got batch {batch}")
+        raise ValueError(f"with {name} the inputs must be packed as [1, total, H, D], got batch {batch}")
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {total}, "
+        raise ValueError(f"{name} must start at 0 and end at the packed length {total}, "
                          f"got {offsets[0]} .. {offsets[-1]}")
     lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
     if min(lens) < 0:
-        raise ValueError("cu_seqlens must be non-decreasing")
+        raise ValueError(f"{name} must be non-decreasing")
     return lens
+
+
+def check_key_seqlens(cu_seqlens_k, seq_lens: list[int] | None, total_k: int, batch: int,
+                      device: torch.device) -> list[int] | None:
+    """Validates the keys' cu_seqlens_k of suffix queries against the queries' lengths seq_lens (None: dense);
+    returns the key lengths (None without cu_seqlens_k)."""
+    if cu_seqlens_k is None:
+        return None
+    if seq_lens is None:
+        raise ValueError("cu_seqlens_k (the keys' offsets) needs cu_seqlens (the queries' offsets) beside it; "
+                         "dense suffix queries need neither: pass keys longer than q")
+    key_lens = check_cu_seqlens(cu_seqlens_k, total_k, batch, device, name="cu_seqlens_k")
+    if len(key_lens) != len(seq_lens):
+        raise ValueError(f"cu_seqlens_k must describe as many sequences as cu_seqlens ({len(seq_lens)}), "
+                         f"got {len(key_lens)}")
+    for i, (n, nk) in enumerate(zip(seq_lens, key_lens)):
+        if nk < n:
+            raise ValueError(f"sequence {i} has {n} queries but {nk} keys: the queries are the last positions of the "
+                             "keys' sequence, so cu_seqlens_k must give every sequence at least as many keys")
+    return key_lens
 
 
 def check_scale(scale, head_dim: int) -> float:
@@ -123,16 +144,44 @@ def check_select_inputs(q, k_cmp, config, cu_seqlens) -> list[int] | None:
     return lens
 
 
-def check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, cu_seqlens):
-    """Checks the eight inputs of nsa_attention against SPEC.md's shapes; returns the sequence lengths when packed."""
-    lens = check_select_inputs(q, k_cmp, config, cu_seqlens)
-    T, Tc = q.shape[1], k_cmp.shape[1]
-    raw = {"v_cmp": v_cmp, "k_slc": k_slc, "v_slc": v_slc, "k_swa": k_swa, "v_swa": v_swa, "gates": gates}
-    for name, x in raw.items():
+def check_attention_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, cu_seqlens,
+                           cu_seqlens_k=None):
+    """Checks the eight inputs of nsa_attention against SPEC.md's shapes; returns (query lengths, key lengths) when
+    packed (key lengths None without cu_seqlens_k), else (None, None).
+
+    Suffix queries: the raw keys k_slc may hold Tk >= T tokens (the queries being the last T); k_cmp then holds the
+    compressed tokens of the Tk keys, and with cu_seqlens_k (packed) each sequence's keys are its own.
+    """
+    check_config(config)
+    _check_tensor("q", q, 4)
+    B, T = q.shape[:2]
+    if T < 1:
+        raise ValueError(f"q must hold at least one token, got shape {tuple(q.shape)}")
+    _check_tensor("k_slc", k_slc, 4)
+    Tk = k_slc.shape[1]
+    lens = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, T, B, q.device)
+    key_lens = check_key_seqlens(cu_seqlens_k, lens, Tk, B, q.device)
+    if cu_seqlens is None and Tk < T:
+        raise ValueError(f"k_slc holds {Tk} tokens but q {T}: the keys must cover the queries (Tk >= T, the queries "
+                         "being the last T positions)")
+    if cu_seqlens is not None and cu_seqlens_k is None:
+        _expect("k_slc", k_slc, 1, T, "tokens, as in q; pass cu_seqlens_k for packed keys longer than the queries")
+    _check_like_q("k_cmp", k_cmp, q)
+    _check_gqa(q, k_cmp)
+    _expect("k_cmp", k_cmp, 3, q.shape[3], "Dk, as in q")
+    expected_tc = config.num_cmp_tokens(Tk) if lens is None else sum(cmp_seqlens(key_lens or lens, config))
+    _expect("k_cmp", k_cmp, 1, expected_tc,
+            f"compressed tokens of the keys: floor((Tk - {config.cmp_block}) / {config.cmp_stride}) + 1 per sequence, "
+            f"0 if Tk < {config.cmp_block}")
+    expected = {"v_cmp": (k_cmp.shape[1], "tokens, as in k_cmp"), "k_slc": (Tk, "tokens"),
+                "v_slc": (Tk, "tokens, as in k_slc"), "k_swa": (Tk, "tokens, as in k_slc"),
+                "v_swa": (Tk, "tokens, as in k_slc"), "gates": (T, "tokens, as in q")}
+    for name, x in {"v_cmp": v_cmp, "k_slc": k_slc, "v_slc": v_slc, "k_swa": k_swa, "v_swa": v_swa,
+                    "gates": gates}.items():
         _check_like_q(name, x, q)
-        _expect(name, x, 1, Tc if name == "v_cmp" else T, "tokens, as in k_cmp" if name == "v_cmp" else "tokens, as in q")
+        _expect(name, x, 1, *expected[name])
     _check_heads_and_dims(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
-    return lens
+    return lens, key_lens
 
 
 def check_decode_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cache_seqlens, config,

@@ -18,7 +18,8 @@ Custom ops take only tensors and plain scalars, so:
   kernel_options  as a string: "" for None (the defaults), else the KernelOptions' fields as JSON (parsed back once,
                   cached);
   cu_seqlens      as an optional tensor, with seq_lens (the packed lengths, host ints) beside it: the Triton
-                  kernels size their grids from them (see ops/__init__.py for what this means under compile).
+                  kernels size their grids from them (see ops/__init__.py for what this means under compile);
+  cu_seqlens_k    likewise with seq_lens_k, the keys' offsets and lengths of suffix queries (None: those of q).
 Backward of the reference backend: nsa::attention_backward recomputes the reference forward under autograd and
 differentiates it (torch.autograd.grad; see _autograd_on), so the reference's backward costs one more forward (it is a yardstick);
 the reference's outputs are made contiguous (as the fakes say; the reference's own layout is transposed). The
@@ -67,21 +68,26 @@ def _config(cmp_block, cmp_stride, slc_block, num_selected, window) -> NSAConfig
 def attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_swa: Tensor, v_swa: Tensor,
               gates: Tensor, cmp_block: int, cmp_stride: int, slc_block: int, num_selected: int, window: int,
               scale: float, backend: str, options: str, cu_seqlens: Optional[Tensor],
-              seq_lens: Optional[list[int]]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+              seq_lens: Optional[list[int]], cu_seqlens_k: Optional[Tensor] = None,
+              seq_lens_k: Optional[list[int]] = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o [B, T, Hq, Dv], o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, block_ids): the last seven are what the
     Triton backward needs (empty tensors for the reference, whose backward recomputes)."""
     config = _config(cmp_block, cmp_stride, slc_block, num_selected, window)
     if backend == "triton":
         from .triton import nsa_attention_fwd
         return nsa_attention_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale,
-                                 cu_seqlens=cu_seqlens, seq_lens=seq_lens, kernel_options=_options(options))
-    o = reference.nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, seq_lens=seq_lens)
+                                 cu_seqlens=cu_seqlens, seq_lens=seq_lens, cu_seqlens_k=cu_seqlens_k,
+                                 seq_lens_k=seq_lens_k, kernel_options=_options(options))
+    o = reference.nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, seq_lens=seq_lens,
+                                seq_lens_k=seq_lens_k)
     return (o.contiguous(),) + tuple(q.new_empty(0) for _ in range(7))
 
 
 @attention.register_fake
 def _attention_fake(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, cmp_block, cmp_stride, slc_block,
-                    num_selected, window, scale, backend, options, cu_seqlens, seq_lens):
+                    num_selected, window, scale, backend, options, cu_seqlens, seq_lens, cu_seqlens_k=None,
+                    seq_lens_k=None):
     B, T, Hq, _ = q.shape
     Hkv, Dv = k_cmp.shape[2], v_cmp.shape[3]
     o = q.new_empty(B, T, Hq, Dv)
@@ -97,7 +103,8 @@ def attention_backward(do: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sl
                        k_swa: Tensor, v_swa: Tensor, gates: Tensor, o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor,
                        lse_cmp: Tensor, lse_slc: Tensor, lse_swa: Tensor, block_ids: Tensor, cmp_block: int,
                        cmp_stride: int, slc_block: int, num_selected: int, window: int, scale: float, backend: str,
-                       options: str, cu_seqlens: Optional[Tensor], seq_lens: Optional[list[int]]
+                       options: str, cu_seqlens: Optional[Tensor], seq_lens: Optional[list[int]],
+                       cu_seqlens_k: Optional[Tensor] = None, seq_lens_k: Optional[list[int]] = None
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dgates) from do [B, T, Hq, Dv]."""
     config = _config(cmp_block, cmp_stride, slc_block, num_selected, window)
@@ -105,10 +112,11 @@ def attention_backward(do: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_sl
     if backend == "triton":
         from .triton import nsa_attention_bwd
         return nsa_attention_bwd(do, *inputs, o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, block_ids, config,
-                                 scale, cu_seqlens=cu_seqlens, seq_lens=seq_lens, kernel_options=_options(options))
+                                 scale, cu_seqlens=cu_seqlens, seq_lens=seq_lens, cu_seqlens_k=cu_seqlens_k,
+                                 seq_lens_k=seq_lens_k, kernel_options=_options(options))
     with _autograd_on():  # the reference: recompute the forward under autograd, differentiate it
         leaves = [x.detach().requires_grad_() for x in inputs]
-        o = reference.nsa_attention(*leaves, config, scale, seq_lens=seq_lens)
+        o = reference.nsa_attention(*leaves, config, scale, seq_lens=seq_lens, seq_lens_k=seq_lens_k)
         grads = torch.autograd.grad(o, leaves, do, allow_unused=True)
     return tuple(torch.zeros_like(x) if g is None else g.contiguous() for g, x in zip(grads, inputs))
 
@@ -137,7 +145,7 @@ def _attention_backward_fake(do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, ga
 
 
 _PARAMS = ("cmp_block", "cmp_stride", "slc_block", "num_selected", "window", "scale", "backend", "options",
-           "cu_seqlens", "seq_lens")
+           "cu_seqlens", "seq_lens", "cu_seqlens_k", "seq_lens_k")
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -242,12 +250,13 @@ def _decode_append_compressed_fake(*args):
 # --- what the public entries call --------------------------------------------------------------------------------
 
 def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config: NSAConfig, scale: float, backend: str,
-                  cu_seqlens=None, seq_lens=None, kernel_options: KernelOptions | None = None) -> Tensor:
+                  cu_seqlens=None, seq_lens=None, kernel_options: KernelOptions | None = None, cu_seqlens_k=None,
+                  seq_lens_k=None) -> Tensor:
     inputs = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
     if backend == "triton":  # the kernels want contiguous inputs: copied once here, and the op saves the copies
         inputs = tuple(x.contiguous() for x in inputs)  # (inside the op the backward would copy them again)
     return torch.ops.nsa.attention(*inputs, *config_ints(config), scale, backend, options_key(kernel_options),
-                                   cu_seqlens, seq_lens)[0]
+                                   cu_seqlens, seq_lens, cu_seqlens_k, seq_lens_k)[0]
 
 
 def nsa_select_blocks(q, k_cmp, config: NSAConfig, scale: float, backend: str, cu_seqlens=None, seq_lens=None,

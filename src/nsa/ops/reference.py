@@ -147,26 +147,32 @@ def _select_dense(q, k_cmp, config, scale):
     return torch.cat(ids, dim=2).transpose(1, 2)  # [B, T, Hkv, n]
 
 
-def _split_packed(seq_lens, cmp_lens, raw, cmp):
-    """Yields, per sequence, its slices of the packed raw [1, total, ...] and compressed [1, total_c, ...] tensors."""
-    start = start_c = 0
-    for n, nc in zip(seq_lens, cmp_lens):
-        if n:
-            yield ([x[:, start:start + n] for x in raw], [x[:, start_c:start_c + nc] for x in cmp])
-        start, start_c = start + n, start_c + nc
+def _split_packed(lens, tensors):
+    """Yields, per sequence of nonzero lens[0], its slices of each group of packed [1, total, ...] tensors:
+    tensors[i] is split by lens[i]."""
+    starts = [0] * len(lens)
+    for seq in zip(*lens):
+        if seq[0]:
+            yield [[x[:, s:s + n] for x in group] for group, s, n in zip(tensors, starts, seq)]
+        starts = [s + n for s, n in zip(starts, seq)]
 
 
-def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, seq_lens=None):
+def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, seq_lens=None, seq_lens_k=None):
     """Reference NSA: inputs as in SPEC.md ([B, T, H, D], gates [B, T, Hq, 3]) -> o [B, T, Hq, Dv].
 
-    seq_lens: lengths of the packed sequences when the batch is packed (B = 1), else None.
+    The raw keys may be longer than the queries (k_slc [B, Tk, ...], Tk >= T): the queries are then the last T
+    positions of the sequence (FlashAttention's bottom-right causal alignment).
+    seq_lens: lengths of the packed query sequences when the batch is packed (B = 1), else None; seq_lens_k those of
+    the keys (None: the same).
     """
     if seq_lens is None:
-        return _attention_dense(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale)
-    cmp_lens = cmp_seqlens(seq_lens, config)
-    outs = [_attention_dense(qs, kc, vc, ks, vs, kw, vw, gs, config, scale)
-            for (qs, ks, vs, kw, vw, gs), (kc, vc) in
-            _split_packed(seq_lens, cmp_lens, (q, k_slc, v_slc, k_swa, v_swa, gates), (k_cmp, v_cmp))]
+        return _attention_dense(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale,
+                                start=k_slc.shape[1] - q.shape[1])
+    key_lens = seq_lens if seq_lens_k is None else seq_lens_k
+    outs = [_attention_dense(qs, kc, vc, ks, vs, kw, vw, gs, config, scale, start=ks.shape[1] - qs.shape[1])
+            for (qs, gs), (ks, vs, kw, vw), (kc, vc) in
+            _split_packed((seq_lens, key_lens, cmp_seqlens(key_lens, config)),
+                          ((q, gates), (k_slc, v_slc, k_swa, v_swa), (k_cmp, v_cmp)))]
     return torch.cat(outs, dim=1)
 
 
@@ -175,9 +181,8 @@ def select_blocks(q, k_cmp, config, scale, seq_lens=None):
     """Reference block selection: q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] -> long [B, T, Hkv, n]."""
     if seq_lens is None:
         return _select_dense(q, k_cmp, config, scale)
-    cmp_lens = cmp_seqlens(seq_lens, config)
     ids = [_select_dense(qs, kc, config, scale)
-           for (qs,), (kc,) in _split_packed(seq_lens, cmp_lens, (q,), (k_cmp,))]
+           for (qs,), (kc,) in _split_packed((seq_lens, cmp_seqlens(seq_lens, config)), ((q,), (k_cmp,)))]
     return torch.cat(ids, dim=1)
 
 

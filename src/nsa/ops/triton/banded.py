@@ -29,7 +29,8 @@ import triton.language as tl
 
 from ..types import KernelOptions
 from .utils import (LOG2E, LOG2E_K, LN2_K, check_kernel_dtype, dot_precision, interpreting, key_end, keys_upto,
-                    heaviest_first, last_dim_contiguous, load_rows, seq_bounds, softmax_update, visible)
+                    heaviest_first, last_dim_contiguous, load_rows, query_offset, query_offsets, seq_bounds,
+                    softmax_update, visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,22 +64,24 @@ def _key_blocks(m0, m_last, Tk, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _query_blocks(n0, n_last, T, whole_block, BLOCK_M: tl.constexpr,
+def _query_blocks(n0, n_last, T, offset, whole_block, BLOCK_M: tl.constexpr,
                   KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr):
-    """Queries that can see keys [n0, n_last], as lo <= full_lo <= full_hi <= hi (as in _key_blocks).
+    """Query rows that can see keys [n0, n_last], as lo <= full_lo <= full_hi <= hi (as in _key_blocks).
 
-    whole_block: the key tile holds no padding rows (otherwise no query block is treated as unmasked).
+    Row r of the T query rows sits at position r + offset. Every bound is clamped at row 0 (Triton's integer
+    division truncates towards zero). whole_block: the key tile holds no padding rows (otherwise no query block
+    is treated as unmasked).
     """
-    first_end = key_end(n0, KEY_STRIDE, KEY_SPAN)
-    last_end = key_end(n_last, KEY_STRIDE, KEY_SPAN)
-    lo = first_end // BLOCK_M * BLOCK_M  # t >= e(n0)
+    first_end = key_end(n0, KEY_STRIDE, KEY_SPAN) - offset  # as rows
+    last_end = key_end(n_last, KEY_STRIDE, KEY_SPAN) - offset
+    lo = tl.maximum(first_end, 0) // BLOCK_M * BLOCK_M  # t >= e(n0)
     if WINDOW > 0:
-        hi = tl.minimum(last_end + WINDOW, T)  # t < e(n_last) + w
-        full_end = tl.minimum(first_end + WINDOW, hi)
+        hi = tl.maximum(tl.minimum(last_end + WINDOW, T), 0)  # t < e(n_last) + w
+        full_end = tl.maximum(tl.minimum(first_end + WINDOW, hi), 0)
     else:
         hi = n0 * 0 + T
         full_end = hi
-    full_lo = tl.minimum(tl.maximum(tl.cdiv(last_end, BLOCK_M) * BLOCK_M, lo), hi)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last_end, 0), BLOCK_M) * BLOCK_M, lo), hi)
     full_hi = tl.maximum(full_end // BLOCK_M * BLOCK_M, full_lo)
     full_lo = tl.where(whole_block, full_lo, hi)
     full_hi = tl.where(whole_block, full_hi, hi)
@@ -110,22 +113,24 @@ def _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk, t, lo, hi, qk
 
 
 @triton.jit
-def _banded_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+def _banded_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Q_OFFSETS,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-                T, Tk, Hq, G, qk_scale,
+                T, Tk, Hq, G, qk_scale, q_offset,
                 KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """o[t] = sum_u softmax_u(scale q_t.k_u) v_u over visible u; lse[t] = log sum_u exp(scale q_t.k_u).
 
-    Q [B, T, Hq, DK], K [B, Tk, Hkv, DK], V [B, Tk, Hkv, DV], O [B, T, Hq, DV], LSE [B, Hq, T] float32.
+    Q [B, T, Hq, DK], K [B, Tk, Hkv, DK], V [B, Tk, Hkv, DV], O [B, T, Hq, DV], LSE [B, Hq, T] float32; query row t
+    sits at position t + offset (utils.query_offset).
     One program: BLOCK_M queries of one head of one sequence; grid (query blocks * Hq, sequences), the last
     query blocks (most keys) first.
     """
     m_block, h = heaviest_first(tl.program_id(0), Hq, tl.num_programs(0) // Hq, True)
     batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(1), T, IS_VARLEN)
     _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(1), Tk, IS_VARLEN)
+    offset = query_offset(Q_OFFSETS, tl.program_id(1), q_offset, IS_VARLEN)
     m0 = m_block * BLOCK_M
     if m0 >= T_seq:
         return
@@ -138,15 +143,18 @@ def _banded_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo, full_lo, full_hi, hi = _key_blocks(m0, tl.minimum(m0 + BLOCK_M, T_seq) - 1, Tk_seq, BLOCK_N,
-                                           KEY_STRIDE, KEY_SPAN, WINDOW)
+    lo, full_lo, full_hi, hi = _key_blocks(m0 + offset, tl.minimum(m0 + BLOCK_M, T_seq) - 1 + offset, Tk_seq,
+                                           BLOCK_N, KEY_STRIDE, KEY_SPAN, WINDOW)
     # Key blocks [lo, full_lo) and [full_hi, hi) straddle the band's edges and take the mask; the middle does not.
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, lo, full_lo, qk_scale,
-                               KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, full_lo, full_hi, qk_scale,
-                               KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False, PRECISION)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, full_hi, hi, qk_scale,
-                               KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t + offset, lo, full_lo,
+                               qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True,
+                               PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t + offset, full_lo, full_hi,
+                               qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False,
+                               PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kh, Vh, stride_kt, stride_vt, Tk_seq, t + offset, full_hi, hi,
+                               qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True,
+                               PRECISION)
 
     # A row with no visible key has l_i = 0 and acc = 0: o = 0 and lse = -inf.
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -175,12 +183,13 @@ def _banded_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_d
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
-                T, Tk, u, lo, hi, qk_scale,
+                T, Tk, u, offset, lo, hi, qk_scale,
                 KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                 MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """Adds the query blocks [lo, hi) of one head to dk, dv of the key tile u (transposed scores [BLOCK_N, BLOCK_M]).
+    """Adds the query blocks [lo, hi) (rows; row t at position t + offset) of one head to dk, dv of the key tile u
+    (transposed scores [BLOCK_N, BLOCK_M]).
 
     p^T = 2^(s^T - lse); dv += p^T do; ds^T = p^T * (v do^T - delta); dk += ds^T q (scale applied by the caller).
     """
@@ -194,7 +203,7 @@ def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
         delta = tl.load(DELTAh + t, mask=t < T, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
         if MASK:
-            vis = visible(t[None, :], u[:, None], KEY_STRIDE, KEY_SPAN, WINDOW)
+            vis = visible(t[None, :] + offset, u[:, None], KEY_STRIDE, KEY_SPAN, WINDOW)
             p_t = tl.where(vis & (t < T)[None, :] & (u < Tk)[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -204,12 +213,12 @@ def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
 
 
 @triton.jit
-def _banded_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K,
+def _banded_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K, Q_OFFSETS,
                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                  stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                  stride_dks, stride_dkb, stride_dkt, stride_dkh,
                  stride_dvs, stride_dvb, stride_dvt, stride_dvh,
-                 T, Tk, Hq, Hkv, G, SPLITS, qk_scale, scale,
+                 T, Tk, Hq, Hkv, G, SPLITS, qk_scale, scale, q_offset,
                  KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
@@ -224,6 +233,7 @@ def _banded_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K,
     split = head_split % SPLITS
     batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(1), T, IS_VARLEN)
     _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(1), Tk, IS_VARLEN)
+    offset = query_offset(Q_OFFSETS, tl.program_id(1), q_offset, IS_VARLEN)
     n0 = n_block * BLOCK_N
     if n0 >= Tk_seq:
         return
@@ -234,7 +244,7 @@ def _banded_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K,
     v = load_rows(V + batch * stride_vb + k0 * stride_vt + kvh * stride_vh, u, u < Tk_seq, stride_vt, cols_v, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    lo, full_lo, full_hi, hi = _query_blocks(n0, tl.minimum(n0 + BLOCK_N, Tk_seq) - 1, T_seq,
+    lo, full_lo, full_hi, hi = _query_blocks(n0, tl.minimum(n0 + BLOCK_N, Tk_seq) - 1, T_seq, offset,
                                              n0 + BLOCK_N <= Tk_seq, BLOCK_M, KEY_STRIDE, KEY_SPAN, WINDOW)
     heads = G // SPLITS
     for h in range(kvh * G + split * heads, kvh * G + (split + 1) * heads):
@@ -244,13 +254,13 @@ def _banded_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K,
         DELTAh = DELTA + (batch * Hq + h) * T + q0
         # Query blocks [lo, full_lo) and [full_hi, hi) take the mask; the middle does not.
         dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
-                             T_seq, Tk_seq, u, lo, full_lo, qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW,
+                             T_seq, Tk_seq, u, offset, lo, full_lo, qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW,
                              DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
-                             T_seq, Tk_seq, u, full_lo, full_hi, qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW,
+                             T_seq, Tk_seq, u, offset, full_lo, full_hi, qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW,
                              DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, False, PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot,
-                             T_seq, Tk_seq, u, full_hi, hi, qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW,
+                             T_seq, Tk_seq, u, offset, full_hi, hi, qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW,
                              DK, DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, PRECISION)
     _store_tile(DK_OUT + split * stride_dks + batch * stride_dkb + k0 * stride_dkt + kvh * stride_dkh,
                 dk * scale, u, Tk_seq, stride_dkt, cols_k, DK)
@@ -279,11 +289,11 @@ def _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk, t, lo, h
 
 
 @triton.jit
-def _banded_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+def _banded_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_OFFSETS,
                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                stride_dqb, stride_dqt, stride_dqh,
-               T, Tk, Hq, G, qk_scale, scale,
+               T, Tk, Hq, G, qk_scale, scale, q_offset,
                KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
@@ -294,6 +304,7 @@ def _banded_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     m_block, h = heaviest_first(tl.program_id(0), Hq, tl.num_programs(0) // Hq, True)
     batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(1), T, IS_VARLEN)
     _, k0, Tk_seq = seq_bounds(CU_K, tl.program_id(1), Tk, IS_VARLEN)
+    offset = query_offset(Q_OFFSETS, tl.program_id(1), q_offset, IS_VARLEN)
     m0 = m_block * BLOCK_M
     if m0 >= T_seq:
         return
@@ -307,14 +318,14 @@ def _banded_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     lse2 = tl.load(LSE + (batch * Hq + h) * T + q0 + t, mask=t < T_seq, other=0.0) * LOG2E_K
     delta = tl.load(DELTA + (batch * Hq + h) * T + q0 + t, mask=t < T_seq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
-    lo, full_lo, full_hi, hi = _key_blocks(m0, tl.minimum(m0 + BLOCK_M, T_seq) - 1, Tk_seq, BLOCK_N,
-                                           KEY_STRIDE, KEY_SPAN, WINDOW)
-    dq = _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, lo, full_lo, qk_scale,
-                   KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
-    dq = _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, full_lo, full_hi, qk_scale,
-                   KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False, PRECISION)
-    dq = _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk_seq, t, full_hi, hi, qk_scale,
-                   KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
+    lo, full_lo, full_hi, hi = _key_blocks(m0 + offset, tl.minimum(m0 + BLOCK_M, T_seq) - 1 + offset, Tk_seq,
+                                           BLOCK_N, KEY_STRIDE, KEY_SPAN, WINDOW)
+    dq = _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk_seq, t + offset, lo, full_lo,
+                   qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk_seq, t + offset, full_lo, full_hi,
+                   qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk_seq, t + offset, full_hi, hi,
+                   qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
     _store_tile(DQ + batch * stride_dqb + q0 * stride_dqt + h * stride_dqh, dq * scale, t, T_seq, stride_dqt,
                 tl.arange(0, BLOCK_DK), DK)
 
@@ -369,12 +380,18 @@ def _keys_upto(t: int, key_stride: int, key_span: int) -> int:
     return max(t - key_span + 1 + key_stride, 0) // key_stride
 
 
-def _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q):
+def _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, q_offset, q_offsets):
     """(grid batch extent, max query rows of one sequence, whether packed), checking the varlen arguments."""
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("pass both cu_seqlens_q and cu_seqlens_k, or neither")
+    if q_offset < 0:
+        raise ValueError(f"q_offset (the position of the first query among the keys) must be >= 0, got {q_offset}")
     if cu_seqlens_q is None:
+        if q_offsets is not None:
+            raise ValueError("q_offsets is for packed batches (with cu_seqlens_q); dense ones take q_offset")
         return q.shape[0], q.shape[1], False
+    if q_offset:
+        raise ValueError("packed batches take their query offsets as q_offsets (int32 [N]), not q_offset")
     if q.shape[0] != 1 or k.shape[0] != 1:
         raise ValueError("packed sequences need batch 1 inputs")
     if max_seqlen_q is None:
@@ -400,12 +417,14 @@ def branch_band(branch: str, config) -> dict:
 
 
 def banded_attention_fwd(q, k, v, scale, *, key_stride, key_span, window=None,
-                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, q_offset=0, q_offsets=None,
                          options: KernelOptions = KernelOptions()):
     """Banded attention forward.
 
     q [B, T, Hq, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv] (Hq % Hkv == 0), float16/bfloat16/float32.
     Packed: B == 1 and cu_seqlens_q, cu_seqlens_k int32 [N + 1] (positions restart at 0 per sequence).
+    Suffix queries: query row t sits at raw position t + q_offset (dense) or t + q_offsets[s] (packed, int32 [N]);
+    0 when the queries are the whole sequence.
     Returns o [B, T, Hq, Dv] (q's dtype) and lse [B, Hq, T] float32 (natural log; -inf where nothing is visible).
     options: launch overrides (KernelOptions.banded_*).
     """
@@ -416,7 +435,7 @@ def banded_attention_fwd(q, k, v, scale, *, key_stride, key_span, window=None,
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     band = _band_args(key_stride, key_span, window)
-    nb, max_t, varlen = _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
+    nb, max_t, varlen = _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, q_offset, q_offsets)
     o = torch.empty(B, T, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     if T == 0:
@@ -425,9 +444,9 @@ def banded_attention_fwd(q, k, v, scale, *, key_stride, key_span, window=None,
     fwd = cfg["fwd"]
     grid = (triton.cdiv(max_t, fwd["BLOCK_M"]) * Hq, nb)
     _banded_fwd_kernel[grid](
-        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, query_offsets(cu_seqlens_q, q_offsets),
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        T, Tk, Hq, Hq // Hkv, scale * LOG2E,
+        T, Tk, Hq, Hq // Hkv, scale * LOG2E, q_offset,
         **band, IS_VARLEN=varlen, DK=Dk, DV=Dv, BLOCK_DK=cfg["BLOCK_DK"], BLOCK_DV=cfg["BLOCK_DV"],
         PRECISION=dot_precision(q.dtype), **fwd)
     return o, lse
@@ -446,13 +465,15 @@ def _dkdv_splits(programs: int, G: int, device: torch.device) -> int:
 
 
 def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, window=None,
-                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, head_splits=None,
-                         options: KernelOptions = KernelOptions()):
+                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, q_offset=0, q_offsets=None,
+                         max_query_end=None, head_splits=None, options: KernelOptions = KernelOptions()):
     """Banded attention backward: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
     do, o [B, T, Hq, Dv] and lse [B, Hq, T] as returned by banded_attention_fwd; other arguments as there.
     dk, dv come from a key-major kernel, dq from a separate query-major one. head_splits (default: chosen
     for the GPU) splits each group's query heads over that many dk/dv programs; it must divide Hq // Hkv.
+    max_query_end: the largest raw length of a sequence (its last query's position + 1), bounding the keys that get
+    a gradient; packed batches with q_offsets should pass it (else it is read from the device).
     """
     check_kernel_dtype(q, k, v, do)
     q, k, v, o, do = (last_dim_contiguous(x) for x in (q, k, v, o, do))
@@ -461,7 +482,10 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     band = _band_args(key_stride, key_span, window)
-    nb, max_t, varlen = _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
+    nb, max_t, varlen = _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, q_offset, q_offsets)
+    if max_query_end is None:
+        max_query_end = max_t + (int(q_offsets.max()) if q_offsets is not None and q_offsets.numel() else q_offset)
+    q_offsets = query_offsets(cu_seqlens_q, q_offsets)
     cfg = launch_params(Dk, Dv, options)
     meta = dict(**band, IS_VARLEN=varlen, DK=Dk, DV=Dv, BLOCK_DK=cfg["BLOCK_DK"], BLOCK_DV=cfg["BLOCK_DV"],
                 PRECISION=dot_precision(q.dtype))
@@ -473,7 +497,7 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
             o, do, delta, *_strides(o), *_strides(do), T, Hq, DV=Dv, BLOCK_DV=cfg["BLOCK_DV"], **dcfg)
 
     # Keys past the last one the longest sequence can see get no gradient: no program for them.
-    max_k = min(Tk, _keys_upto(max_t - 1, key_stride, key_span))
+    max_k = min(Tk, _keys_upto(max_query_end - 1, key_stride, key_span))
     kv_cfg = cfg["dkdv"]
     programs = triton.cdiv(max_k, kv_cfg["BLOCK_N"]) * Hkv * nb
     splits = head_splits or _dkdv_splits(programs, G, q.device)
@@ -485,17 +509,17 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     qk_scale = scale * LOG2E
     if programs:
         _banded_dkdv_kernel[(triton.cdiv(max_k, kv_cfg["BLOCK_N"]) * Hkv * splits, nb)](
-            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, q_offsets,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *dk.stride()[:4], *dv.stride()[:4],
-            T, Tk, Hq, Hkv, G, splits, qk_scale, scale, **meta, **kv_cfg)
+            T, Tk, Hq, Hkv, G, splits, qk_scale, scale, q_offset, **meta, **kv_cfg)
     dq = torch.empty_like(q)
     if T:
         q_cfg = cfg["dq"]
         _banded_dq_kernel[(triton.cdiv(max_t, q_cfg["BLOCK_M"]) * Hq, nb)](
-            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q_offsets,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            T, Tk, Hq, G, qk_scale, scale, **meta, **q_cfg)
+            T, Tk, Hq, G, qk_scale, scale, q_offset, **meta, **q_cfg)
     dk = dk[0] if splits == 1 else dk.sum(0).to(k.dtype)
     dv = dv[0] if splits == 1 else dv.sum(0).to(v.dtype)
     return dq, dk, dv

@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 
 from ...config import NSAConfig
-from ..checks import cmp_seqlens
 from ..types import KernelOptions
 from .banded import banded_attention_bwd, banded_attention_fwd, branch_band
 from .gate import gate_backward, gate_combine
@@ -36,43 +35,54 @@ from .topn import select_blocks_fwd
 from .utils import check_backend_inputs
 
 
-def _packing(config: NSAConfig, seq_lens, device):
-    """(cu_seqlens of the compressed tokens, max raw length) for packed batches; (None, None) for dense ones."""
+def _bands(config: NSAConfig, T: int, Tk: int, cu_seqlens, seq_lens, cu_seqlens_k, seq_lens_k,
+           options: KernelOptions):
+    """The keyword arguments of the kernels: (cmp_band, swa_band, slc, select, max_query_end).
+
+    Suffix queries: each sequence's queries are the last rows of its keys (Tk raw keys for T queries when dense;
+    seq_lens_k against seq_lens when packed), so query row t sits at position t + (key length - query length).
+    max_query_end: the longest key sequence (its last query's position + 1). The compressed tokens' cu_seqlens and
+    the query offsets are computed on the device from cu_seqlens(_k) (no host-to-device copy, which would wait for
+    the device); the grid sizes come from the host lengths.
+    """
     if seq_lens is None:
-        return None, None
-    cu_cmp = [0]
-    for n in cmp_seqlens(seq_lens, config):
-        cu_cmp.append(cu_cmp[-1] + n)
-    return torch.tensor(cu_cmp, dtype=torch.int32, device=device), max(max(seq_lens), 1)
-
-
-def _bands(config: NSAConfig, cu_seqlens, seq_lens, device, options: KernelOptions):
-    """The keyword arguments of the three branches' kernels: (cmp_band, swa_band, slc, cu_cmp, max_len)."""
-    cu_cmp, max_len = _packing(config, seq_lens, device)
-    packing = dict(cu_seqlens_q=cu_seqlens, max_seqlen_q=max_len, options=options)
-    cmp_band = dict(branch_band("cmp", config), cu_seqlens_k=cu_cmp, **packing)
-    swa_band = dict(branch_band("swa", config), cu_seqlens_k=cu_seqlens, **packing)
-    slc = dict(cu_seqlens=cu_seqlens, max_seqlen=max_len, options=options)
-    return cmp_band, swa_band, slc, cu_cmp, max_len
+        offsets, cu_keys, cu_cmp, max_q, max_end = dict(q_offset=Tk - T), None, None, None, Tk
+    else:
+        key_lens = seq_lens if seq_lens_k is None else seq_lens_k
+        cu_keys = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+        n_keys = cu_keys.diff()
+        l, d = config.cmp_block, config.cmp_stride
+        n_cmp = torch.where(n_keys >= l, torch.div(n_keys - l, d, rounding_mode="floor") + 1, 0)
+        cu_cmp = torch.nn.functional.pad(n_cmp.cumsum(0), (1, 0)).to(torch.int32)
+        max_q, max_end = max(max(seq_lens), 1), max(max(key_lens), 1)
+        offsets = dict(q_offsets=(n_keys - cu_seqlens.diff()).to(torch.int32))
+    packing = dict(cu_seqlens_q=cu_seqlens, max_seqlen_q=max_q, **offsets)
+    cmp_band = dict(branch_band("cmp", config), cu_seqlens_k=cu_cmp, options=options, **packing)
+    swa_band = dict(branch_band("swa", config), cu_seqlens_k=cu_keys, options=options, **packing)
+    slc = dict(cu_seqlens=cu_seqlens, max_seqlen=max_q, cu_seqlens_k=cu_keys, max_seqlen_k=max_end, options=options)
+    select = dict(cu_seqlens_k=cu_cmp, max_query_end=max_end, **packing)
+    return cmp_band, swa_band, slc, select, max_end
 
 
 def nsa_attention_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, *, cu_seqlens=None,
-                      seq_lens=None, kernel_options: KernelOptions = KernelOptions()):
+                      seq_lens=None, cu_seqlens_k=None, seq_lens_k=None,
+                      kernel_options: KernelOptions = KernelOptions()):
     """The forward of NSA (SPEC.md) with the Triton kernels; inputs already validated by ops/checks.py.
 
     q [B, T, Hq, Dk]; k_cmp [B, Tc, Hkv, Dk], v_cmp [B, Tc, Hkv, Dv]; k_slc, v_slc, k_swa, v_swa
-    [B, T, Hkv, Dk or Dv]; gates [B, T, Hq, 3]; cu_seqlens int32 [N + 1] with seq_lens its python
-    lengths when packed. Returns (o [B, T, Hq, Dv] in q's dtype, then what the backward needs: o_cmp, o_slc, o_swa
-    [B, T, Hq, Dv], lse_cmp, lse_slc, lse_swa float32 [B, Hq, T], block_ids int32 [B, T, Hkv, n]).
+    [B, Tk, Hkv, Dk or Dv] (Tk >= T: the queries are the last T positions); gates [B, T, Hq, 3]; cu_seqlens int32
+    [N + 1] with seq_lens its python lengths when packed, and cu_seqlens_k / seq_lens_k those of the keys when they
+    are longer than the queries. Returns (o [B, T, Hq, Dv] in q's dtype, then what the backward needs: o_cmp, o_slc,
+    o_swa [B, T, Hq, Dv], lse_cmp, lse_slc, lse_swa float32 [B, Hq, T], block_ids int32 [B, T, Hkv, n]).
     The autograd of the op lives in ops/library.py (the custom op nsa::attention), which calls nsa_attention_bwd.
     """
     check_backend_inputs(q, (q.shape[-1], v_cmp.shape[-1]))
     q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates = (
         x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates))
-    cmp_band, swa_band, slc, cu_cmp, max_len = _bands(config, cu_seqlens, seq_lens, q.device, kernel_options)
+    cmp_band, swa_band, slc, select, _ = _bands(config, q.shape[1], k_slc.shape[1], cu_seqlens, seq_lens,
+                                                cu_seqlens_k, seq_lens_k, kernel_options)
     o_cmp, lse_cmp = banded_attention_fwd(q, k_cmp, v_cmp, scale, **cmp_band)
-    block_ids = select_blocks_fwd(q, k_cmp, lse_cmp, config, scale, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_cmp,
-                                  max_seqlen_q=max_len)
+    block_ids = select_blocks_fwd(q, k_cmp, lse_cmp, config, scale, **select)
     o_slc, lse_slc = selected_attention_fwd(q, k_slc, v_slc, block_ids, scale, config.slc_block, **slc)
     o_swa, lse_swa = banded_attention_fwd(q, k_swa, v_swa, scale, **swa_band)
     o = gate_combine(gates, o_cmp, o_slc, o_swa)
@@ -81,17 +91,20 @@ def nsa_attention_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config
 
 def nsa_attention_bwd(do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, o_cmp, o_slc, o_swa,
                       lse_cmp, lse_slc, lse_swa, block_ids, config, scale, *, cu_seqlens=None, seq_lens=None,
-                      kernel_options: KernelOptions = KernelOptions()):
+                      cu_seqlens_k=None, seq_lens_k=None, kernel_options: KernelOptions = KernelOptions()):
     """The gradients of the eight inputs (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dgates) from do and
     what nsa_attention_fwd returned."""
     q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates = (
         x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates))
-    cmp_band, swa_band, slc, _, _ = _bands(config, cu_seqlens, seq_lens, q.device, kernel_options)
+    cmp_band, swa_band, slc, _, max_end = _bands(config, q.shape[1], k_slc.shape[1], cu_seqlens, seq_lens,
+                                                 cu_seqlens_k, seq_lens_k, kernel_options)
     dgates, do_cmp, do_slc, do_swa = gate_backward(do.contiguous(), gates, o_cmp, o_slc, o_swa)
-    dq_cmp, dk_cmp, dv_cmp = banded_attention_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, **cmp_band)
+    dq_cmp, dk_cmp, dv_cmp = banded_attention_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, **cmp_band,
+                                                  max_query_end=max_end)
     dq_slc, dk_slc, dv_slc = selected_attention_bwd(do_slc, q, k_slc, v_slc, o_slc, lse_slc, block_ids, scale,
                                                     config.slc_block, **slc)
-    dq_swa, dk_swa, dv_swa = banded_attention_bwd(do_swa, q, k_swa, v_swa, o_swa, lse_swa, scale, **swa_band)
+    dq_swa, dk_swa, dv_swa = banded_attention_bwd(do_swa, q, k_swa, v_swa, o_swa, lse_swa, scale, **swa_band,
+                                                  max_query_end=max_end)
     dq = dq_cmp.add_(dq_slc).add_(dq_swa)
     return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dgates
 
@@ -103,9 +116,9 @@ def select_blocks(q, k_cmp, config, scale, *, cu_seqlens=None, seq_lens=None,
 
     The selection needs lse_cmp only; the compressed forward runs with v = k_cmp to get it."""
     check_backend_inputs(q, (q.shape[-1],))
-    cmp_band, _, _, cu_cmp, max_len = _bands(config, cu_seqlens, seq_lens, q.device, kernel_options)
+    cmp_band, _, _, select, _ = _bands(config, q.shape[1], q.shape[1], cu_seqlens, seq_lens, None, None,
+                                       kernel_options)
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
     _, lse_cmp = banded_attention_fwd(q, k_cmp, k_cmp, scale, **cmp_band)
-    ids = select_blocks_fwd(q, k_cmp, lse_cmp, config, scale, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_cmp,
-                            max_seqlen_q=max_len)
+    ids = select_blocks_fwd(q, k_cmp, lse_cmp, config, scale, **select)
     return ids.long()

@@ -119,8 +119,9 @@ def _selected_rows(BID, bid_row, row_ok, blk, N_SLOTS: tl.constexpr, N_PAD: tl.c
 @triton.jit
 def _block_scores(q, K, tok0, k_row, blk, s0, seqlen, t, sel, qk_scale, DK, HKV_DK,
                   SLC_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Scores (log2 domain) of the rows against keys s0 .. s0 + BLOCK_N of block `blk`, -inf where not
-    visible: row selected the block (sel), key inside the block and the sequence, and u <= t.
+    """Scores (log2 domain) of the rows at positions t against keys s0 .. s0 + BLOCK_N of block `blk` of the key
+    sequence starting at global token tok0 (seqlen keys), -inf where not visible: row selected the block (sel),
+    key inside the block and the sequence, and u <= t.
     Returns (s [M, BLOCK_N], u [BLOCK_N], key_ok [BLOCK_N], k [BLOCK_N, BLOCK_DK])."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_DK)
@@ -176,15 +177,17 @@ def _tile_union_kernel(BID, UNION, TILE_OFF, CU, T, HKV, TILES, N_SLOTS: tl.cons
 
 
 @triton.jit
-def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, qk_scale, T, HQ, HKV, DK, DV, TILES,
+def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, CU_K, qk_scale, T, Tk, HQ, HKV, DK, DV, TILES,
                 G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
                 U_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
     """grid (cdiv(T or max_seqlen, BLOCK_T), B or N sequences, HKV); online softmax over the tile's union of
-    blocks, one block per trip of a loop whose trip count is known on entry (so Triton pipelines the loads)."""
+    blocks, one block per trip of a loop whose trip count is known on entry (so Triton pipelines the loads).
+    The queries are the last rows of their key sequence (CU_K, Tk): row t sits at position t + Tk_seq - T_seq."""
     pid_t, pid_b, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok0, seqlen, lse0 = _sequence(CU, pid_b, T, HQ, IS_VARLEN)
+    ktok0, kseqlen, _ = _sequence(CU_K, pid_b, Tk, 1, IS_VARLEN)
     if pid_t * BLOCK_T >= seqlen:
         return
     t, h, row_ok = _rows(pid_t, g, BLOCK_T, G, BLOCK_M, seqlen)
@@ -202,9 +205,9 @@ def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, qk_scale, T,
         blk = tl.load(UNION + union_row + i)
         sel = _selected_rows(BID, bid_row, row_ok, blk, N_SLOTS, N_PAD, BLOCK_T == 1)
         for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_N):
-            s, u, key_ok, k = _block_scores(q, K, tok0, g * DK, blk, s0, seqlen, t, sel, qk_scale, DK, HKV * DK,
-                                            SLC_BLOCK, BLOCK_N, BLOCK_DK, DOT_PREC)
-            v = load_rows(V + tok0 * (HKV * DV) + g * DV, u, key_ok, HKV * DV, offs_dv, DV)
+            s, u, key_ok, k = _block_scores(q, K, ktok0, g * DK, blk, s0, kseqlen, t + (kseqlen - seqlen), sel,
+                                            qk_scale, DK, HKV * DK, SLC_BLOCK, BLOCK_N, BLOCK_DK, DOT_PREC)
+            v = load_rows(V + ktok0 * (HKV * DV) + g * DV, u, key_ok, HKV * DV, offs_dv, DV)
             m_i, l_i, acc = softmax_update(m_i, l_i, acc, s, v, DOT_PREC)
 
     seen = l_i > 0
@@ -220,7 +223,8 @@ def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, qk_scale, T,
 
 
 @triton.jit
-def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU, qk_scale, scale, T, HQ, HKV, DK, DV,
+def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU, CU_K, qk_scale, scale, T, Tk, HQ,
+                   HKV, DK, DV,
                    TILES, G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
                    U_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -229,6 +233,7 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU
     and delta = rowsum(do * o) stored to DELTA [B, HQ, T] for the kv-major kernel."""
     pid_t, pid_b, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok0, seqlen, lse0 = _sequence(CU, pid_b, T, HQ, IS_VARLEN)
+    ktok0, kseqlen, _ = _sequence(CU_K, pid_b, Tk, 1, IS_VARLEN)
     if pid_t * BLOCK_T >= seqlen:
         return
     t, h, row_ok = _rows(pid_t, g, BLOCK_T, G, BLOCK_M, seqlen)
@@ -252,9 +257,9 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU
         blk = tl.load(UNION + union_row + i)
         sel = _selected_rows(BID, bid_row, row_ok, blk, N_SLOTS, N_PAD, BLOCK_T == 1)
         for s0 in tl.static_range(0, SLC_BLOCK, BLOCK_N):
-            s, u, key_ok, k = _block_scores(q, K, tok0, g * DK, blk, s0, seqlen, t, sel, qk_scale, DK, HKV * DK,
-                                            SLC_BLOCK, BLOCK_N, BLOCK_DK, DOT_PREC)
-            v = load_rows(V + tok0 * (HKV * DV) + g * DV, u, key_ok, HKV * DV, offs_dv, DV)
+            s, u, key_ok, k = _block_scores(q, K, ktok0, g * DK, blk, s0, kseqlen, t + (kseqlen - seqlen), sel,
+                                            qk_scale, DK, HKV * DK, SLC_BLOCK, BLOCK_N, BLOCK_DK, DOT_PREC)
+            v = load_rows(V + ktok0 * (HKV * DV) + g * DV, u, key_ok, HKV * DV, offs_dv, DV)
             p = tl.where(s > float("-inf"), tl.exp2(s - lse2[:, None]), 0.0)  # [M, N]
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
@@ -263,8 +268,8 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU
 
 
 @triton.jit
-def _selected_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITEM_HI, PDK, PDV, CU,
-                   qk_scale, scale, T, HQ, HKV, DK, DV, NUM_BLOCKS,
+def _selected_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITEM_HI, PDK, PDV, CU, CU_K,
+                   qk_scale, scale, T, Tk, HQ, HKV, DK, DV, NUM_BLOCKS,
                    G: tl.constexpr, SLC_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
                    DOT_PREC: tl.constexpr):
@@ -281,14 +286,16 @@ def _selected_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITE
     j = key % NUM_BLOCKS
     g = (key // NUM_BLOCKS) % HKV
     tok0, seqlen, lse0 = _sequence(CU, key // (NUM_BLOCKS * HKV), T, HQ, IS_VARLEN)
+    ktok0, kseqlen, _ = _sequence(CU_K, key // (NUM_BLOCKS * HKV), Tk, 1, IS_VARLEN)
+    offset = kseqlen - seqlen  # query row t sits at position t + offset
     offs_s = tl.arange(0, BLOCK_S)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     u = j * SLC_BLOCK + offs_s
-    key_ok = (offs_s < SLC_BLOCK) & (u < seqlen)
-    k = tl.load(K + (tok0 + u)[:, None] * (HKV * DK) + g * DK + offs_dk[None, :],
+    key_ok = (offs_s < SLC_BLOCK) & (u < kseqlen)
+    k = tl.load(K + (ktok0 + u)[:, None] * (HKV * DK) + g * DK + offs_dk[None, :],
                 mask=key_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    v = tl.load(V + (tok0 + u)[:, None] * (HKV * DV) + g * DV + offs_dv[None, :],
+    v = tl.load(V + (ktok0 + u)[:, None] * (HKV * DV) + g * DV + offs_dv[None, :],
                 mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
@@ -305,7 +312,7 @@ def _selected_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITE
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse2 = tl.load(LSE + lse0 + h * T + t, mask=row_ok, other=0.0) * LOG2E_K
         delta = tl.load(DELTA + lse0 + h * T + t, mask=row_ok, other=0.0)
-        visible = row_ok[:, None] & key_ok[None, :] & (u[None, :] <= t[:, None])
+        visible = row_ok[:, None] & key_ok[None, :] & (u[None, :] <= t[:, None] + offset)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)  # [M, S]
         ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PREC) - delta[:, None])
@@ -316,7 +323,7 @@ def _selected_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QLIST, ITEM_KEY, ITEM_LO, ITE
 
 
 @triton.jit
-def _selected_dkdv_reduce_kernel(PDK, PDV, KEY_ITEMS, DKO, DVO, CU, T, HKV, DK, DV, NUM_BLOCKS,
+def _selected_dkdv_reduce_kernel(PDK, PDV, KEY_ITEMS, DKO, DVO, CU_K, Tk, HKV, DK, DV, NUM_BLOCKS,
                           SLC_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DK: tl.constexpr,
                           BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr):
     """grid (sequences * HKV * NUM_BLOCKS,): dk/dv of block `key` = sum of its items' partials
@@ -324,7 +331,7 @@ def _selected_dkdv_reduce_kernel(PDK, PDV, KEY_ITEMS, DKO, DVO, CU, T, HKV, DK, 
     key = tl.program_id(0)
     j = key % NUM_BLOCKS
     g = (key // NUM_BLOCKS) % HKV
-    tok0, seqlen, _ = _sequence(CU, key // (NUM_BLOCKS * HKV), T, 1, IS_VARLEN)
+    tok0, seqlen, _ = _sequence(CU_K, key // (NUM_BLOCKS * HKV), Tk, 1, IS_VARLEN)
     if j * SLC_BLOCK >= seqlen:
         return
     offs_s = tl.arange(0, BLOCK_S)
@@ -349,6 +356,7 @@ def _selected_dkdv_reduce_kernel(PDK, PDV, KEY_ITEMS, DKO, DVO, CU, T, HKV, DK, 
 
 
 def _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen):
+    """(grid batch extent, T, max query rows of one sequence)."""
     B, T, HQ, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
     _check_head_dims(DK, DV)
@@ -415,23 +423,40 @@ def _tile_unions(block_ids, meta, cu_seqlens, grid):
     return union, tile_off
 
 
-def _launch_walk(kernel, grid, block_ids, cu_seqlens, meta, tensors, scalars, launch):
+def _launch_walk(kernel, grid, block_ids, cu_seqlens, cu_seqlens_k, meta, tensors, scalars, launch):
     """Launches the forward or dq kernel (tensors: Q, K, V, BID, then the kernel's outputs and extra inputs) over
     its tiles' block unions."""
     union, tile_off = _tile_unions(block_ids, meta, cu_seqlens, grid)
     u_slots = union.shape[-1]
-    kernel[grid](*tensors[:4], union, tile_off, *tensors[4:], cu_seqlens, *scalars,
+    kernel[grid](*tensors[:4], union, tile_off, *tensors[4:], cu_seqlens, cu_seqlens_k, *scalars,
                  triton.cdiv(block_ids.shape[1], meta["BLOCK_T"]), U_SLOTS=u_slots,
                  U_PAD=triton.next_power_of_2(u_slots), IS_VARLEN=cu_seqlens is not None, **meta, **launch)
 
 
+def _key_layout(k, cu_seqlens, max_len, cu_seqlens_k, max_seqlen_k) -> tuple:
+    """(cu_seqlens_k, max key rows of one sequence) of the keys, which may be longer than the queries (suffix
+    queries: each sequence's queries are the last rows of its keys)."""
+    if cu_seqlens is None:
+        if cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_k needs cu_seqlens (the queries' offsets) beside it")
+        return None, k.shape[1]
+    if cu_seqlens_k is None:
+        return cu_seqlens, max_len
+    if max_seqlen_k is None:
+        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+    return cu_seqlens_k, max_seqlen_k
+
+
 def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None,
-                           options: KernelOptions = KernelOptions()):
-    """q [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], block_ids int32 [B, T, Hkv, n]
+                           cu_seqlens_k=None, max_seqlen_k=None, options: KernelOptions = KernelOptions()):
+    """q [B, T, Hq, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv], block_ids int32 [B, T, Hkv, n]
     (ascending, -1 trailing) -> o [B, T, Hq, Dv] (q's dtype), lse [B, Hq, T] float32 (natural log).
-    Packed sequences: B = 1, cu_seqlens int32 [N + 1]; block ids and positions are per sequence."""
+    Packed sequences: B = 1, cu_seqlens int32 [N + 1]; block ids and positions are per sequence.
+    Suffix queries (Tk >= T; packed: cu_seqlens_k int32 [N + 1] of the keys, max_seqlen_k their longest): each
+    sequence's queries are the last rows of its keys."""
     q, k, v, block_ids = (x.contiguous() for x in (q, k, v, block_ids.to(torch.int32)))
     nb, T, max_len = _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen)
+    cu_seqlens_k, _ = _key_layout(k, cu_seqlens, max_len, cu_seqlens_k, max_seqlen_k)
     B, _, HQ, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
     rows, launch = _walk_launch(options.selected_fwd, block_size, FWD_LAUNCH)
@@ -440,8 +465,8 @@ def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     if T:
         grid = (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV)
-        _launch_walk(_selected_fwd_kernel, grid, block_ids, cu_seqlens, meta, (q, k, v, block_ids, o, lse),
-                     (scale * LOG2E, T, HQ, HKV, DK, DV), launch)
+        _launch_walk(_selected_fwd_kernel, grid, block_ids, cu_seqlens, cu_seqlens_k, meta,
+                     (q, k, v, block_ids, o, lse), (scale * LOG2E, T, k.shape[1], HQ, HKV, DK, DV), launch)
     return o, lse
 
 
@@ -477,7 +502,8 @@ def _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk):
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None,
-                           chunk=None, options: KernelOptions = KernelOptions()):
+                           cu_seqlens_k=None, max_seqlen_k=None, chunk=None,
+                           options: KernelOptions = KernelOptions()):
     """Gradients of selected_attention_fwd: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
     dq query-major, dk/dv kv-major over the inverse index, no float atomics, no host sync.
@@ -485,8 +511,9 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     q, k, v, o, do, block_ids = (x.contiguous() for x in (q, k, v, o, do, block_ids.to(torch.int32)))
     lse = lse.contiguous()
     nb, T, max_len = _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen)
+    cu_seqlens_k, max_len_k = _key_layout(k, cu_seqlens, max_len, cu_seqlens_k, max_seqlen_k)
     B, _, HQ, DK = q.shape
-    HKV, DV = k.shape[2], v.shape[3]
+    Tk, HKV, DV = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // HKV
     rows, launch = _walk_launch(options.selected_dq, block_size, DQ_LAUNCH)
     meta = _meta(G, DK, DV, block_size, block_ids.shape[3], q.dtype, rows)
@@ -495,12 +522,13 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     dk = torch.empty_like(k)  # the reduction writes every token of every sequence
     dv = torch.empty_like(v)
     if T == 0:
-        return dq, dk, dv
+        return dq, dk.zero_(), dv.zero_()
     qk_scale = scale * LOG2E
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
-    _launch_walk(_selected_dq_kernel, (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV), block_ids, cu_seqlens, meta,
-                 (q, k, v, block_ids, o, do, lse, dq, delta), (qk_scale, scale, T, HQ, HKV, DK, DV), launch)
-    num_blocks = triton.cdiv(max_len, block_size)
+    _launch_walk(_selected_dq_kernel, (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV), block_ids, cu_seqlens,
+                 cu_seqlens_k, meta, (q, k, v, block_ids, o, do, lse, dq, delta),
+                 (qk_scale, scale, T, Tk, HQ, HKV, DK, DV), launch)
+    num_blocks = triton.cdiv(max_len_k, block_size)
     chunk = KV_ITEM_QUERIES if chunk is None else chunk
     qlist, item_key, lo, hi, key_items = _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk)
     block_s, block_dk, block_dv = pow2_at_least(block_size), meta["BLOCK_DK"], meta["BLOCK_DV"]
@@ -510,10 +538,10 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     kv = options.selected_dkdv.over(dict(BLOCK_M=KV_TILE_ROWS, **KV_LAUNCH), block_m="BLOCK_M")
     block_q, block_m = query_tile(G, kv.pop("BLOCK_M"))
     _selected_dkdv_kernel[(num_items,)](q, k, v, do, lse, delta, qlist, item_key, lo, hi, pdk, pdv, cu_seqlens,
-                                 qk_scale, scale, T, HQ, HKV, DK, DV, num_blocks, G=G, SLC_BLOCK=block_size,
-                                 BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_DK=block_dk,
+                                 cu_seqlens_k, qk_scale, scale, T, Tk, HQ, HKV, DK, DV, num_blocks, G=G,
+                                 SLC_BLOCK=block_size, BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_DK=block_dk,
                                  BLOCK_DV=block_dv, IS_VARLEN=varlen, DOT_PREC=meta["DOT_PREC"], **kv)
-    _selected_dkdv_reduce_kernel[(nb * HKV * num_blocks,)](pdk, pdv, key_items, dk, dv, cu_seqlens, T, HKV, DK, DV, num_blocks,
-                                                    SLC_BLOCK=block_size, BLOCK_S=block_s, BLOCK_DK=block_dk,
-                                                    BLOCK_DV=block_dv, IS_VARLEN=varlen)
+    _selected_dkdv_reduce_kernel[(nb * HKV * num_blocks,)](pdk, pdv, key_items, dk, dv, cu_seqlens_k, Tk, HKV, DK, DV,
+                                                    num_blocks, SLC_BLOCK=block_size, BLOCK_S=block_s,
+                                                    BLOCK_DK=block_dk, BLOCK_DV=block_dv, IS_VARLEN=varlen)
     return dq, dk, dv

@@ -26,7 +26,8 @@ import triton.language as tl
 
 from ...config import NSAConfig
 from .utils import (LOG2E, LOG2E_K, block_ids, block_keys, check_kernel_dtype, check_pooling, dot_precision, interpreting,
-                    keys_upto, last_dim_contiguous, pool_probs, seq_bounds, top_keys, visible)
+                    keys_upto, last_dim_contiguous, pool_probs, query_offset, query_offsets, seq_bounds, top_keys,
+                    visible)
 
 
 @triton.jit
@@ -45,15 +46,16 @@ def _pool_weights(CHUNK_OFFSET: tl.constexpr, CMP_STRIDE: tl.constexpr, CMP_BLOC
 
 
 @triton.jit
-def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
+def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K, Q_OFFSETS,
                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                         stride_pb, stride_pt, stride_ph,
-                        T, Tc, Hq, G, row0, qk_scale,
+                        T, Tc, Hq, G, row0, qk_scale, q_offset,
                         CMP_STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr, SLC_BLOCK: tl.constexpr,
                         IS_VARLEN: tl.constexpr, DK: tl.constexpr, BLOCK_DK: tl.constexpr,
                         BLOCK_T: tl.constexpr, HEADS: tl.constexpr, CHUNK: tl.constexpr, C_PAD: tl.constexpr,
                         PRECISION: tl.constexpr, SPLIT_POOL: tl.constexpr):
-    """Group scores P[g, t, j] of BLOCK_T queries t >= row0 of one GQA group, every block j <= J(last query).
+    """Group scores P[g, t, j] of BLOCK_T query rows t >= row0 of one GQA group, every block j <= J(last query);
+    row t sits at position t + offset (utils.query_offset).
 
     Q [B, T, Hq, DK], KC [B, Tc, Hkv, DK], LSE [B, Hq, T] float32 (the compressed branch's log-sum-exp),
     P [B, rows, Hkv, Nb] float32: row t - row0 of each sequence.
@@ -61,6 +63,7 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
     g = tl.program_id(1)
     batch, q0, T_seq = seq_bounds(CU_Q, tl.program_id(2), T, IS_VARLEN)
     _, k0, Tc_seq = seq_bounds(CU_K, tl.program_id(2), Tc, IS_VARLEN)
+    offset = query_offset(Q_OFFSETS, tl.program_id(2), q_offset, IS_VARLEN)
     m0 = row0 + tl.program_id(0) * BLOCK_T
     if m0 >= T_seq:
         return
@@ -79,7 +82,7 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
     w_next = _pool_weights(CHUNK, CMP_STRIDE, CMP_BLOCK, SLC_BLOCK, C_PAD, CHUNK)
     in_chunk = tl.arange(0, C_PAD) < BLOCK_C  # padding tokens belong to the next chunk, which counts them
 
-    m_last = tl.minimum(m0 + BLOCK_T, T_seq) - 1
+    m_last = tl.minimum(m0 + BLOCK_T, T_seq) - 1 + offset  # the last query's position
     num_blocks = m_last // SLC_BLOCK + 1  # blocks that are candidates of some query of the tile
     num_tokens = tl.minimum(keys_upto(m_last, CMP_STRIDE, CMP_BLOCK), Tc_seq)  # tokens the tile can see
     for h0 in range(0, G, HEADS):  # one slice unless G > HEADS; later slices add onto the stored scores
@@ -94,7 +97,8 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
             k = tl.load(Kg + i.to(tl.int64)[:, None] * stride_kt + cols[None, :],
                         mask=(i < num_tokens)[:, None] & (cols < DK)[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            vis = visible(row_t[:, None], i[None, :], CMP_STRIDE, CMP_BLOCK, 0) & (in_chunk & (i < Tc_seq))[None, :]
+            vis = (visible(row_t[:, None] + offset, i[None, :], CMP_STRIDE, CMP_BLOCK, 0)
+                   & (in_chunk & (i < Tc_seq))[None, :])
             p = tl.where(vis & row_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)  # p_cmp [rows, C_PAD]
             pooled = carried + pool_probs(p, w_cur, SPLIT_POOL)  # d * p_slc [rows, CHUNK]
             carried = pool_probs(p, w_next, SPLIT_POOL)
@@ -107,10 +111,12 @@ def _group_score_kernel(Q, KC, LSE, P, CU_Q, CU_K,
 
 
 @triton.jit
-def _top_n_kernel(P, OUT, CU_Q, stride_pb, stride_pt, stride_ph, stride_ob, stride_ot, stride_oh, T, row0,
+def _top_n_kernel(P, OUT, CU_Q, Q_OFFSETS, stride_pb, stride_pt, stride_ph, stride_ob, stride_ot, stride_oh, T, row0,
+                  q_offset,
                   SLC_BLOCK: tl.constexpr, N_SELECT: tl.constexpr, N_PAD: tl.constexpr, NB_PAD: tl.constexpr,
                   BLOCK_R: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Ids of the n best blocks, ascending then -1, of BLOCK_R queries t >= row0 of one group.
+    """Ids of the n best blocks, ascending then -1, of BLOCK_R query rows t >= row0 (at positions t + offset) of
+    one group.
 
     P [B, rows, Hkv, Nb] float32 group scores (row t - row0), OUT [B, T, Hkv, N_SELECT] int32.
     """
@@ -120,7 +126,7 @@ def _top_n_kernel(P, OUT, CU_Q, stride_pb, stride_pt, stride_ph, stride_ob, stri
     if m0 >= T_seq:
         return
     t = m0 + tl.arange(0, BLOCK_R)
-    last = (t // SLC_BLOCK)[:, None]  # J(t)
+    last = ((t + query_offset(Q_OFFSETS, tl.program_id(2), q_offset, IS_VARLEN)) // SLC_BLOCK)[:, None]  # J(t)
     j = tl.arange(0, NB_PAD)[None, :]
     candidate = (j <= last) & (t < T_seq)[:, None]
     Pg = P + tl.program_id(2).to(tl.int64) * stride_pb + (t - row0).to(tl.int64)[:, None] * stride_pt + g * stride_ph
@@ -170,12 +176,16 @@ def _rows_per_launch(rows_cap: int, per_row_bytes: int) -> int:
 
 
 def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
-                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None):
+                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, q_offset=0, q_offsets=None,
+                      max_query_end=None):
     """Top-n selection blocks of each query's GQA group.
 
     q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], lse_cmp [B, Hq, T] float32 from banded_attention_fwd of the
     compressed branch (same q, k_cmp and scale). Packed: B == 1, cu_seqlens_q int32 [N + 1] of the raw
     tokens and cu_seqlens_k int32 [N + 1] of the compressed tokens.
+    Suffix queries: row t sits at position t + q_offset (dense) or t + q_offsets[s] (packed, int32 [N]);
+    max_query_end, the largest raw length (last query's position + 1), sizes the score rows (packed batches with
+    q_offsets should pass it, else it is read from the device).
     Returns int32 [B, T, Hkv, n]: each row the ids ascending, then -1 in unused slots.
     """
     check_kernel_dtype(q, k_cmp)
@@ -190,12 +200,15 @@ def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
     if varlen and max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     max_t = max_seqlen_q if varlen else T
+    if max_query_end is None:
+        max_query_end = max_t + (int(q_offsets.max()) if q_offsets is not None and q_offsets.numel() else q_offset)
+    q_offsets = query_offsets(cu_seqlens_q, q_offsets)
     n = config.num_selected
     out = torch.empty(B, T, Hkv, n, device=q.device, dtype=torch.int32)
     if T == 0:
         return out
     nseq = cu_seqlens_q.numel() - 1 if varlen else B
-    nb = triton.cdiv(max_t, config.slc_block)
+    nb = triton.cdiv(max_query_end, config.slc_block)
     rows = _rows_per_launch(max_t, nseq * Hkv * nb * 4)
     scores = torch.empty(nseq, min(rows, max_t), Hkv, nb, device=q.device, dtype=torch.float32)
     p = _score_params(Hq // Hkv, config.slc_block // config.cmp_stride, triton.next_power_of_2(Dk))
@@ -204,16 +217,16 @@ def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
     for row0 in range(0, max_t, rows):
         span = min(rows, max_t - row0)
         _group_score_kernel[(triton.cdiv(span, p["BLOCK_T"]), Hkv, nseq)](
-            q, k_cmp, lse_cmp, scores, cu_seqlens_q, cu_seqlens_k,
+            q, k_cmp, lse_cmp, scores, cu_seqlens_q, cu_seqlens_k, q_offsets,
             q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
             scores.stride(0), scores.stride(1), scores.stride(2),
-            T, Tc, Hq, Hq // Hkv, row0, scale * LOG2E,
+            T, Tc, Hq, Hq // Hkv, row0, scale * LOG2E, q_offset,
             CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, SLC_BLOCK=config.slc_block,
             IS_VARLEN=varlen, DK=Dk, BLOCK_DK=triton.next_power_of_2(Dk),
             PRECISION=dot_precision(q.dtype), SPLIT_POOL=q.dtype != torch.float32, **p)
         _top_n_kernel[(triton.cdiv(span, top_n["BLOCK_R"]), Hkv, nseq)](
-            scores, out, cu_seqlens_q, scores.stride(0), scores.stride(1), scores.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), T, row0,
+            scores, out, cu_seqlens_q, q_offsets, scores.stride(0), scores.stride(1), scores.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), T, row0, q_offset,
             SLC_BLOCK=config.slc_block, N_SELECT=n, N_PAD=triton.next_power_of_2(n), NB_PAD=nb_pad,
             IS_VARLEN=varlen, **top_n)
     return out

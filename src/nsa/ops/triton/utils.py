@@ -162,6 +162,27 @@ def seq_bounds(cu_seqlens, b, total, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def query_offset(q_offsets, b, dense_offset, IS_VARLEN: tl.constexpr):
+    """Position of sequence b's first query among its keys: the queries are the last rows of the key sequence
+    (FlashAttention's bottom-right causal alignment), so query row r sits at position r + offset.
+
+    Dense batches: dense_offset (Tk - Tq, the same for every row). Packed: q_offsets[b] (int32 [N]).
+    """
+    if IS_VARLEN:
+        offset = tl.load(q_offsets + b)
+    else:
+        offset = b * 0 + dense_offset
+    return offset
+
+
+def query_offsets(cu_seqlens_q, q_offsets):
+    """The int32 [N] query offsets of a packed batch: q_offsets, or zeros (queries and keys of equal lengths)."""
+    if cu_seqlens_q is None or q_offsets is not None:
+        return q_offsets
+    return torch.zeros(cu_seqlens_q.numel() - 1, dtype=torch.int32, device=cu_seqlens_q.device)
+
+
+@triton.jit
 def heaviest_first(pid, programs_per_block, num_blocks, LAST_IS_HEAVIEST: tl.constexpr):
     """(block, program within the block) of flat program id pid in [0, programs_per_block * num_blocks).
 
