@@ -1,6 +1,7 @@
 """Runs one experiment of EXPERIMENTS.md end to end: trains its models, evaluates them, plots, summarizes.
 
-    python experiments/run.py EXPERIMENT OUTDIR [--tiny] [--dry-run]      (EXPERIMENT: loss, retrieval, learned)
+    python experiments/run.py EXPERIMENT OUTDIR [--models nsa,swa] [--tiny] [--dry-run]
+                                                                          (EXPERIMENT: loss, retrieval, learned)
 
 Every step is an `nsa` command, printed before it runs (EXPERIMENTS.md lists them), run in this process. Runs
 go to OUTDIR/EXPERIMENT/MODEL; OUTDIR/EXPERIMENT/summary.json gets each model's final validation loss, median
@@ -80,40 +81,54 @@ def run_dir(name: str, out: Path, model: str) -> Path:
     return out / (EXPERIMENTS[name].evaluates or name) / model
 
 
-def commands(name: str, out: Path, tiny: bool = False) -> list[tuple[str, list[str]]]:
-    """The `nsa` commands of experiment `name` writing under out, in order: (a label, argv) pairs."""
+def chosen(name: str, models: list[str] | None) -> list[str]:
+    """The models of experiment `name` to run: all (models None) or the given ones, in the experiment's order."""
+    known = list(EXPERIMENTS[name].models)
+    if models is None:
+        return known
+    unknown = [m for m in models if m not in known]
+    if unknown or not models:
+        raise ValueError(f"--models: {name} has the models {known}, got {models}")
+    return [m for m in known if m in models]
+
+
+def commands(name: str, out: Path, tiny: bool = False, models: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """The `nsa` commands of experiment `name` (its `models`, default all) writing under out, in order: (a label,
+    argv) pairs."""
     exp = EXPERIMENTS[name]
+    names = chosen(name, models)
     device = ["--device", "cpu"] if tiny else []
     steps = []
     if exp.config is not None:
         config = os.path.relpath(HERE / exp.config)
-        for model, overrides in exp.models.items():
+        for model in names:
+            overrides = exp.models[model]
             flags = [x for s in overrides + (tiny_overrides() if tiny else []) for x in ("--set", s)]
             steps.append((f"train {model}", ["nsa", "train", "--config", config, "--run", str(run_dir(name, out, model)),
                                              *flags, *device] + (["--no-progress"] if tiny else [])))
     if exp.passkey is not None:
         lengths, depths, trials = TINY_GRID if tiny else (exp.passkey.lengths, exp.passkey.depths, exp.passkey.trials)
-        for model in exp.models:
+        for model in names:
             steps.append((f"eval {model}", ["nsa", "eval", "passkey", str(run_dir(name, out, model)), "--lengths",
                                             lengths, "--depths", depths, "--trials", str(trials),
                                             "--out", str(out / name / model / "passkey"), *device]))
     if exp.repeat_lengths is not None:
         lengths, trials = (TINY_GRID[0], TINY_GRID[2]) if tiny else (exp.repeat_lengths, 8)
-        for model in exp.models:
+        for model in names:
             steps.append((f"repeat {model}", ["nsa", "eval", "repeat", str(run_dir(name, out, model)), "--lengths",
                                               lengths, "--trials", str(trials),
                                               "--out", str(out / name / model / "repeat"), *device]))
     if exp.config is not None:
-        steps.append(("plot", ["nsa", "plot", *(str(run_dir(name, out, m)) for m in exp.models),
-                               "--out", str(out / name / "loss.png"), "--title", f"{name}: " + " vs ".join(exp.models)]))
+        steps.append(("plot", ["nsa", "plot", *(str(run_dir(name, out, m)) for m in names),
+                               "--out", str(out / name / "loss.png"), "--title", f"{name}: " + " vs ".join(names)]))
     return steps
 
 
-def summarize(name: str, out: Path, wall: dict[str, float]) -> dict:
+def summarize(name: str, out: Path, wall: dict[str, float], models: list[str] | None = None) -> dict:
     """What the experiment's runs and evaluations wrote, condensed: {"experiment", "models": {MODEL: {...}}}."""
     exp = EXPERIMENTS[name]
     summary = {"experiment": name, "models": {}}
-    for model in exp.models:
+    for model in chosen(name, models):
         entry = summary["models"][model] = {}
         if exp.config is not None:
             run = run_dir(name, out, model)
@@ -140,17 +155,19 @@ def summarize(name: str, out: Path, wall: dict[str, float]) -> dict:
     return summary
 
 
-def run(name: str, out: Path, tiny: bool = False, dry_run: bool = False) -> dict | None:
-    """Runs (or with dry_run only prints) the experiment's commands; returns the summary (also saved)."""
+def run(name: str, out: Path, tiny: bool = False, dry_run: bool = False, models: list[str] | None = None
+        ) -> dict | None:
+    """Runs (or with dry_run only prints) the experiment's commands for its `models` (default all); returns the
+    summary (also saved)."""
     exp = EXPERIMENTS[name]
     if exp.evaluates is not None and not dry_run:
-        for model in exp.models:
+        for model in chosen(name, models):
             if not (run_dir(name, out, model) / CHECKPOINT_FILE).exists():
                 raise FileNotFoundError(f"{name} evaluates the models of {exp.evaluates}: "
                                         f"{run_dir(name, out, model)} has no checkpoint; run "
                                         f"`python experiments/run.py {exp.evaluates} {out}` first")
     wall = {}
-    for label, argv in commands(name, out, tiny):
+    for label, argv in commands(name, out, tiny, models):
         print("$ " + shlex.join(argv), flush=True)
         if not dry_run:
             start = time.perf_counter()
@@ -158,7 +175,7 @@ def run(name: str, out: Path, tiny: bool = False, dry_run: bool = False) -> dict
             wall[label] = time.perf_counter() - start
     if dry_run:
         return None
-    summary = summarize(name, out, wall)
+    summary = summarize(name, out, wall, models)
     path = out / name / "summary.json"
     path.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
@@ -172,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--tiny", action="store_true", help="the tiny preset, a few steps, on the CPU")
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    parser.add_argument("--models", help="comma-separated: only these of the experiment's models (default: all)")
     args = parser.parse_args(argv)
-    run(args.experiment, args.outdir, args.tiny, args.dry_run)
+    models = None if args.models is None else [m.strip() for m in args.models.split(",")]
+    run(args.experiment, args.outdir, args.tiny, args.dry_run, models)
     return 0
 
 

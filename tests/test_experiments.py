@@ -69,3 +69,10 @@ def test_tiny_retrieval_then_learned_run_end_to_end(tmp_path, monkeypatch, capsy
     printed = capsys.readouterr().out
     for _, argv in experiments.commands("learned", tmp_path, tiny=True):
         assert "$ " + shlex.join(argv) in printed
+
+
+def test_models_picks_a_subset_in_the_experiments_order():
+    labels = [label for label, _ in experiments.commands("retrieval", Path("r"), models=["swa", "nsa"])]
+    assert labels == ["train nsa", "train swa", "eval nsa", "eval swa", "repeat nsa", "repeat swa", "plot"]
+    with pytest.raises(ValueError, match=r"--models: retrieval has the models \['nsa', 'full', 'swa'\]"):
+        experiments.commands("retrieval", Path("r"), models=["dense"])
