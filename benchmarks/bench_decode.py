@@ -236,12 +236,12 @@ def main():
         raise SystemExit(f"--new-tokens must be at least {STEADY + 2} (two steady steps to time)")
     for prompt in (p for p in args.prompts if p):
         for B in args.e2e_B:
-            for model_name, attention, glue in generate_runs(args):
+            for model_name, kind, glue in generate_runs(args):  # kind: the model's attention, "nsa" or "full"
                 for cuda_graph in (mode == "graph" for mode in args.step_modes):
-                    print(f"generate {model_name} {attention} glue={glue} B={B} prompt={prompt} "
+                    print(f"generate {model_name} {kind} glue={glue} B={B} prompt={prompt} "
                           f"cuda_graph={cuda_graph} ...", flush=True)
-                    rec, err = common.guarded(run_generate, model_name, attention, glue, B, prompt, args, cuda_graph)
-                    e2e.append(rec or dict(model=model_name, attention=attention, glue=glue, cuda_graph=cuda_graph,
+                    rec, err = common.guarded(run_generate, model_name, kind, glue, B, prompt, args, cuda_graph)
+                    e2e.append(rec or dict(model=model_name, attention=kind, glue=glue, cuda_graph=cuda_graph,
                                            B=B, prompt=prompt, error=err))
     common.print_header("decoding step", env)
     print_tables(attention, e2e, hbm, floor, args.graph_layers)
