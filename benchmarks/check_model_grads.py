@@ -2,7 +2,9 @@
 training step as close to the float32 oracle as full attention's are to its own?
 
     python benchmarks/check_model_grads.py [--config experiments/retrieval-8k.toml] [--batch 2] [--seq-len 2048]
-                                           [--warm-steps 50]
+                                           [--warm-steps 50] [--layers N]
+    TRITON_INTERPRET=1 python benchmarks/check_model_grads.py --device cpu --backend triton --warm-steps 0 \
+        --batch 1 --seq-len 1024 --layers 1        (the kernels' float32 math on the CPU, interpreted: minutes)
 
 For attention "nsa" and "full" alike: the experiment's model (same seed) is first trained --warm-steps steps as
 `nsa train` trains it (bf16 autocast, AdamW at the config's learning rate; past the initialization, where the
@@ -12,6 +14,7 @@ are taken three ways on --batch windows of --seq-len bytes (the oracle's PyTorch
   bf16    the training path: bfloat16 autocast, the default backend (Triton kernels for NSA);
   fp32    float32, no autocast, the same backend;
   oracle  float32, no autocast, NSA on backend="reference" (pure PyTorch); full attention: SDPA's math backend.
+On the CPU (--device cpu) there is no bf16 row, and --backend triton makes the fp32 row the interpreted kernels.
 Printed per parameter: relative error ||g - g_oracle|| / ||g_oracle|| and cosine similarity of bf16 and fp32 against
 the oracle, and the loss of each. The full-attention rows are the yardstick for the noise bf16 itself brings.
 """
@@ -66,19 +69,26 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--warm-steps", type=int, default=50)
     p.add_argument("--data-max-bytes", type=int, default=20_000_000)
+    p.add_argument("--layers", type=int, help="the model's n_layer (default: the config's)")
+    p.add_argument("--backend", help="NSA's backend outside the oracle (default: the fastest available)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = p.parse_args()
-    require_cuda("check_model_grads.py")
+    if args.device == "cuda":
+        require_cuda("check_model_grads.py")
     print_header(f"gradient check of the model of {args.config}, batch {args.batch}, after {args.warm_steps} steps")
     model_cfg, train_cfg = build_configs(read_config_file(args.config))
+    model_cfg.n_layer = args.layers or model_cfg.n_layer
+    model_cfg.backend = args.backend
+    modes = ("bf16", "fp32", "oracle") if args.device == "cuda" else ("fp32", "oracle")
     corpus = load_corpus(train_cfg.data, args.data_max_bytes)
     gen = torch.Generator().manual_seed(0)
-    warm = [get_batch(corpus.train, train_cfg.batch_size, train_cfg.seq_len, gen, "cuda")
+    warm = [get_batch(corpus.train, train_cfg.batch_size, train_cfg.seq_len, gen, args.device)
             for _ in range(args.warm_steps)]
-    x, y = get_batch(corpus.val, args.batch, args.seq_len, gen, "cuda")
+    x, y = get_batch(corpus.val, args.batch, args.seq_len, gen, args.device)
     for attention in ("nsa", "full"):
         torch.manual_seed(0)
         model_cfg.attention = attention
-        model = LanguageModel(model_cfg).cuda()
+        model = LanguageModel(model_cfg).to(args.device)
         opt = make_optimizer(model, train_cfg)
         for step, (wx, wy) in enumerate(warm):
             for group in opt.param_groups:
@@ -90,16 +100,15 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             opt.step()
         losses, grads = {}, {}
-        for mode in ("bf16", "fp32", "oracle"):
+        for mode in modes:
             losses[mode], grads[mode] = gradients(model, x, y, mode)
             print(f"{attention} {mode}: loss {losses[mode]:.5f}", flush=True)
-        bf16, fp32 = compare(grads["bf16"], grads["oracle"]), compare(grads["fp32"], grads["oracle"])
-        print(f"\n{attention} after {args.warm_steps} warm-up steps (last train loss {loss.item():.4f}):")
-        rows = [[name, f"{bf16[name][0]:.2e}", f"{bf16[name][1]:.5f}", f"{fp32[name][0]:.2e}", f"{fp32[name][1]:.5f}"]
+        errors = {mode: compare(grads[mode], grads["oracle"]) for mode in modes[:-1]}
+        print(f"\n{attention} after {args.warm_steps} warm-up steps:")
+        rows = [[name] + [f"{errors[m][name][i]:{spec}}" for m in errors for i, spec in ((0, ".2e"), (1, ".5f"))]
                 for name in grads["oracle"]]
-        print(table(["parameter", "bf16 rel err", "bf16 cos", "fp32 rel err", "fp32 cos"], rows))
+        print(table(["parameter"] + [f"{m} {what}" for m in errors for what in ("rel err", "cos")], rows))
         del model, opt, grads
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
