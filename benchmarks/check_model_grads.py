@@ -42,7 +42,7 @@ def gradients(model: LanguageModel, x: torch.Tensor, y: torch.Tensor, mode: str)
             layer.backend = "reference"
     model.zero_grad(set_to_none=True)
     try:
-        with autocast(x.device) if mode == "bf16" else torch.autocast("cuda", enabled=False), \
+        with autocast(x.device) if mode == "bf16" else nullcontext(), \
                 sdpa_kernel(SDPBackend.MATH) if mode == "oracle" else nullcontext():
             loss = F.cross_entropy(model(x)[0].float().flatten(0, 1), y.flatten())
         loss.backward()

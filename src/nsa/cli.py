@@ -285,7 +285,7 @@ def eval_passkey_command(args) -> int:
     depths = parse_list(args.depths, float, "--depths")
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
-    model, _, corpus, out = load_eval_inputs(args)
+    model, corpus, out = load_eval_inputs(args)
     source = Path(args.path)
     print(f"passkey: {args.path} on {next(model.parameters()).device}; filler from the validation part of "
           f"{corpus.source}")
@@ -313,13 +313,13 @@ def eval_passkey_command(args) -> int:
 
 
 def load_eval_inputs(args) -> tuple:
-    """(model, the run's config, the corpus for filler, the out folder) of `nsa eval ...` args."""
+    """(model, the corpus of its text, the out folder) of `nsa eval ...` args."""
     model, config = load_model(args.path, resolve_device(args.device))
     source = Path(args.path)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / args.eval_command
     train_cfg = config.get("train", {})
     data = args.data if args.data is not None else train_cfg.get("data")
-    return model, config, load_corpus(data, train_cfg.get("data_max_bytes", 4_000_000)), out
+    return model, load_corpus(data, train_cfg.get("data_max_bytes", 4_000_000)), out
 
 
 def eval_repeat_command(args) -> int:
@@ -327,7 +327,7 @@ def eval_repeat_command(args) -> int:
     lengths = parse_list(args.lengths, int, "--lengths")
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
-    model, _, corpus, out = load_eval_inputs(args)
+    model, corpus, out = load_eval_inputs(args)
     print(f"repeat: {args.path}; chunks of the validation part of {corpus.source}, each written twice; "
           f"{args.trials} prompts per length")
     results = evaluation.repeat_loss(model, corpus.val, lengths, args.trials, args.seed)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .config import NSAConfig
 from .layer import BRANCHES, NativeSparseAttention
-from .model import LanguageModel
+from .model import LanguageModel, autocast
 from .ops import select_blocks
 
 NEEDLE = " The passkey is {key}. Remember it. "
@@ -161,7 +161,7 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
     hooks = [layer.register_forward_hook(record) for layer in layers]
     try:
         if layers:
-            with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=idx.device.type == "cuda"):
+            with autocast(idx.device):
                 model(idx)
     finally:
         for hook in hooks:
@@ -199,7 +199,7 @@ def passkey_grid(model: LanguageModel, filler: torch.Tensor, lengths: list[int],
             prompts = [make_prompt(filler, length, depth, str(rng.randrange(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS)),
                                    rng.randrange(max(1, len(filler)))) for _ in range(trials)]
             idx = torch.stack([p.tokens for p in prompts]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 out = model.generate(idx, KEY_DIGITS + 2, temperature=0)  # a space, 5 digits, one more
             answers = [bytes(row_out[length:].tolist()).decode("utf-8", errors="replace") for row_out in out.cpu()]
             correct = [score_answer(a, p.key) for a, p in zip(answers, prompts)]
@@ -262,7 +262,7 @@ def repeat_loss(model: LanguageModel, text: torch.Tensor, lengths: list[int], tr
             raise ValueError(f"length {length} must be >= 4 and at most twice the text's {len(text)} bytes")
         chunks = [text[s:s + n].long() for s in (rng.randrange(len(text) - n + 1) for _ in range(trials))]
         idx = torch.stack([torch.cat([c, c]) for c in chunks]).to(device)  # [trials, 2n]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             logits = model(idx)[0]
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
         loss = loss.view(trials, 2 * n - 1)  # loss[:, t]: predicting byte t + 1

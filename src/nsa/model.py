@@ -66,6 +66,12 @@ class ModelConfig:
         return cls(**d, nsa=nsa if isinstance(nsa, NSAConfig) else NSAConfig(**nsa))
 
 
+def autocast(device: str | torch.device) -> torch.autocast:
+    """bfloat16 autocast on CUDA (tensor cores), a no-op elsewhere: how training and evaluation run the model."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 class CausalSelfAttention(nn.Module):
     """Full causal attention with grouped-query heads and RoPE: x [B, T, C] -> [B, T, C].
 

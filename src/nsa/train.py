@@ -22,7 +22,7 @@ from .checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_che
 from .config import NSAConfig
 from .data import DEFAULT_MAX_BYTES, Corpus, get_batch, get_packed_batch, load_corpus
 from .eval import passkey_min_length
-from .model import LanguageModel, ModelConfig
+from .model import LanguageModel, ModelConfig, autocast
 from .parallel_train import PARALLEL_MODES, TrainParallelism, read_meta
 
 SCHEDULES = ("cosine", "constant")
@@ -108,12 +108,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-
-
-def autocast(device: str | torch.device) -> torch.autocast:
-    """bfloat16 autocast on CUDA (tensor cores), a no-op elsewhere."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -263,15 +257,18 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
 
     batch_device = "cpu" if par.distributed else device  # the global batch; each rank moves its own part
 
-    def batch(split: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def batch(split: str, gen: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """(the inputs (x, y) or packed (x, y, cu_seqlens), the loss weights or None)."""
         data = getattr(corpus, split)
         mix = train_cfg.passkey_fraction if split == "train" else 0.0  # validation stays plain text
         weight = train_cfg.passkey_answer_weight if mix and train_cfg.passkey_answer_weight != 1 else None
         if train_cfg.packed:
-            return get_packed_batch(data, getattr(corpus, f"{split}_starts"), train_cfg.batch_size,
-                                    train_cfg.seq_len, gen, batch_device, mix, weight, train_cfg.passkey_needles)
-        return get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, batch_device, mix, weight,
-                         train_cfg.passkey_needles)
+            out = get_packed_batch(data, getattr(corpus, f"{split}_starts"), train_cfg.batch_size,
+                                   train_cfg.seq_len, gen, batch_device, mix, weight, train_cfg.passkey_needles)
+        else:
+            out = get_batch(data, train_cfg.batch_size, train_cfg.seq_len, gen, batch_device, mix, weight,
+                            train_cfg.passkey_needles)
+        return (out, None) if weight is None else (out[:-1], out[-1])
 
     @torch.no_grad()
     def validate() -> float:
@@ -281,7 +278,7 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
         model.train()
         return loss / len(val_batches)
 
-    val_batches = [batch("val", val_generator) for _ in range(train_cfg.eval_batches)]
+    val_batches = [batch("val", val_generator)[0] for _ in range(train_cfg.eval_batches)]
     metrics_path = run_dir / METRICS_FILE
     start = 0
     if resume:
@@ -321,13 +318,12 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
         tokens = train_cfg.batch_size * train_cfg.seq_len
         for step in steps:
             t0 = time.perf_counter()
-            inputs = batch("train", generator)  # (x, y) or packed (x, y, cu_seqlens), then loss weights if any
+            inputs, weights = batch("train", generator)
             lr = lr_at(step, train_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            weights = inputs[-1] if len(inputs) == 3 + train_cfg.packed else None
             with autocast(device):
-                backward_loss, share = par.loss(model, inputs[:2 + train_cfg.packed], train_cfg.seq_len, weights)
+                backward_loss, share = par.loss(model, inputs, train_cfg.seq_len, weights)
             optimizer.zero_grad(set_to_none=True)
             backward_loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
