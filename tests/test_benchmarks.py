@@ -14,7 +14,7 @@ SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py
 
 def test_the_kept_scripts():
     assert SCRIPTS == ["bench_cp.py", "bench_decode.py", "bench_op.py", "check_model_grads.py", "memcheck_decode.py",
-                       "profile_decode.py", "tune_kernels.py"]
+                       "profile_decode.py", "profile_step.py", "tune_kernels.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -10,7 +10,7 @@ from .distributed import ContextParallelLayout, attend_gathered, gather_rows
 from .ops import NSAInputs, _resolve_backend, decode_glue_fused, nsa_attention, nsa_decode_attention
 from .ops.library import decode_append_compressed, decode_append_tokens
 from .ops.checks import check_cu_seqlens
-from .rope import apply_rope, positions_from_cu_seqlens
+from .rope import apply_rope, positions_from_cu_seqlens, rope_cos_sin, rotate
 
 BRANCHES = ("cmp", "slc", "swa")
 
@@ -163,13 +163,15 @@ class NativeSparseAttention(nn.Module):
         (keys rotated), gates [B, T, Hq, 3]."""
         B, T, _ = x.shape
         Hkv, Dk, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
-        q = apply_rope(self.q_proj(x).view(B, T, self.num_heads, Dk), positions, self.rope_base)
+        q = self.q_proj(x).view(B, T, self.num_heads, Dk)
+        cos_sin = rope_cos_sin(positions, Dk, self.rope_base, q.dtype)  # once for q and both rotated keys
+        q = rotate(q, *cos_sin)
         kv = self.kv_proj(x).view(B, T, self.num_kv_sets, Hkv, Dk + Dv)
         keys, values = kv.split((Dk, Dv), dim=-1)  # [B, T, num_kv_sets, Hkv, D]
         k_cmp_src, k_slc, k_swa = keys.unbind(2) if not self.share_kv else (keys[:, :, 0],) * 3
         v_cmp_src, v_slc, v_swa = values.unbind(2) if not self.share_kv else (values[:, :, 0],) * 3
-        k_slc = apply_rope(k_slc, positions, self.rope_base)
-        k_swa = k_slc if self.share_kv else apply_rope(k_swa, positions, self.rope_base)
+        k_slc = rotate(k_slc, *cos_sin)
+        k_swa = k_slc if self.share_kv else rotate(k_swa, *cos_sin)
         return q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, self._gates(x)
 
     def _gates(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,15 +187,27 @@ class NativeSparseAttention(nn.Module):
         centre = ids.double() * self.config.cmp_stride + (self.config.cmp_block - 1) / 2
         return apply_rope(self.compress_k(k_blocks), centre, self.rope_base), self.compress_v(v_blocks)
 
+    def _cmp_blocks(self, k_cmp_src: torch.Tensor, v_cmp_src: torch.Tensor, seq_lens: list[int], packed: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k_blocks [B, Tc, l, Hkv, Dk], v_blocks [B, Tc, l, Hkv, Dv], ids long [Tc]): block i of cmp_src
+        [B, T, Hkv, D] is its tokens [i*d, i*d + l) (of its own sequence when packed). Unpacked, the blocks are
+        strided windows of cmp_src, a view (no gather, and a backward that is one unfold_backward instead of an
+        accumulating index_put); packed, a gather through cmp_block_index."""
+        l, d = self.config.cmp_block, self.config.cmp_stride
+        if packed or k_cmp_src.shape[1] < l:
+            index, ids = cmp_block_index(seq_lens, self.config, k_cmp_src.device)
+            return k_cmp_src[:, index], v_cmp_src[:, index], ids
+        windows = [src.unfold(1, l, d).movedim(-1, 2) for src in (k_cmp_src, v_cmp_src)]  # [B, Tc, l, Hkv, D]
+        return (*windows, torch.arange(windows[0].shape[1], device=k_cmp_src.device))
+
     def _whole_sequence(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[NSAInputs, tuple]:
         """(the eight nsa_attention inputs, (k_cmp_src, v_cmp_src): phi's inputs) of whole sequences x."""
         seq_lens = self._check_input(x, cu_seqlens)
         positions = torch.arange(x.shape[1], device=x.device) if cu_seqlens is None else \
             positions_from_cu_seqlens(cu_seqlens)
         q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates = self._project(x, positions)
-        # compression: gather each block [i*d, i*d + l) of cmp_src, summarize, rotate at the centre
-        index, ids = cmp_block_index(seq_lens, self.config, x.device)
-        k_cmp, v_cmp = self._compress(k_cmp_src[:, index], v_cmp_src[:, index], ids)  # [B, Tc, Hkv, D]
+        # compression: each block [i*d, i*d + l) of cmp_src, summarized, rotated at its centre
+        k_cmp, v_cmp = self._compress(*self._cmp_blocks(k_cmp_src, v_cmp_src, seq_lens, cu_seqlens is not None))
         return NSAInputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates), (k_cmp_src, v_cmp_src)
 
     def nsa_inputs(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> NSAInputs:

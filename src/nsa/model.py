@@ -20,7 +20,7 @@ from .config import NSAConfig
 from .graph import DecodeGraph
 from .layer import NativeSparseAttention, check_branches
 from .ops.checks import check_cu_seqlens
-from .rope import apply_rope, positions_from_cu_seqlens
+from .rope import positions_from_cu_seqlens, rope_cos_sin, rotate
 
 ATTENTIONS = ("nsa", "full")
 
@@ -100,7 +100,8 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
-        return apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base), v
+        cos_sin = rope_cos_sin(positions, self.head_dim, self.rope_base, q.dtype)  # once for q and k
+        return rotate(q, *cos_sin), rotate(k, *cos_sin), v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q [B, S, Hq, D] over k, v [B, L, Hkv, D] with mask bool (True: visible) broadcastable to

@@ -21,14 +21,26 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) 
     out = x * cos(p * f) + rotate_half(x) * sin(p * f), f = base ** (-2c / D) for c < D/2, repeated
     for both halves. The angles are computed in float32 (float64 for float64 x) and the result has x's dtype.
     """
-    D = x.shape[-1]
-    if D % 2:
-        raise ValueError(f"apply_rope needs an even head dim, got {D}")
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = inverse_frequencies(D, base, x.device, ct)  # [D/2]
+    return rotate(x, *rope_cos_sin(positions, x.shape[-1], base, x.dtype))
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [(B,) T, 1, D] of the angles p * f at positions [T] or [B, T], for rotating tensors of `dtype`
+    (computed in float64 for float64, else float32): computed once, they rotate every tensor at those positions."""
+    if head_dim % 2:
+        raise ValueError(f"apply_rope needs an even head dim, got {head_dim}")
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = inverse_frequencies(head_dim, base, positions.device, ct)  # [D/2]
     angles = positions.to(ct)[..., None] * inv_freq  # [(B,) T, D/2]
     angles = torch.cat((angles, angles), dim=-1)[..., None, :]  # [(B,) T, 1, D]: broadcast over heads
-    return (x.to(ct) * angles.cos() + rotate_half(x.to(ct)) * angles.sin()).to(x.dtype)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] rotated by rope_cos_sin's (cos, sin), computed in their dtype, returned in x's."""
+    xc = x.to(cos.dtype)
+    return (xc * cos + rotate_half(xc) * sin).to(x.dtype)
 
 
 def inverse_frequencies(head_dim: int, base: float, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -5,7 +5,7 @@ Both are plain data (no Triton import), so they are importable on any machine.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -53,7 +53,8 @@ class Launch:
         """defaults with the fields that are set replacing them; names maps a field to a kernel's own keyword
         (e.g. block_m="BLOCK_M"); fields a kernel does not take must stay None."""
         out = dict(defaults)
-        for field, value in asdict(self).items():
+        for field in LAUNCH_FIELDS:  # not asdict(self), which deep-copies: this runs at every kernel launch
+            value = getattr(self, field)
             if value is None:
                 continue
             key = names.get(field, field)
@@ -61,6 +62,9 @@ class Launch:
                 raise ValueError(f"Launch.{field} is not an option of this kernel (it takes {sorted(defaults)})")
             out[key] = value
         return out
+
+
+LAUNCH_FIELDS = tuple(f.name for f in fields(Launch))
 
 
 @dataclass(frozen=True)

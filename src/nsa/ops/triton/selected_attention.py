@@ -385,15 +385,6 @@ def _walk_launch(launch, block_size: int, defaults: dict) -> tuple[int, dict]:
     return kw.pop("ROWS"), kw
 
 
-def _sequence_ids(B: int, T: int, cu_seqlens, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence of every token [B*T], first token of every sequence [N]) of a dense or packed batch, on the device."""
-    tok = torch.arange(B * T, device=device)
-    if cu_seqlens is None:
-        return tok // max(T, 1), torch.arange(B, device=device) * T
-    starts = cu_seqlens[:-1].long()
-    return torch.searchsorted(cu_seqlens[1:].long(), tok, right=True), starts
-
-
 _NO_BLOCK = 2 ** 30  # sorts after every block id
 
 
@@ -470,35 +461,54 @@ def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=
     return o, lse
 
 
-def _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk):
-    """For every key (sequence, group, block j) the ascending global token ids of the queries that selected
-    it (QLIST), cut into work items of at most `chunk` queries. Returns (QLIST, ITEM_KEY, ITEM_LO, ITEM_HI,
-    KEY_ITEMS) with KEY_ITEMS [keys + 1] the first item of each key. Deterministic torch ops, no host sync:
-    the item arrays have a static length, a bound on the real count (items past it have ITEM_LO == ITEM_HI)."""
+def _queries_by_key(block_ids, cu_seqlens, T, num_blocks):
+    """(qlist int32 [B*T*Hkv*n], bounds int64 [keys + 1]): for every key (sequence, group, block j), numbered
+    (sequence * Hkv + group) * num_blocks + j, the ascending token ids of the queries that selected it are
+    qlist[bounds[key]:bounds[key + 1]] (then the unused slots). A stable sort of int32 keys in (token, group, slot)
+    order, so tokens stay ascending inside every key; no host sync."""
     B, _, HKV, n = block_ids.shape
     dev = block_ids.device
-    seq, starts = _sequence_ids(B, T, cu_seqlens, dev)
-    nseq = starts.numel()
+    nseq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     num_keys = nseq * HKV * num_blocks
-    ids = block_ids.reshape(B * T, HKV, n).long()
-    g = torch.arange(HKV, device=dev)[None, :, None]
-    valid = (ids >= 0) & (ids < num_blocks)
-    keys = torch.where(valid, (seq[:, None, None] * HKV + g) * num_blocks + ids, num_keys)  # invalid: sorts last
-    # flattened (token, group, slot) order + stable sort => tokens ascending inside every key
+    if num_keys >= 2 ** 31 - 1:
+        raise ValueError(f"too many (sequence, KV head, block) keys for int32: {num_keys}")
+    ids = block_ids.reshape(-1, T, HKV, n) if cu_seqlens is None else block_ids.reshape(T, HKV, n)
+    if cu_seqlens is None:  # key of (b, t, g, slot) = (b * Hkv + g) * num_blocks + id
+        first_key = (torch.arange(B * HKV, device=dev, dtype=torch.int32) * num_blocks).view(B, 1, HKV, 1)
+    else:
+        seq = torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=dev, dtype=cu_seqlens.dtype), right=True)
+        g = torch.arange(HKV, device=dev, dtype=torch.int32)
+        first_key = ((seq.to(torch.int32)[:, None] * HKV + g) * num_blocks)[:, :, None]
+    keys = torch.where((ids >= 0) & (ids < num_blocks), first_key + ids, num_keys)  # unused slots sort last
     sorted_keys, order = torch.sort(keys.flatten(), stable=True)
-    qlist = (order // (HKV * n)).to(torch.int32)
-    bounds = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, device=dev))
-    items_per_key = (bounds[1:] - bounds[:-1] + chunk - 1) // chunk
-    key_items = torch.zeros(num_keys + 1, device=dev, dtype=torch.long)
-    key_items[1:] = torch.cumsum(items_per_key, 0)
-    max_items = num_keys + keys.numel() // chunk  # sum over keys of ceil(count / chunk)
-    item = torch.arange(max_items, device=dev)
+    bounds = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, device=dev, dtype=torch.int32))
+    return (order // (HKV * n)).to(torch.int32), bounds
+
+
+def _work_items(bounds, chunk, max_items):
+    """The keys' query lists cut into work items of at most `chunk` queries: (ITEM_KEY, ITEM_LO, ITEM_HI) int32
+    [max_items] (item i covers qlist[ITEM_LO[i]:ITEM_HI[i]] of key ITEM_KEY[i]; items past the real count are
+    empty) and KEY_ITEMS int32 [keys + 1], the first item of each key. max_items: a static bound on the count."""
+    num_keys = bounds.numel() - 1
+    items_per_key = (bounds.diff() + chunk - 1) // chunk
+    key_items = torch.nn.functional.pad(torch.cumsum(items_per_key, 0), (1, 0))
+    item = torch.arange(max_items, device=bounds.device)
     item_key = torch.searchsorted(key_items[1:], item, right=True).clamp_(max=num_keys - 1)
     lo = bounds[item_key] + (item - key_items[item_key]) * chunk
     hi = torch.minimum(lo + chunk, bounds[item_key + 1])
     lo = torch.where(item < key_items[-1], lo, hi)  # past the real items: empty
     i32 = torch.int32
-    return qlist, item_key.to(i32), lo.to(i32), hi.to(i32), key_items.to(i32)
+    return item_key.to(i32), lo.to(i32), hi.to(i32), key_items.to(i32)
+
+
+def _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk):
+    """For every key (sequence, group, block j) the ascending global token ids of the queries that selected
+    it (QLIST), cut into work items of at most `chunk` queries. Returns (QLIST, ITEM_KEY, ITEM_LO, ITEM_HI,
+    KEY_ITEMS) with KEY_ITEMS [keys + 1] the first item of each key. Deterministic torch ops, no host sync:
+    the item arrays have a static length, a bound on the real count (items past it have ITEM_LO == ITEM_HI)."""
+    qlist, bounds = _queries_by_key(block_ids, cu_seqlens, T, num_blocks)
+    max_items = bounds.numel() - 1 + qlist.numel() // chunk  # sum over keys of ceil(count / chunk)
+    return (qlist, *_work_items(bounds, chunk, max_items))
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None,
