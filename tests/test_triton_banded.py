@@ -141,9 +141,18 @@ def test_rejects_bad_arguments():
         banded_attention_fwd(q.double(), k.double(), v.double(), 1.0, key_stride=1, key_span=1, window=4)
 
 
+def test_head_dims_below_16_take_16_wide_tiles():
+    """tl.dot takes no tile dimension below 16 on the GPU (a compile error there, which the interpreter does not
+    raise: head dim 8 failed only on the GPU), so the head-dim tiles are padded to 16 at least."""
+    from nsa.ops.triton.banded import launch_params
+    cfg = launch_params(8, 4)
+    assert (cfg["BLOCK_DK"], cfg["BLOCK_DV"]) == (16, 16)
+    assert launch_params(24, 96)["BLOCK_DK"] == 32 and launch_params(24, 96)["BLOCK_DV"] == 128
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("branch", ["cmp", "swa"])
-@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (256, 256), (192, 128)])
+@pytest.mark.parametrize("dims", [(8, 8), (64, 64), (128, 128), (256, 256), (192, 128)])
 def test_gpu_bfloat16(branch, dims):
     cfg = NSAConfig()
     T = 8192

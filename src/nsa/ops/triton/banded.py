@@ -30,7 +30,7 @@ import triton.language as tl
 from ..types import KernelOptions
 from .utils import (LOG2E, LOG2E_K, LN2_K, check_kernel_dtype, dot_precision, interpreting, key_end, keys_upto,
                     heaviest_first, last_dim_contiguous, load_rows, query_offset, query_offsets, seq_bounds,
-                    softmax_update, visible)
+                    pow2_at_least, softmax_update, visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +349,7 @@ def launch_params(head_dim_k: int, head_dim_v: int, options: KernelOptions = Ker
 
 
 def _default_launch(head_dim_k: int, head_dim_v: int) -> dict:
-    dk, dv = triton.next_power_of_2(head_dim_k), triton.next_power_of_2(head_dim_v)
+    dk, dv = pow2_at_least(head_dim_k), pow2_at_least(head_dim_v)  # tl.dot needs K, N >= 16 on the GPU
     if interpreting():
         tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         return dict(fwd=tile, dkdv=tile, dq=tile, delta=dict(BLOCK_M=16, num_warps=1), BLOCK_DK=dk, BLOCK_DV=dv)

@@ -27,7 +27,7 @@ import triton.language as tl
 from ...config import NSAConfig
 from .utils import (LOG2E, LOG2E_K, block_ids, block_keys, check_kernel_dtype, check_pooling, dot_precision, interpreting,
                     keys_upto, last_dim_contiguous, pool_probs, query_offset, query_offsets, seq_bounds, top_keys,
-                    visible)
+                    pow2_at_least, visible)
 
 
 @triton.jit
@@ -211,7 +211,7 @@ def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
     nb = triton.cdiv(max_query_end, config.slc_block)
     rows = _rows_per_launch(max_t, nseq * Hkv * nb * 4)
     scores = torch.empty(nseq, min(rows, max_t), Hkv, nb, device=q.device, dtype=torch.float32)
-    p = _score_params(Hq // Hkv, config.slc_block // config.cmp_stride, triton.next_power_of_2(Dk))
+    p = _score_params(Hq // Hkv, config.slc_block // config.cmp_stride, pow2_at_least(Dk))
     nb_pad = max(triton.next_power_of_2(nb), triton.next_power_of_2(n))  # top_keys takes rows of >= N_PAD keys
     top_n = _top_n_params(nb_pad)
     for row0 in range(0, max_t, rows):
@@ -222,7 +222,7 @@ def select_blocks_fwd(q, k_cmp, lse_cmp, config: NSAConfig, scale, *,
             scores.stride(0), scores.stride(1), scores.stride(2),
             T, Tc, Hq, Hq // Hkv, row0, scale * LOG2E, q_offset,
             CMP_STRIDE=config.cmp_stride, CMP_BLOCK=config.cmp_block, SLC_BLOCK=config.slc_block,
-            IS_VARLEN=varlen, DK=Dk, BLOCK_DK=triton.next_power_of_2(Dk),
+            IS_VARLEN=varlen, DK=Dk, BLOCK_DK=pow2_at_least(Dk),
             PRECISION=dot_precision(q.dtype), SPLIT_POOL=q.dtype != torch.float32, **p)
         _top_n_kernel[(triton.cdiv(span, top_n["BLOCK_R"]), Hkv, nseq)](
             scores, out, cu_seqlens_q, q_offsets, scores.stride(0), scores.stride(1), scores.stride(2),
