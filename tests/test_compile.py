@@ -133,3 +133,20 @@ def test_packed_batch_refused_by_fullgraph():
     cu = torch.tensor([0, 15, 40], dtype=torch.int32)
     with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):
         torch.compile(model, backend="aot_eager", fullgraph=True)(idx, cu_seqlens=cu)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_training_step_matches_eager():
+    """The model's training step compiled by inductor (fullgraph, Triton backend, float32 on a GPU): loss and every
+    gradient as eager's, to float32 rounding (inductor fuses the glue around the ops and sums in its own order)."""
+    torch._dynamo.reset()
+    model = _model(backend="triton").cuda()
+    g = torch.Generator().manual_seed(7)
+    idx, targets = (torch.randint(0, 256, (2, 200), generator=g).cuda() for _ in range(2))
+    logits, loss, grads = _loss_and_grads(model, model, idx, targets)
+    compiled = torch.compile(model, fullgraph=True)
+    c_logits, c_loss, c_grads = _loss_and_grads(model, compiled, idx, targets)
+    torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_logits, logits, rtol=1e-4, atol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(c_grads[name], grads[name], rtol=1e-3, atol=1e-5, msg=name)
