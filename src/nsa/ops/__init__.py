@@ -35,9 +35,9 @@ __all__ = ["nsa_attention", "select_blocks", "nsa_decode_attention", "KernelOpti
 BACKENDS = ("reference", "triton")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Read once at import (without importing triton): the backend choice then reads a bool, which torch.compile traces
+# (torch 2.11's Dynamo refuses importlib.util.find_spec under fullgraph, which a cached call of it reached).
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,7 +50,7 @@ def _resolve_backend(backend, device: torch.device) -> str:
     if backend is None:
         if device.type != "cuda":
             return "reference"
-        if not _triton_available():
+        if not TRITON_AVAILABLE:
             _warn_slow_fallback("CUDA tensors but Triton is not installed")
             return "reference"
         return "triton"
