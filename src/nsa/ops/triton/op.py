@@ -99,13 +99,19 @@ def nsa_attention_bwd(do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, o_
     cmp_band, swa_band, slc, _, max_end = _bands(config, q.shape[1], k_slc.shape[1], cu_seqlens, seq_lens,
                                                  cu_seqlens_k, seq_lens_k, kernel_options)
     dgates, do_cmp, do_slc, do_swa = gate_backward(do.contiguous(), gates, o_cmp, o_slc, o_swa)
-    dq_cmp, dk_cmp, dv_cmp = banded_attention_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, **cmp_band,
-                                                  max_query_end=max_end)
+    # Each branch's do_c and dq_c is dropped as soon as it is used (each is [B, T, Hq, D]: at long T, holding all six
+    # at once set the backward's peak memory); dq = (dq_cmp + dq_slc) + dq_swa, in that order.
+    dq, dk_cmp, dv_cmp = banded_attention_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, **cmp_band,
+                                              max_query_end=max_end)
+    del do_cmp
     dq_slc, dk_slc, dv_slc = selected_attention_bwd(do_slc, q, k_slc, v_slc, o_slc, lse_slc, block_ids, scale,
                                                     config.slc_block, **slc)
+    del do_slc
+    dq.add_(dq_slc)
+    del dq_slc
     dq_swa, dk_swa, dv_swa = banded_attention_bwd(do_swa, q, k_swa, v_swa, o_swa, lse_swa, scale, **swa_band,
                                                   max_query_end=max_end)
-    dq = dq_cmp.add_(dq_slc).add_(dq_swa)
+    dq.add_(dq_swa)
     return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dgates
 
 
