@@ -331,10 +331,9 @@ def model_config(attention):
                            attention=attention)
 
 
-def model_step(attention, T, iters, compiled=False):
-    """{ms, peak_mib, tok_s, params, first_step_s} of one forward+backward of the model on B = 1 random tokens,
-    eager or through torch.compile(model, fullgraph=True) (first_step_s: the first step's wall time, which compiles
-    when compiled)."""
+def training_step(attention, T, compiled=False):
+    """(step, model): step() runs one forward+backward of the model on B = 1 random tokens (bf16 autocast), eager
+    or through torch.compile(model, fullgraph=True)."""
     model = nsa.LanguageModel(model_config(attention)).cuda().train()
     forward = torch.compile(model, fullgraph=True) if compiled else model
     idx = torch.randint(0, 256, (1, T + 1), device="cuda")
@@ -345,6 +344,13 @@ def model_step(attention, T, iters, compiled=False):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = forward(inputs, targets)
         loss.backward()
+    return step, model
+
+
+def model_step(attention, T, iters, compiled=False):
+    """{ms, peak_mib, tok_s, params, first_step_s} of training_step, eager or compiled (first_step_s: the first
+    step's wall time, which compiles when compiled)."""
+    step, model = training_step(attention, T, compiled)
     start = time.perf_counter()
     step()
     torch.cuda.synchronize()

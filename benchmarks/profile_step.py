@@ -26,21 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import common
-import nsa
-from bench_op import model_config
-
-
-def make_step(attention: str, T: int):
-    """(step, model): one forward + backward of bench_op's model on random tokens."""
-    model = nsa.LanguageModel(model_config(attention)).cuda().train()
-    idx = torch.randint(0, 256, (1, T + 1), device="cuda")
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-    return step, model
+from bench_op import model_config, training_step
 
 
 def host_and_wall(step, steps: int) -> tuple[float, float]:
@@ -133,7 +119,7 @@ def main():
     summary, parts = [], []
     for T in args.T:
         for attention in ("nsa", "full"):
-            step, model = make_step(attention, T)
+            step, model = training_step(attention, T)
             for _ in range(3):
                 step()
             host, wall = host_and_wall(step, args.steps)

@@ -25,9 +25,7 @@ import time
 import torch
 
 import nsa
-from nsa.eval import selection_chance
-from nsa.layer import BRANCHES, NativeSparseAttention
-from nsa.ops import select_blocks
+from nsa.eval import layer_selections, selection_chance
 
 MODELS = {"nsa": dict(attention="nsa"), "swa": dict(attention="nsa", branches=("swa",)), "full": dict(attention="full")}
 
@@ -60,30 +58,16 @@ def copy_loss(model, batches) -> float:
     return loss
 
 
-@torch.no_grad()
 def selection_hits(model, inputs: torch.Tensor, half: int) -> list[dict]:
     """Per NSA layer: the share of (sequence, query of the second copy, KV group) whose selected blocks hold the
     position to copy from (i + 1 for the query at half + i), chance, and the gates' means."""
     stats = []
-
-    def record(layer, args, output):
-        x = layer.nsa_inputs(args[0])
-        ids = select_blocks(x.q, x.k_cmp, layer.config, backend=layer.backend)  # [B, T, Hkv, n]
-        T = ids.shape[1]
-        queries = torch.arange(half, T)
-        source_block = ((queries - half + 1) // layer.config.slc_block)[None, :, None, None]
+    for config, ids, gate_mean in layer_selections(model, inputs):  # ids [B, T, Hkv, n]
+        queries = torch.arange(half, ids.shape[1])
+        source_block = ((queries - half + 1) // config.slc_block)[None, :, None, None]
         hit = (ids[:, half:] == source_block).any(-1)  # [B, T - half, Hkv]
-        chance = sum(selection_chance(int(q) + 1, layer.config) for q in queries) / len(queries)
-        stats.append(dict(hit_rate=hit.float().mean().item(), chance=chance,
-                          gate_mean=dict(zip(BRANCHES, x.gates.float().mean(dim=(0, 1, 2)).tolist()))))
-
-    layers = [b.attn for b in model.blocks if isinstance(b.attn, NativeSparseAttention)]
-    hooks = [layer.register_forward_hook(record) for layer in layers]
-    try:
-        model(inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+        chance = sum(selection_chance(int(q) + 1, config) for q in queries) / len(queries)
+        stats.append(dict(hit_rate=hit.float().mean().item(), chance=chance, gate_mean=gate_mean))
     return stats
 
 
@@ -138,7 +122,6 @@ def main():
     if args.window >= args.half - 1:
         raise SystemExit(f"--window ({args.window}) must be below --half - 1 ({args.half - 1}): else the window "
                          "alone reaches the first copy")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {name: train(name, args) for name in args.models.split(",")}
     chance = math.log(args.alphabet)
     print(f"\nSecond-copy loss, nats/token (chance: log {args.alphabet} = {chance:.3f}); T = {2 * args.half}, window "

@@ -138,25 +138,18 @@ def key_positions(prompt: PasskeyPrompt) -> torch.Tensor:
 
 
 @torch.no_grad()
-def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tensor) -> list[dict]:
-    """What each NSA layer of the model does on prompts idx long [B, T] whose key digits sit at key_pos long [B, K].
-
-    Per NSA layer (none for full attention: []): the blocks each KV head group selects at the last position
-    (the one that answers), from nsa.select_blocks on the layer's own inputs; "hits" counts the (prompt, group,
-    digit) triples whose digit's block is selected, out of "items"; "hit_rate" = hits / items, "chance" =
-    selection_chance(T, config); "gate_mean" {"cmp", "slc", "swa"}: each gate's mean over prompts, positions, heads.
-    """
+def layer_selections(model: LanguageModel, idx: torch.Tensor) -> list[tuple[NSAConfig, torch.Tensor, dict]]:
+    """What each NSA layer of the model selects on inputs idx long [B, T] (none for full attention: []): per layer,
+    (its NSAConfig, block ids long [B, T, Hkv, n] from nsa.select_blocks on the layer's own inputs, each gate's mean
+    over rows, positions and heads {"cmp", "slc", "swa"})."""
     layers = [block.attn for block in model.blocks if isinstance(block.attn, NativeSparseAttention)]
-    stats = []
+    out = []
 
     def record(layer, args, output):
         inputs = layer.nsa_inputs(args[0])
-        ids = select_blocks(inputs.q, inputs.k_cmp, layer.config, backend=layer.backend)[:, -1]  # [B, Hkv, n]
-        blocks = (key_pos // layer.config.slc_block).to(ids.device)  # [B, K]
-        hit = (ids[:, :, None, :] == blocks[:, None, :, None]).any(-1)  # [B, Hkv, K]
+        ids = select_blocks(inputs.q, inputs.k_cmp, layer.config, backend=layer.backend)
         gates = inputs.gates.float().mean(dim=(0, 1, 2)).tolist()  # [3]
-        stats.append({"hits": int(hit.sum()), "items": hit.numel(), "hit_rate": hit.float().mean().item(),
-                      "chance": selection_chance(idx.shape[1], layer.config), "gate_mean": dict(zip(BRANCHES, gates))})
+        out.append((layer.config, ids, dict(zip(BRANCHES, gates))))
 
     hooks = [layer.register_forward_hook(record) for layer in layers]
     try:
@@ -166,6 +159,24 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
     finally:
         for hook in hooks:
             hook.remove()
+    return out
+
+
+def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tensor) -> list[dict]:
+    """What each NSA layer of the model does on prompts idx long [B, T] whose key digits sit at key_pos long [B, K].
+
+    Per NSA layer (none for full attention: []): the blocks each KV head group selects at the last position
+    (the one that answers), from layer_selections; "hits" counts the (prompt, group, digit) triples whose digit's
+    block is selected, out of "items"; "hit_rate" = hits / items, "chance" = selection_chance(T, config);
+    "gate_mean" {"cmp", "slc", "swa"}: each gate's mean over prompts, positions, heads.
+    """
+    stats = []
+    for config, ids, gate_mean in layer_selections(model, idx):
+        ids = ids[:, -1]  # [B, Hkv, n]
+        blocks = (key_pos // config.slc_block).to(ids.device)  # [B, K]
+        hit = (ids[:, :, None, :] == blocks[:, None, :, None]).any(-1)  # [B, Hkv, K]
+        stats.append({"hits": int(hit.sum()), "items": hit.numel(), "hit_rate": hit.float().mean().item(),
+                      "chance": selection_chance(idx.shape[1], config), "gate_mean": gate_mean})
     return stats
 
 
