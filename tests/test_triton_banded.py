@@ -103,6 +103,31 @@ def test_packed_sequences(branch):
     check_against_dense(q, k, v, do, 0.25, branch_band(branch, CPU_CFG), 1e-4, packed=(lens, key_lens))
 
 
+@pytest.mark.parametrize("branch", ["cmp", "swa"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_given_delta_and_dq_accumulation(branch, packed):
+    """delta= (NSA's gate kernel makes it) and add_dq_to= (the branches' dq summed in the kernels) change nothing but
+    where delta comes from and where dq goes: dk, dv bitwise, dq added to the given tensor in float32."""
+    lens = [37, 9, 30] if packed else [45]
+    key_lens = [num_keys(branch, CPU_CFG, n) for n in lens]
+    q, k, v, do = make_inputs(1 if packed else 2, sum(lens), sum(key_lens), 4, 2, 16, 32, torch.float32, seed=5)
+    varlen = {}
+    if packed:
+        cu = lambda ls: torch.tensor([0] + ls, device=q.device).cumsum(0).to(torch.int32)  # noqa: E731
+        varlen = dict(cu_seqlens_q=cu(lens), cu_seqlens_k=cu(key_lens))
+    band = dict(branch_band(branch, CPU_CFG), **varlen)
+    o, lse = banded_attention_fwd(q, k, v, 0.25, **band)
+    dq, dk, dv = banded_attention_bwd(do, q, k, v, o, lse, 0.25, **band)
+    delta = (do * o).sum(-1).transpose(1, 2)  # a strided view: the kernels take it contiguous
+    base = torch.randn_like(q)
+    into = base.clone()
+    gq, gk, gv = banded_attention_bwd(do, q, k, v, o, lse, 0.25, **band, delta=delta, add_dq_to=into)
+    assert gq is into
+    torch.testing.assert_close(gq, base + dq, rtol=1e-6, atol=1e-6)  # delta summed in another order
+    torch.testing.assert_close(gk, dk, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gv, dv)  # dv does not depend on delta
+
+
 def test_shorter_than_a_compressed_block():
     """T < l: no compressed token, every row sees nothing -> o = 0, lse = -inf, zero gradients, no NaN."""
     q, k, v, do = make_inputs(2, 11, 0, 2, 1, 16, 16, torch.float32)

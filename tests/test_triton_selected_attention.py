@@ -155,6 +155,34 @@ def test_backward_is_bitwise_reproducible():
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("G", [1, 16])
+def test_given_delta_and_dq_accumulation(G):
+    """delta= and add_dq_to= (NSA's op passes both) give the plain call's gradients: dk, dv bitwise with the delta
+    the plain call makes, and dq added to the given tensor in float32."""
+    q, k, v, do, ids = make_case(2, 40, 1, G, 16, 32, 3, 8, torch.float32, seed=G)
+    o, lse = selected_attention_fwd(q, k, v, ids, 0.25, 8)
+    dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, 8)
+    delta = (do * o).sum(-1).transpose(1, 2)
+    base = torch.randn_like(q)
+    into = base.clone()
+    gq, gk, gv = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, 8, delta=delta, add_dq_to=into)
+    assert gq is into
+    torch.testing.assert_close(gq, base + dq, rtol=1e-6, atol=1e-6)  # delta summed in another order
+    torch.testing.assert_close(gk, dk, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gv, dv)  # dv does not depend on delta
+
+
+def test_backward_extras_are_checked():
+    q, k, v, do, ids = make_case(1, 20, 1, 2, 16, 16, 2, 8, torch.float32)
+    o, lse = selected_attention_fwd(q, k, v, ids, 0.25, 8)
+    with pytest.raises(ValueError, match="delta must be float32"):
+        selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, 8, delta=torch.zeros(1, 2, 20, dtype=torch.float64))
+    with pytest.raises(ValueError, match="delta must be float32"):
+        selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, 8, delta=torch.zeros(1, 20, 2))
+    with pytest.raises(ValueError, match="add_dq_to must be a contiguous"):
+        selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, 8, add_dq_to=torch.zeros_like(q).transpose(1, 2))
+
+
 def test_rejects_large_head_dim():
     q = torch.zeros(1, 4, 1, 512)
     with pytest.raises(ValueError, match="256"):

@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from ..types import KernelOptions
-from .utils import (LOG2E, LOG2E_K, LN2_K, check_kernel_dtype, dot_precision, interpreting, key_end, keys_upto,
-                    heaviest_first, last_dim_contiguous, load_rows, query_offset, query_offsets, seq_bounds,
-                    pow2_at_least, softmax_update, visible)
+from .utils import (LOG2E, LOG2E_K, LN2_K, check_backward_extras, check_kernel_dtype, dot_precision, interpreting,
+                    key_end, keys_upto, heaviest_first, last_dim_contiguous, load_rows, query_offset, query_offsets,
+                    seq_bounds, pow2_at_least, softmax_update, visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,8 +296,9 @@ def _banded_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_OFFSETS,
                T, Tk, Hq, G, qk_scale, scale, q_offset,
                KEY_STRIDE: tl.constexpr, KEY_SPAN: tl.constexpr, WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """dq of BLOCK_M queries of one head: dq[t] = scale * sum_u ds[t, u] k_u over the visible keys. DQ [B, T, Hq, DK].
+               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of BLOCK_M queries of one head: dq[t] = scale * sum_u ds[t, u] k_u over the visible keys. DQ [B, T, Hq, DK];
+    ACCUMULATE: DQ += dq (in float32, rounded once).
 
     Grid (query blocks * Hq, sequences), the last query blocks (most keys) first.
     """
@@ -326,8 +327,11 @@ def _banded_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_OFFSETS,
                    qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False, PRECISION)
     dq = _dq_inner(dq, q, do, lse2, delta, Kh, Vh, stride_kt, stride_vt, Tk_seq, t + offset, full_hi, hi,
                    qk_scale, KEY_STRIDE, KEY_SPAN, WINDOW, DK, DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
-    _store_tile(DQ + batch * stride_dqb + q0 * stride_dqt + h * stride_dqh, dq * scale, t, T_seq, stride_dqt,
-                tl.arange(0, BLOCK_DK), DK)
+    DQh = DQ + batch * stride_dqb + q0 * stride_dqt + h * stride_dqh
+    dq = dq * scale
+    if ACCUMULATE:
+        dq += load_rows(DQh, t, t < T_seq, stride_dqt, tl.arange(0, BLOCK_DK), DK).to(tl.float32)
+    _store_tile(DQh, dq, t, T_seq, stride_dqt, tl.arange(0, BLOCK_DK), DK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,10 +470,13 @@ def _dkdv_splits(programs: int, G: int, device: torch.device) -> int:
 
 def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, window=None,
                          cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, q_offset=0, q_offsets=None,
-                         max_query_end=None, head_splits=None, options: KernelOptions = KernelOptions()):
+                         max_query_end=None, head_splits=None, delta=None, add_dq_to=None,
+                         options: KernelOptions = KernelOptions()):
     """Banded attention backward: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
     do, o [B, T, Hq, Dv] and lse [B, Hq, T] as returned by banded_attention_fwd; other arguments as there.
+    delta float32 [B, Hq, T]: rowsum(do * o), made here unless given (NSA's gate kernel makes all three branches'; o is
+    then not read); add_dq_to [B, T, Hq, Dk] (contiguous, q's dtype): dq is added to it in place and it is returned.
     dk, dv come from a key-major kernel, dq from a separate query-major one. head_splits (default: chosen
     for the GPU) splits each group's query heads over that many dk/dv programs; it must divide Hq // Hkv.
     max_query_end: the largest raw length of a sequence (its last query's position + 1), bounding the keys that get
@@ -481,6 +488,7 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     B, T, Hq, Dk = q.shape
     Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
+    check_backward_extras(q, delta, add_dq_to)
     band = _band_args(key_stride, key_span, window)
     nb, max_t, varlen = _layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, q_offset, q_offsets)
     if max_query_end is None:
@@ -490,11 +498,14 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     meta = dict(**band, IS_VARLEN=varlen, DK=Dk, DV=Dv, BLOCK_DK=cfg["BLOCK_DK"], BLOCK_DV=cfg["BLOCK_DV"],
                 PRECISION=dot_precision(q.dtype))
 
-    delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    dcfg = cfg["delta"]
-    if T:
-        _banded_delta_kernel[(triton.cdiv(T, dcfg["BLOCK_M"]), Hq, B)](
-            o, do, delta, *_strides(o), *_strides(do), T, Hq, DV=Dv, BLOCK_DV=cfg["BLOCK_DV"], **dcfg)
+    if delta is not None:
+        delta = delta.contiguous()
+    else:
+        delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+        dcfg = cfg["delta"]
+        if T:
+            _banded_delta_kernel[(triton.cdiv(T, dcfg["BLOCK_M"]), Hq, B)](
+                o, do, delta, *_strides(o), *_strides(do), T, Hq, DV=Dv, BLOCK_DV=cfg["BLOCK_DV"], **dcfg)
 
     # Keys past the last one the longest sequence can see get no gradient: no program for them.
     max_k = min(Tk, _keys_upto(max_query_end - 1, key_stride, key_span))
@@ -513,13 +524,13 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
             *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *dk.stride()[:4], *dv.stride()[:4],
             T, Tk, Hq, Hkv, G, splits, qk_scale, scale, q_offset, **meta, **kv_cfg)
-    dq = torch.empty_like(q)
+    dq = torch.empty_like(q) if add_dq_to is None else add_dq_to
     if T:
         q_cfg = cfg["dq"]
         _banded_dq_kernel[(triton.cdiv(max_t, q_cfg["BLOCK_M"]) * Hq, nb)](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, q_offsets,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            T, Tk, Hq, G, qk_scale, scale, q_offset, **meta, **q_cfg)
+            T, Tk, Hq, G, qk_scale, scale, q_offset, ACCUMULATE=add_dq_to is not None, **meta, **q_cfg)
     dk = dk[0] if splits == 1 else dk.sum(0).to(k.dtype)
     dv = dv[0] if splits == 1 else dv.sum(0).to(v.dtype)
     return dq, dk, dv

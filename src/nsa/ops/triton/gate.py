@@ -2,7 +2,8 @@
 
 Rows r = (b, t, h) of [B*T*Hq, Dv]:
     o = g0 * o_cmp + g1 * o_slc + g2 * o_swa;
-    backward: dgates[r, c] = sum_d do * o_c and the branch output gradients do_c = g_c * do.
+    backward: dgates[r, c] = sum_d do * o_c and each branch's delta_c[r] = sum_d do_c * o_c in one pass; the branch
+    output gradients do_c = g_c * do one at a time (gated_grad).
 All in float32 inside, one pass each way.
 """
 from __future__ import annotations
@@ -38,27 +39,46 @@ def _gate_fwd_kernel(GATES, OC, OS, OW, O, ROWS, DV, BLOCK_R: tl.constexpr, BLOC
 
 
 @triton.jit
-def _gate_bwd_branch(do, r, off, row_ok, mask, c: tl.constexpr, GATES, O_C, DGATES, DO_C):
-    """Branch c of the gate backward: dgates[r, c] = sum_d do * o_c, do_c = g_c * do."""
+def _gate_bwd_branch(do, r, off, row_ok, mask, delta_off, c: tl.constexpr, DO, GATES, O_C, DGATES, DELTA_C):
+    """Branch c of the gate backward: dgates[r, c] = sum_d do * o_c; delta_c[r] = sum_d do_c * o_c with
+    do_c = g_c * do rounded to do's dtype, the output gradient the branch's backward is given (gated_grad)."""
     o_c = tl.load(O_C + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(DGATES + r * 3 + c, tl.sum(do * o_c, axis=1).to(DGATES.dtype.element_ty), mask=row_ok)
     g_c = tl.load(GATES + r * 3 + c, mask=row_ok).to(tl.float32)
-    tl.store(DO_C + off, (g_c[:, None] * do).to(DO_C.dtype.element_ty), mask=mask)
+    do_c = (g_c[:, None] * do).to(DO.dtype.element_ty).to(tl.float32)  # bitwise what gated_grad stores
+    tl.store(DELTA_C + delta_off, tl.sum(do_c * o_c, axis=1), mask=row_ok)
 
 
 @triton.jit
-def _gate_bwd_kernel(DO, GATES, OC, OS, OW, DGATES, DOC, DOS, DOW, ROWS, DV,
+def _gate_bwd_kernel(DO, GATES, OC, OS, OW, DGATES, DELTA_C, DELTA_S, DELTA_W, ROWS, DV, T, HQ,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gate backward for the three branches (cmp, slc, swa); do is read once, in float32."""
+    """Gate backward for the three branches (cmp, slc, swa); do is read once, in float32.
+    Row r = (b * T + t) * HQ + h; DELTA_C, DELTA_S, DELTA_W [B, HQ, T] float32 (each branch's rowsum, as its lse)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     row_ok = r < ROWS
     mask = row_ok[:, None] & (d[None, :] < DV)
     off = r[:, None] * DV + d[None, :]
+    h = r % HQ
+    bt = r // HQ
+    delta_off = (bt // T * HQ + h) * T + bt % T
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
-    _gate_bwd_branch(do, r, off, row_ok, mask, 0, GATES, OC, DGATES, DOC)
-    _gate_bwd_branch(do, r, off, row_ok, mask, 1, GATES, OS, DGATES, DOS)
-    _gate_bwd_branch(do, r, off, row_ok, mask, 2, GATES, OW, DGATES, DOW)
+    _gate_bwd_branch(do, r, off, row_ok, mask, delta_off, 0, DO, GATES, OC, DGATES, DELTA_C)
+    _gate_bwd_branch(do, r, off, row_ok, mask, delta_off, 1, DO, GATES, OS, DGATES, DELTA_S)
+    _gate_bwd_branch(do, r, off, row_ok, mask, delta_off, 2, DO, GATES, OW, DGATES, DELTA_W)
+
+
+@triton.jit
+def _gated_grad_kernel(DO, GATES, DO_C, c, ROWS, DV, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """do_c = g_c * do, in float32, rounded to do's dtype; rows as the other kernels here."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    row_ok = r < ROWS
+    mask = row_ok[:, None] & (d[None, :] < DV)
+    off = r[:, None] * DV + d[None, :]
+    g_c = tl.load(GATES + r * 3 + c, mask=row_ok).to(tl.float32)
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DO_C + off, (g_c[:, None] * do).to(DO_C.dtype.element_ty), mask=mask)
 
 
 def gate_combine(gates, o_cmp, o_slc, o_swa):
@@ -71,10 +91,24 @@ def gate_combine(gates, o_cmp, o_slc, o_swa):
 
 
 def gate_backward(do, gates, o_cmp, o_slc, o_swa):
-    """-> dgates [B, T, Hq, 3] (gates' dtype), do_cmp, do_slc, do_swa [B, T, Hq, Dv] (do's dtype)."""
+    """do, o_* [B, T, Hq, Dv], gates [B, T, Hq, 3] (contiguous) -> dgates [B, T, Hq, 3] (gates' dtype) and
+    delta float32 [3, B, Hq, T]: delta[c] = rowsum(do_c * o_c), the FlashAttention delta of branch c for its output
+    gradient do_c = gated_grad(do, gates, c)."""
+    B, T, Hq, dv = do.shape
     dgates = torch.empty_like(gates)
-    do_branch = [torch.empty_like(do) for _ in range(3)]
+    delta = torch.empty(3, B, Hq, T, device=do.device, dtype=torch.float32)
+    rows = B * T * Hq
+    grid, meta = _gate_launch(rows, dv)
+    _gate_bwd_kernel[grid](do, gates, o_cmp, o_slc, o_swa, dgates, *delta, rows, dv, T, Hq, **meta)
+    return dgates, delta
+
+
+def gated_grad(do, gates, c: int):
+    """do [B, T, Hq, Dv], gates [B, T, Hq, 3] (contiguous) -> do_c = gates[..., c] * do, branch c's output gradient,
+    in do's dtype. NSA's backward makes one branch's at a time, just before that branch's backward, so that at most one
+    is held (three at once set the backward's peak memory at long T)."""
+    out = torch.empty_like(do)
     rows, dv = do.numel() // do.shape[-1], do.shape[-1]
     grid, meta = _gate_launch(rows, dv)
-    _gate_bwd_kernel[grid](do, gates, o_cmp, o_slc, o_swa, dgates, *do_branch, rows, dv, **meta)
-    return dgates, *do_branch
+    _gated_grad_kernel[grid](do, gates, out, c, rows, dv, **meta)
+    return out

@@ -10,8 +10,9 @@ nsa_attention_fwd runs:
   5. gating, one fused kernel: o = g0 * o_cmp + g1 * o_slc + g2 * o_swa.
 nsa_attention_fwd returns, and the op's autograd saves, what a FlashAttention-style op keeps: the inputs, the
 three branch outputs, their lses and the block ids (nothing of size T x T or T x Tc). nsa_attention_bwd: one
-fused kernel gives dgates[..., c] = sum_d do * o_c and the branch output gradients do_c = g_c * do; then each
-branch's backward; dq is the sum of the three branches' dq.
+fused kernel gives dgates[..., c] = sum_d do * o_c and each branch's delta = rowsum(do_c * o_c) for its output
+gradient do_c = g_c * do; then each branch's backward on its do_c (made just before, one at a time), the later
+ones adding their dq into the first's.
 
 Determinism: the backward uses no float atomics (every gradient tile has one writer that sums in a
 fixed order), so gradients are bitwise reproducible run to run, always, whatever
@@ -29,7 +30,7 @@ import torch
 from ...config import NSAConfig
 from ..types import KernelOptions
 from .banded import banded_attention_bwd, banded_attention_fwd, branch_band
-from .gate import gate_backward, gate_combine
+from .gate import gate_backward, gate_combine, gated_grad
 from .selected_attention import selected_attention_bwd, selected_attention_fwd
 from .topn import select_blocks_fwd
 from .utils import check_backend_inputs
@@ -98,20 +99,17 @@ def nsa_attention_bwd(do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, o_
         x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates))
     cmp_band, swa_band, slc, _, max_end = _bands(config, q.shape[1], k_slc.shape[1], cu_seqlens, seq_lens,
                                                  cu_seqlens_k, seq_lens_k, kernel_options)
-    dgates, do_cmp, do_slc, do_swa = gate_backward(do.contiguous(), gates, o_cmp, o_slc, o_swa)
-    # Each branch's do_c and dq_c is dropped as soon as it is used (each is [B, T, Hq, D]: at long T, holding all six
-    # at once set the backward's peak memory); dq = (dq_cmp + dq_slc) + dq_swa, in that order.
-    dq, dk_cmp, dv_cmp = banded_attention_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, **cmp_band,
-                                              max_query_end=max_end)
-    del do_cmp
-    dq_slc, dk_slc, dv_slc = selected_attention_bwd(do_slc, q, k_slc, v_slc, o_slc, lse_slc, block_ids, scale,
-                                                    config.slc_block, **slc)
-    del do_slc
-    dq.add_(dq_slc)
-    del dq_slc
-    dq_swa, dk_swa, dv_swa = banded_attention_bwd(do_swa, q, k_swa, v_swa, o_swa, lse_swa, scale, **swa_band,
-                                                  max_query_end=max_end)
-    dq.add_(dq_swa)
+    # Each branch's output gradient do_c = gates[..., c] * do is made just before its backward and dropped after it
+    # (one [B, T, Hq, Dv] tensor at a time); its delta comes from the gate kernel; the later branches add their dq
+    # into the first's: dq = (dq_cmp + dq_slc) + dq_swa, in float32 inside each dq kernel, rounded once per branch.
+    do = do.contiguous()
+    dgates, delta = gate_backward(do, gates, o_cmp, o_slc, o_swa)
+    dq, dk_cmp, dv_cmp = banded_attention_bwd(gated_grad(do, gates, 0), q, k_cmp, v_cmp, o_cmp, lse_cmp, scale,
+                                              **cmp_band, max_query_end=max_end, delta=delta[0])
+    _, dk_slc, dv_slc = selected_attention_bwd(gated_grad(do, gates, 1), q, k_slc, v_slc, o_slc, lse_slc, block_ids,
+                                               scale, config.slc_block, **slc, delta=delta[1], add_dq_to=dq)
+    _, dk_swa, dv_swa = banded_attention_bwd(gated_grad(do, gates, 2), q, k_swa, v_swa, o_swa, lse_swa, scale,
+                                             **swa_band, max_query_end=max_end, delta=delta[2], add_dq_to=dq)
     return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dgates
 
 

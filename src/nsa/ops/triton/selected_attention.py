@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from ..types import KernelOptions
-from .utils import LN2_K, LOG2E, LOG2E_K, MAX_HEAD_DIM, dot_precision, load_rows, pow2_at_least, softmax_update
+from .utils import (LN2_K, LOG2E, LOG2E_K, MAX_HEAD_DIM, check_backward_extras, dot_precision, load_rows,
+                    pow2_at_least, softmax_update)
 
 # Rows (query, head pairs) per program: the query-major kernels (forward, dq) take ceil(TILE_ROWS / G)
 # consecutive queries, whose block union grows when neighbours disagree, so 16 (the tl.dot minimum);
@@ -228,9 +229,11 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU
                    TILES, G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
                    U_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Query-major backward, grid as the forward: dq = scale * sum_u ds k over the union of blocks,
-    and delta = rowsum(do * o) stored to DELTA [B, HQ, T] for the kv-major kernel."""
+                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DELTA: tl.constexpr,
+                   ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Query-major backward, grid as the forward: dq = scale * sum_u ds k over the union of blocks (ACCUMULATE:
+    added to DQ in float32, rounded once). Delta = rowsum(do * o) is read from DELTA [B, HQ, T] (HAS_DELTA) or made
+    here and stored there for the kv-major kernel."""
     pid_t, pid_b, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok0, seqlen, lse0 = _sequence(CU, pid_b, T, HQ, IS_VARLEN)
     ktok0, kseqlen, _ = _sequence(CU_K, pid_b, Tk, 1, IS_VARLEN)
@@ -245,10 +248,13 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU
     o_off = (tok0 + t)[:, None] * (HQ * DV) + h[:, None] * DV + offs_dv[None, :]
     q = tl.load(Q + q_off, mask=dk_mask, other=0.0)
     do = tl.load(DO + o_off, mask=dv_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * tl.load(O + o_off, mask=dv_mask, other=0.0).to(tl.float32), axis=1)
+    if HAS_DELTA:
+        delta = tl.load(DELTA + lse0 + h * T + t, mask=row_ok, other=0.0)
+    else:
+        delta = tl.sum(do.to(tl.float32) * tl.load(O + o_off, mask=dv_mask, other=0.0).to(tl.float32), axis=1)
+        tl.store(DELTA + lse0 + h * T + t, delta, mask=row_ok)
     lse = tl.load(LSE + lse0 + h * T + t, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E_K  # empty rows: p = 0 below anyway
-    tl.store(DELTA + lse0 + h * T + t, delta, mask=row_ok)
     bid_row = (tok0 + t) * (HKV * N_SLOTS) + g * N_SLOTS
     union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
 
@@ -264,7 +270,10 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=dk_mask)
+    dq = dq * scale
+    if ACCUMULATE:
+        dq += tl.load(DQ + q_off, mask=dk_mask, other=0.0).to(tl.float32)
+    tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=dk_mask)
 
 
 @triton.jit
@@ -512,14 +521,16 @@ def _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk):
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None,
-                           cu_seqlens_k=None, max_seqlen_k=None, chunk=None,
+                           cu_seqlens_k=None, max_seqlen_k=None, chunk=None, delta=None, add_dq_to=None,
                            options: KernelOptions = KernelOptions()):
     """Gradients of selected_attention_fwd: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
     dq query-major, dk/dv kv-major over the inverse index, no float atomics, no host sync.
-    chunk: queries per kv-major work item (default KV_ITEM_QUERIES)."""
+    chunk: queries per kv-major work item (default KV_ITEM_QUERIES). delta, add_dq_to: as in
+    banded.banded_attention_bwd (rowsum(do * o) when the caller has it; dq added in place)."""
     q, k, v, o, do, block_ids = (x.contiguous() for x in (q, k, v, o, do, block_ids.to(torch.int32)))
     lse = lse.contiguous()
+    check_backward_extras(q, delta, add_dq_to)
     nb, T, max_len = _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen)
     cu_seqlens_k, max_len_k = _key_layout(k, cu_seqlens, max_len, cu_seqlens_k, max_seqlen_k)
     B, _, HQ, DK = q.shape
@@ -528,16 +539,18 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     rows, launch = _walk_launch(options.selected_dq, block_size, DQ_LAUNCH)
     meta = _meta(G, DK, DV, block_size, block_ids.shape[3], q.dtype, rows)
     varlen = cu_seqlens is not None
-    dq = torch.empty_like(q)
+    dq = torch.empty_like(q) if add_dq_to is None else add_dq_to
     dk = torch.empty_like(k)  # the reduction writes every token of every sequence
     dv = torch.empty_like(v)
     if T == 0:
         return dq, dk.zero_(), dv.zero_()
     qk_scale = scale * LOG2E
-    delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
+    has_delta = delta is not None
+    delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32) if delta is None else delta.contiguous()
     _launch_walk(_selected_dq_kernel, (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV), block_ids, cu_seqlens,
                  cu_seqlens_k, meta, (q, k, v, block_ids, o, do, lse, dq, delta),
-                 (qk_scale, scale, T, Tk, HQ, HKV, DK, DV), launch)
+                 (qk_scale, scale, T, Tk, HQ, HKV, DK, DV),
+                 dict(launch, HAS_DELTA=has_delta, ACCUMULATE=add_dq_to is not None))
     num_blocks = triton.cdiv(max_len_k, block_size)
     chunk = KV_ITEM_QUERIES if chunk is None else chunk
     qlist, item_key, lo, hi, key_items = _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk)

@@ -90,6 +90,19 @@ def check_pooling(config, dtype: torch.dtype) -> None:
                          f"{config.slc_block} (float32 inputs have no such limit)")
 
 
+def check_backward_extras(q, delta, add_dq_to):
+    """The optional inputs of a branch backward (delta, add_dq_to) against q [B, T, Hq, Dk]."""
+    B, T, Hq, _ = q.shape
+    if delta is not None and (tuple(delta.shape) != (B, Hq, T) or delta.dtype != torch.float32
+                              or delta.device != q.device):
+        raise ValueError(f"delta must be float32 [B, Hq, T] = {[B, Hq, T]} on {q.device}, got {delta.dtype} "
+                         f"{list(delta.shape)} on {delta.device}")
+    if add_dq_to is not None and (add_dq_to.shape != q.shape or add_dq_to.dtype != q.dtype
+                                  or add_dq_to.device != q.device or not add_dq_to.is_contiguous()):
+        raise ValueError(f"add_dq_to must be a contiguous tensor like q ({q.dtype} {list(q.shape)} on {q.device}), "
+                         f"got {add_dq_to.dtype} {list(add_dq_to.shape)} on {add_dq_to.device}")
+
+
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
