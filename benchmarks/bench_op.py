@@ -211,6 +211,15 @@ def fla_fns(x, config, fla):
 # Part "op"
 # ----------------------------------------------------------------------------------------------------------------
 
+def shape_line(rec) -> str:
+    """One line of run_shape's result as it is measured: each implementation's fwd / fwd+bwd ms."""
+    if "error" in rec:
+        return f"{rec['shape']} T={rec['T']}: {rec['error']}"
+    cells = [f"{name} " + " / ".join(common.fmt(m.get("ms"), ".2f", m.get("error") and "error") for m in modes.values())
+             for name, modes in rec["kernels"].items()]
+    return f"{rec['shape']} T={rec['T']} fwd / fwd+bwd ms: " + ", ".join(cells)
+
+
 def run_shape(shape_name, T, config, args, fla):
     from torch.nn.attention import SDPBackend
 
@@ -368,7 +377,9 @@ def model_variants(compile_too):
             for compiled in modes for attention in ("nsa", "full")]
 
 
-def run_model(Ts, iters, compile_too=False):
+def run_model(Ts, iters, compile_too=False, on_row=None):
+    """One row per T of model_variants' step times; on_row(rows so far) after each row, and each step's time is
+    printed as it is measured."""
     rows = []
     for T in Ts:
         row = {"T": T}
@@ -377,10 +388,13 @@ def run_model(Ts, iters, compile_too=False):
             rec, err = common.guarded(model_step, attention, T, iters, compiled)
             torch.cuda.empty_cache()
             rec = rec or dict(ms=None, peak_mib=None, tok_s=None, error=err)
+            print(f"  {common.fmt(rec['ms'], '.2f', err)} ms", flush=True)
             row.update({f"{key}_ms": rec["ms"], f"{key}_tok_s": rec["tok_s"], f"{key}_peak_mib": rec["peak_mib"],
                         f"{key}_error": rec["error"], f"{key}_first_step_s": rec.get("first_step_s"),
                         "params_" + attention: rec.get("params")})
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -430,17 +444,21 @@ def main():
     if not args.no_check and "op" in args.parts:
         check_correctness(config)
     results, model, fla_note = [], [], None
+    meta = dict(env, config=config, args=vars(args))
     if "op" in args.parts:
         fla = fla_status(config)
-        fla_note = fla[1]
+        fla_note = meta["fla"] = fla[1]
         print(fla_note, flush=True)
         for shape in args.shapes:
             for T in args.T:
                 print(f"op {shape} T={T} ...", flush=True)
                 results.append(run_shape(shape, T, config, args, fla))
+                print("  " + shape_line(results[-1]), flush=True)
+                common.write_json(args.out, meta, op=results, model=model)  # so far: a timeout keeps what ran
                 torch.cuda.empty_cache()
     if "model" in args.parts:
-        model = run_model(args.model_T, args.model_iters, args.compile)
+        model = run_model(args.model_T, args.model_iters, args.compile,
+                          lambda rows: common.write_json(args.out, meta, op=results, model=rows))
 
     common.print_header("NSA op against SDPA and fla-core; model training step", env)
     if results:
@@ -455,7 +473,6 @@ def main():
               f"backward; median of {args.model_iters} (CUDA events)"
               + ("; eager and torch.compile(fullgraph=True)" if args.compile else "") + ".\n")
         print(model_table(model, args.compile))
-    meta = dict(env, config=config, args=vars(args), fla=fla_note)
     path = common.write_json(args.out, meta, op=results, model=model)
     png = f"{args.out}/speedup.png"
     _, err = common.guarded(plot, results, model, png)

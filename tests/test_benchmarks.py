@@ -25,3 +25,17 @@ def test_help(script):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: " + script), out.stdout[:200]
+
+
+def test_bench_op_prints_each_shape_as_it_is_measured():
+    """bench_op writes each shape's line (and its results.json) as it goes, so a timed-out run keeps what ran."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_op
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    rec = {"shape": "P", "T": 8192, "kernels": {"nsa": {"fwd": {"ms": 2.5}, "fwd_bwd": {"ms": 9.4}},
+                                                "fla": {"fwd": {"ms": None, "error": "not installed"},
+                                                        "fwd_bwd": {"ms": None, "error": "not installed"}}}}
+    assert bench_op.shape_line(rec) == "P T=8192 fwd / fwd+bwd ms: nsa 2.50 / 9.40, fla n/a (error) / n/a (error)"
+    assert bench_op.shape_line({"shape": "S", "T": 8, "error": "OOM"}) == "S T=8: OOM"
