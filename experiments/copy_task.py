@@ -25,7 +25,7 @@ import time
 import torch
 
 import nsa
-from nsa.eval import layer_selections, selection_chance
+from nsa.eval import copy_source_hits
 
 MODELS = {"nsa": dict(attention="nsa"), "swa": dict(attention="nsa", branches=("swa",)), "full": dict(attention="full")}
 
@@ -58,19 +58,6 @@ def copy_loss(model, batches) -> float:
     return loss
 
 
-def selection_hits(model, inputs: torch.Tensor, half: int) -> list[dict]:
-    """Per NSA layer: the share of (sequence, query of the second copy, KV group) whose selected blocks hold the
-    position to copy from (i + 1 for the query at half + i), chance, and the gates' means."""
-    stats = []
-    for config, ids, gate_mean in layer_selections(model, inputs):  # ids [B, T, Hkv, n]
-        queries = torch.arange(half, ids.shape[1])
-        source_block = ((queries - half + 1) // config.slc_block)[None, :, None, None]
-        hit = (ids[:, half:] == source_block).any(-1)  # [B, T - half, Hkv]
-        chance = sum(selection_chance(int(q) + 1, config) for q in queries) / len(queries)
-        stats.append(dict(hit_rate=hit.float().mean().item(), chance=chance, gate_mean=gate_mean))
-    return stats
-
-
 def train(name: str, args) -> dict:
     torch.manual_seed(args.seed)
     model = nsa.LanguageModel(model_config(name, args))
@@ -96,7 +83,7 @@ def train(name: str, args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     return dict(curve=curve, final_loss=curve[-1][1], seconds=time.perf_counter() - start,
-                layers=selection_hits(model, val[0][0], args.half) if name != "full" else [])
+                layers=copy_source_hits(model, val[0][0], args.half) if name != "full" else [])
 
 
 def main():

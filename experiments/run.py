@@ -150,8 +150,9 @@ def summarize(name: str, out: Path, wall: dict[str, float], models: list[str] | 
             entry["eval_wall_s"] = wall[f"eval {model}"]
         if exp.repeat_lengths is not None:
             results = json.loads((out / name / model / "repeat" / "repeat.json").read_text())
-            entry["repeat_loss_by_length"] = {str(n): {"first": a, "second": b} for n, a, b in
-                                              zip(results["lengths"], results["first"], results["second"])}
+            entry["repeat_loss_by_length"] = {str(n): {"first": a, "second": b, "nsa_layers": layers} for n, a, b, layers
+                                              in zip(results["lengths"], results["first"], results["second"],
+                                                     results["nsa_layers"])}
     return summary
 
 

@@ -3,6 +3,7 @@ CLI."""
 import json
 import math
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from nsa import LanguageModel, ModelConfig, NSAConfig
 from nsa.checkpoint import load_model, save_checkpoint
 from nsa.cli import main
 from nsa.data import decode, encode, get_batch, get_packed_batch
-from nsa.eval import (ANSWER, NEEDLE, QUESTION, make_prompt, passkey_grid, passkey_min_length, passkey_windows,
-                      repeat_loss, score_answer, selection_chance)
+from nsa.eval import (ANSWER, NEEDLE, QUESTION, copy_source_hits, make_prompt, passkey_grid, passkey_min_length,
+                      passkey_windows, repeat_loss, score_answer, selection_chance)
 from nsa.train import TrainConfig, config_dict
 
 FILLER = encode("".join(f"line {i} of some filler text\n" for i in range(100)))
@@ -228,3 +229,27 @@ def test_repeat_loss_compares_the_same_bytes_of_both_copies():
         assert second < 1e-6  # every byte of the second copy predicted from n bytes back
     with pytest.raises(ValueError, match="length 2 must be >= 4"):
         repeat_loss(CopierAtHalf(), FILLER, [2])
+
+
+def test_copy_source_hits_finds_the_block_to_copy_from():
+    """A tiny NSA model on a chunk written twice: the hit rate counts second-copy queries whose selection holds the
+    source token; chance is selection_chance's mean. Forcing every layer to select the source block gives 1.0."""
+    torch.manual_seed(0)
+    config = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=3, window=8)
+    model = LanguageModel(ModelConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, nsa=config, backend="reference"))
+    n = 40
+    chunk = torch.randint(0, 256, (1, n))
+    idx = torch.cat([chunk, chunk], 1)
+    stats = copy_source_hits(model, idx)
+    assert len(stats) == 2 and all(0.0 <= s["hit_rate"] <= 1.0 for s in stats)
+    expected_chance = sum(selection_chance(q + 1, config) for q in range(n, 2 * n)) / n
+    assert all(s["chance"] == pytest.approx(expected_chance) for s in stats)
+
+    def source_block_ids(q, k_cmp, cfg, **kwargs):  # every query selects exactly its source block
+        t = torch.arange(q.shape[1])
+        ids = torch.full((q.shape[0], q.shape[1], k_cmp.shape[2], cfg.num_selected), -1, dtype=torch.long)
+        ids[..., 0] = ((t - n + 1).clamp_min(0) // cfg.slc_block)[None, :, None]
+        return ids
+    with mock.patch("nsa.eval.select_blocks", source_block_ids):
+        assert [s["hit_rate"] for s in copy_source_hits(model, idx)] == [1.0, 1.0]
+    assert repeat_loss(model, FILLER, [64], trials=2)["nsa_layers"][0][0].keys() >= {"hit_rate", "chance"}

@@ -336,6 +336,11 @@ def eval_repeat_command(args) -> int:
     print("  length  distance  loss 1st copy  loss 2nd copy  (nats/byte)")
     for n, a, b in zip(results["lengths"], results["first"], results["second"]):
         print(f"  {n:>6}  {n // 2:>8}  {a:>13.4f}  {b:>13.4f}")
+    if any(results["nsa_layers"]):
+        print("  NSA layers: share of second-copy queries whose selected blocks hold the byte to copy (chance)")
+        for n, layers in zip(results["lengths"], results["nsa_layers"]):
+            cells = ", ".join(f"layer {i} {x['hit_rate']:.3f} ({x['chance']:.3f})" for i, x in enumerate(layers))
+            print(f"  {n:>6}  {cells}")
     print(f"results saved to {evaluation.save_results(results, out / 'repeat.json').resolve()}")
     return 0
 

@@ -180,6 +180,23 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
     return stats
 
 
+def copy_source_hits(model: LanguageModel, idx: torch.Tensor, n: int | None = None) -> list[dict]:
+    """What each NSA layer selects on sequences idx long [B, T] that are a chunk of n tokens written twice (n = T // 2
+    unless given; T may stop short of the second copy's end). None for full attention: []. The query at n + i
+    predicts token n + i + 1, a repeat of token i + 1: per layer, "hit_rate" is the share of (sequence, query of the
+    second copy, KV group) whose selected blocks hold that source token, "chance" the mean of selection_chance over
+    those queries, and "gate_mean" each gate's mean (as layer_selections)."""
+    n = idx.shape[1] // 2 if n is None else n
+    stats = []
+    for config, ids, gate_mean in layer_selections(model, idx):  # ids [B, 2n, Hkv, slots]
+        queries = torch.arange(n, ids.shape[1], device=ids.device)
+        source_block = ((queries - n + 1) // config.slc_block)[None, :, None, None]
+        hit = (ids[:, n:] == source_block).any(-1)  # [B, n, Hkv]
+        chance = sum(selection_chance(int(q) + 1, config) for q in queries) / len(queries)
+        stats.append(dict(hit_rate=hit.float().mean().item(), chance=chance, gate_mean=gate_mean))
+    return stats
+
+
 def summarize_selection(cells: list[dict]) -> list[dict]:
     """The cells' per-layer selection_stats pooled: hits and items summed, chance weighted by items, gate_mean
     averaged over the cells -> one dict per NSA layer (selection_stats' keys)."""
@@ -261,12 +278,14 @@ def repeat_loss(model: LanguageModel, text: torch.Tensor, lengths: list[int], tr
     the same bytes in the first copy, shows how much it retrieves from n bytes back: a window-only model with
     window w <= n cannot see the first copy and predicts both alike; full attention can.
 
-    Returns {"lengths", "trials", "first": [mean loss in nats/byte per length], "second": [...]}."""
+    Returns {"lengths", "trials", "first": [mean loss in nats/byte per length], "second": [...], "nsa_layers": [per
+    length, copy_source_hits of the prompts: does each NSA layer select the block to copy from? ([] for full
+    attention)]}."""
     rng = random.Random(seed)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    first, second = [], []
+    first, second, layers = [], [], []
     for length in lengths:
         n = length // 2
         if n < 2 or len(text) < n:
@@ -279,8 +298,9 @@ def repeat_loss(model: LanguageModel, text: torch.Tensor, lengths: list[int], tr
         loss = loss.view(trials, 2 * n - 1)  # loss[:, t]: predicting byte t + 1
         first.append(loss[:, :n - 1].mean().item())  # bytes 1 .. n-1 of the first copy
         second.append(loss[:, n:].mean().item())  # the same bytes of the second copy
+        layers.append(copy_source_hits(model, idx) if isinstance(model, LanguageModel) else [])
     model.train(was_training)
-    return {"lengths": list(lengths), "trials": trials, "first": first, "second": second}
+    return {"lengths": list(lengths), "trials": trials, "first": first, "second": second, "nsa_layers": layers}
 
 
 def save_results(results: dict, path: str | os.PathLike) -> Path:
