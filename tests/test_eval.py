@@ -14,8 +14,8 @@ from nsa import LanguageModel, ModelConfig, NSAConfig
 from nsa.checkpoint import load_model, save_checkpoint
 from nsa.cli import main
 from nsa.data import decode, encode, get_batch, get_packed_batch
-from nsa.eval import (ANSWER, NEEDLE, QUESTION, copy_source_hits, make_prompt, passkey_grid, passkey_min_length,
-                      passkey_windows, repeat_loss, score_answer, selection_chance)
+from nsa.eval import (ANSWER, NEEDLE, QUESTION, block_chance, copy_source_hits, make_prompt, passkey_grid,
+                      passkey_min_length, passkey_windows, repeat_loss, score_answer, selection_chance)
 from nsa.train import TrainConfig, config_dict
 
 FILLER = encode("".join(f"line {i} of some filler text\n" for i in range(100)))
@@ -242,7 +242,7 @@ def test_copy_source_hits_finds_the_block_to_copy_from():
     idx = torch.cat([chunk, chunk], 1)
     stats = copy_source_hits(model, idx)
     assert len(stats) == 2 and all(0.0 <= s["hit_rate"] <= 1.0 for s in stats)
-    expected_chance = sum(selection_chance(q + 1, config) for q in range(n, 2 * n)) / n
+    expected_chance = sum(block_chance((q - n + 1) // 8, q, config) for q in range(n, 2 * n)) / n
     assert all(s["chance"] == pytest.approx(expected_chance) for s in stats)
 
     def source_block_ids(q, k_cmp, cfg, **kwargs):  # every query selects exactly its source block
@@ -253,3 +253,15 @@ def test_copy_source_hits_finds_the_block_to_copy_from():
     with mock.patch("nsa.eval.select_blocks", source_block_ids):
         assert [s["hit_rate"] for s in copy_source_hits(model, idx)] == [1.0, 1.0]
     assert repeat_loss(model, FILLER, [64], trials=2)["nsa_layers"][0][0].keys() >= {"hit_rate", "chance"}
+
+
+def test_block_chance_counts_the_forced_blocks():
+    config = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=6, window=16)
+    assert block_chance(3, 40, config) == 1.0  # J = 2: 3 candidates, all selected
+    t = 16 * 20 + 5  # J = 20: forced 20, 19, 0; 3 free slots over the 18 other candidates
+    assert [block_chance(b, t, config) for b in (20, 19, 0)] == [1.0, 1.0, 1.0]
+    assert block_chance(7, t, config) == pytest.approx(3 / 18)
+    two = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=16, num_selected=2, window=16)
+    assert block_chance(0, t, two) == pytest.approx(0.0)  # n = 2: J and J - 1 take both slots
+    # summed over every candidate, the chances are the n slots
+    assert sum(block_chance(b, t, config) for b in range(21)) == pytest.approx(6)

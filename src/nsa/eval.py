@@ -132,6 +132,20 @@ def selection_chance(length: int, config: NSAConfig) -> float:
     return min(config.num_selected, blocks) / blocks
 
 
+def block_chance(block: int, t: int, config: NSAConfig) -> float:
+    """The chance that block `block` is among those selected for the query at position t when the free slots are
+    filled uniformly at random (SPEC.md, branch 2): 1 for a forced block (J(t), J(t) - 1, 0, in that order while
+    the n slots last) or when every candidate fits; else the free slots over the candidates left."""
+    last = t // config.slc_block
+    n = config.num_selected
+    if last + 1 <= n:
+        return 1.0
+    forced = list(dict.fromkeys(j for j in (last, last - 1, 0) if j >= 0))[:n]
+    if block in forced:
+        return 1.0
+    return (n - len(forced)) / (last + 1 - len(forced))
+
+
 def key_positions(prompt: PasskeyPrompt) -> torch.Tensor:
     """Where the key's digits sit in the prompt: long [KEY_DIGITS]."""
     return prompt.needle_start + NEEDLE.index("{key}") + torch.arange(len(prompt.key))
@@ -184,15 +198,16 @@ def copy_source_hits(model: LanguageModel, idx: torch.Tensor, n: int | None = No
     """What each NSA layer selects on sequences idx long [B, T] that are a chunk of n tokens written twice (n = T // 2
     unless given; T may stop short of the second copy's end). None for full attention: []. The query at n + i
     predicts token n + i + 1, a repeat of token i + 1: per layer, "hit_rate" is the share of (sequence, query of the
-    second copy, KV group) whose selected blocks hold that source token, "chance" the mean of selection_chance over
-    those queries, and "gate_mean" each gate's mean (as layer_selections)."""
+    second copy, KV group) whose selected blocks hold that source token, "chance" its mean under a random choice of
+    the free slots (block_chance of each query's source block: 1 where the source block is forced, block 0), and
+    "gate_mean" each gate's mean (as layer_selections)."""
     n = idx.shape[1] // 2 if n is None else n
     stats = []
     for config, ids, gate_mean in layer_selections(model, idx):  # ids [B, 2n, Hkv, slots]
         queries = torch.arange(n, ids.shape[1], device=ids.device)
         source_block = ((queries - n + 1) // config.slc_block)[None, :, None, None]
         hit = (ids[:, n:] == source_block).any(-1)  # [B, n, Hkv]
-        chance = sum(selection_chance(int(q) + 1, config) for q in queries) / len(queries)
+        chance = sum(block_chance((q - n + 1) // config.slc_block, q, config) for q in queries.tolist()) / len(queries)
         stats.append(dict(hit_rate=hit.float().mean().item(), chance=chance, gate_mean=gate_mean))
     return stats
 
