@@ -15,7 +15,7 @@ from nsa.checkpoint import load_model, save_checkpoint
 from nsa.cli import main
 from nsa.data import decode, encode, get_batch, get_packed_batch
 from nsa.eval import (ANSWER, NEEDLE, QUESTION, block_chance, copy_source_hits, make_prompt, passkey_grid,
-                      passkey_min_length, passkey_windows, repeat_loss, score_answer, selection_chance)
+                      passkey_min_length, passkey_windows, repeat_loss, score_answer)
 from nsa.train import TrainConfig, config_dict
 
 FILLER = encode("".join(f"line {i} of some filler text\n" for i in range(100)))
@@ -134,26 +134,18 @@ def test_answer_weights_mark_the_answer_of_passkey_rows_dense_and_packed():
     assert torch.equal(wp[yp != -100], w.reshape(1, -1)[yp != -100])
 
 
-def test_selection_chance_by_hand():
-    tiny = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=2, window=16)
-    assert selection_chance(80, tiny) == 2 / 10  # query 79 sees blocks 0 .. 9
-    assert selection_chance(81, tiny) == 2 / 11  # query 80 opens block 10
-    assert selection_chance(9, tiny) == 2 / 2  # blocks 0 and 1: both selected
-    assert selection_chance(1, tiny) == 1  # one block
-    assert selection_chance(8192, NSAConfig()) == 16 / 128  # the paper's n = 16 of 128 blocks of 64
-
-
 def test_selection_stats_of_a_tiny_nsa_model():
-    # slc_block 32, n = 3 at length 200: blocks 0 .. 6, all three slots forced (0, 5, 6), chance 3/7.
-    # Depth 0 puts the key's digits (bytes 16-20) in block 0: always selected; depth 0.5 in block 2: never.
+    # slc_block 32, n = 3 at length 200: blocks 0 .. 6, all three slots forced (0, 5, 6): no free slot.
+    # Depth 0 puts the key's digits (bytes 16-20) in block 0: always selected (chance 1); depth 0.5 in block 2: never
+    # (chance 0).
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_embd=16, n_head=4, n_kv_head=2, backend="reference",
                       nsa=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=32, num_selected=3, window=16))
     results = passkey_grid(LanguageModel(cfg), FILLER, [200], [0.0, 0.5], trials=3)
     first, middle = (cell["nsa_layers"] for cell in results["cells"])
     assert len(first) == len(middle) == len(results["nsa_layers"]) == 2
+    assert [s["chance"] for s in first + middle + results["nsa_layers"]] == [1.0, 1.0, 0.0, 0.0, 0.5, 0.5]
     for layer in first + middle + results["nsa_layers"]:
-        assert layer["chance"] == 3 / 7
         assert all(0 < g < 1 for g in layer["gate_mean"].values())
     assert [s["hit_rate"] for s in first] == [1.0, 1.0] and [s["hit_rate"] for s in middle] == [0.0, 0.0]
     assert all(s["items"] == 3 * 2 * 5 for s in first)  # prompts x KV groups x digits
@@ -164,7 +156,9 @@ def test_selection_stats_of_a_tiny_nsa_model():
     for layer, pooled in zip(zip(*(c["nsa_layers"] for c in results["cells"])), results["nsa_layers"]):
         assert all(0 <= s["hit_rate"] <= 1 for s in layer)
         assert pooled["hits"] == sum(s["hits"] for s in layer)
-        assert pooled["chance"] == pytest.approx((6 / 7 + 6 / 7 + 6 / 10 + 6 / 10) / 4)
+        assert pooled["chance"] == pytest.approx(sum(s["chance"] * s["items"] for s in layer) / pooled["items"])
+        # no digit in a forced block: 3 free slots over the 4 (length 200) or 7 (length 300) other candidates
+        assert [s["chance"] for s in layer] == pytest.approx([3 / 4, 3 / 4, 3 / 7, 3 / 7])
     # window only: the other gates are exactly 0
     swa = passkey_grid(LanguageModel(replace(cfg, branches=("swa",))), FILLER, [200], [0.5], trials=1)
     assert all(s["gate_mean"]["cmp"] == s["gate_mean"]["slc"] == 0 < s["gate_mean"]["swa"]
@@ -233,7 +227,7 @@ def test_repeat_loss_compares_the_same_bytes_of_both_copies():
 
 def test_copy_source_hits_finds_the_block_to_copy_from():
     """A tiny NSA model on a chunk written twice: the hit rate counts second-copy queries whose selection holds the
-    source token; chance is selection_chance's mean. Forcing every layer to select the source block gives 1.0."""
+    source token; chance is block_chance's mean over those queries. Forcing every layer to select the source block gives 1.0."""
     torch.manual_seed(0)
     config = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=3, window=8)
     model = LanguageModel(ModelConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, nsa=config, backend="reference"))
@@ -265,3 +259,4 @@ def test_block_chance_counts_the_forced_blocks():
     assert block_chance(0, t, two) == pytest.approx(0.0)  # n = 2: J and J - 1 take both slots
     # summed over every candidate, the chances are the n slots
     assert sum(block_chance(b, t, config) for b in range(21)) == pytest.approx(6)
+    assert block_chance(5, 8191, NSAConfig()) == pytest.approx(13 / 125)  # the paper's 13 free of 125 at 8k

@@ -124,14 +124,6 @@ def score_answer(answer: str, key: str) -> bool:
     return m is not None and m.group(1) == key
 
 
-def selection_chance(length: int, config: NSAConfig) -> float:
-    """The chance that a given block is among the blocks selected for the query at position length - 1 when the
-    selection is uniformly random: min(n, J + 1) / (J + 1), its J + 1 = (length - 1) // slc_block + 1 candidate
-    blocks (SPEC.md, branch 2), n = num_selected."""
-    blocks = (length - 1) // config.slc_block + 1
-    return min(config.num_selected, blocks) / blocks
-
-
 def block_chance(block: int, t: int, config: NSAConfig) -> float:
     """The chance that block `block` is among those selected for the query at position t when the free slots are
     filled uniformly at random (SPEC.md, branch 2): 1 for a forced block (J(t), J(t) - 1, 0, in that order while
@@ -181,7 +173,8 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
 
     Per NSA layer (none for full attention: []): the blocks each KV head group selects at the last position
     (the one that answers), from layer_selections; "hits" counts the (prompt, group, digit) triples whose digit's
-    block is selected, out of "items"; "hit_rate" = hits / items, "chance" = selection_chance(T, config);
+    block is selected, out of "items"; "hit_rate" = hits / items, "chance" its mean under a random choice of the free
+    slots (block_chance of each digit's block at position T - 1: a digit in a forced block counts 1);
     "gate_mean" {"cmp", "slc", "swa"}: each gate's mean over prompts, positions, heads.
     """
     stats = []
@@ -189,8 +182,9 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
         ids = ids[:, -1]  # [B, Hkv, n]
         blocks = (key_pos // config.slc_block).to(ids.device)  # [B, K]
         hit = (ids[:, :, None, :] == blocks[:, None, :, None]).any(-1)  # [B, Hkv, K]
+        chance = sum(block_chance(b, idx.shape[1] - 1, config) for b in blocks.flatten().tolist()) / blocks.numel()
         stats.append({"hits": int(hit.sum()), "items": hit.numel(), "hit_rate": hit.float().mean().item(),
-                      "chance": selection_chance(idx.shape[1], config), "gate_mean": gate_mean})
+                      "chance": chance, "gate_mean": gate_mean})
     return stats
 
 
