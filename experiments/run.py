@@ -54,7 +54,8 @@ def tenths(first: int, last: int) -> str:
 
 
 EXPERIMENTS = {
-    "loss": Experiment("loss-8k.toml", {"nsa": [], "full": ["model.attention=full"]}),
+    "loss": Experiment("loss-8k.toml", {"nsa": [], "full": ["model.attention=full"]},
+                       repeat_lengths="1024,4096,8192,16384"),
     "retrieval": Experiment("retrieval-8k.toml",
                             {"nsa": [], "full": ["model.attention=full"], "swa": ['model.branches=["swa"]']},
                             Passkey("1024,2048,4096,8192,16384", tenths(0, 10), 8), "1024,2048,4096,8192,16384"),
