@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -14,7 +15,7 @@ SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py
 
 def test_the_kept_scripts():
     assert SCRIPTS == ["bench_cp.py", "bench_decode.py", "bench_op.py", "check_model_grads.py", "memcheck_decode.py",
-                       "profile_decode.py", "profile_step.py", "tune_kernels.py"]
+                       "profile_decode.py", "profile_step.py", "selection_overlap.py", "tune_kernels.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -27,15 +28,32 @@ def test_help(script):
     assert out.stdout.startswith("usage: " + script), out.stdout[:200]
 
 
-def test_bench_op_prints_each_shape_as_it_is_measured():
-    """bench_op writes each shape's line (and its results.json) as it goes, so a timed-out run keeps what ran."""
+def benchmark_module(name: str):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import bench_op
+        return __import__(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+def test_bench_op_prints_each_shape_as_it_is_measured():
+    """bench_op writes each shape's line (and its results.json) as it goes, so a timed-out run keeps what ran."""
+    bench_op = benchmark_module("bench_op")
     rec = {"shape": "P", "T": 8192, "kernels": {"nsa": {"fwd": {"ms": 2.5}, "fwd_bwd": {"ms": 9.4}},
                                                 "fla": {"fwd": {"ms": None, "error": "not installed"},
                                                         "fwd_bwd": {"ms": None, "error": "not installed"}}}}
     assert bench_op.shape_line(rec) == "P T=8192 fwd / fwd+bwd ms: nsa 2.50 / 9.40, fla n/a (error) / n/a (error)"
     assert bench_op.shape_line({"shape": "S", "T": 8, "error": "OOM"}) == "S T=8: OOM"
+
+
+def test_selection_overlap_load_share():
+    load_share = benchmark_module("selection_overlap").load_share
+    same = torch.tensor([0, 3, 5, -1]).expand(1, 16, 2, 4)  # every query: blocks 0, 3, 5 (one slot unused)
+    assert load_share(same, 4, 0) == 0.25
+    disjoint = torch.arange(16 * 3).view(1, 16, 1, 3)  # no two queries share a block
+    assert load_share(disjoint, 4, 0) == 1.0
+    assert load_share(disjoint, 2, 5) == 1.0  # tiles start at query 6 (a multiple of 2 past 5)
+    half = torch.tensor([[7, 1], [7, 2]]).repeat(8, 1).view(1, 16, 1, 2)  # pairs share one of their two blocks
+    assert load_share(half, 2, 0) == 0.75
+    with pytest.raises(ValueError, match="no whole tile"):
+        load_share(same, 16, 1)

@@ -1,0 +1,86 @@
+"""How much the selected blocks of neighbouring queries overlap in a trained NSA model, against random inputs: the
+number that decides whether the selected branch's kernels should walk the union of several queries' blocks.
+
+    python benchmarks/selection_overlap.py RUN_OR_CHECKPOINT [--length 8192] [--windows 4] [--tiles 2 4 8 16]
+
+With G >= 16 a selected-branch program serves one query (its G heads, n blocks: the paper's kernel), and at 8k it
+is bound by L2 traffic: every block is loaded once per query. A program that serves k consecutive queries loads each
+block of their union once. "load share" = block loads of k-query tiles / block loads of one-query tiles: 1 / k when
+neighbours select the same blocks, 1 when they share none. BENCHMARKS.md (2026-12-02, evening) measured k-query
+tiles slower on random inputs, whose neighbouring selections are unrelated; this script says what a trained model's
+are. Per NSA layer, on --windows validation windows of --length bytes (the run's training length by default), over the
+queries past the first n blocks (before them every candidate block is selected); the "random" row selects from
+random q and compressed keys of the layer's shapes. Runs on the CPU or a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+import common
+import nsa
+from nsa.checkpoint import load_model
+from nsa.data import get_batch, load_corpus
+from nsa.eval import layer_selections
+
+
+def load_share(ids: torch.Tensor, tile: int, first_query: int) -> float:
+    """Block loads of tiles of `tile` consecutive queries (each block of the tile's union once) over the loads of one
+    query at a time, for block ids long [B, T, Hkv, n] (-1 unused), queries from first_query (rounded up to a tile)."""
+    start = -(-first_query // tile) * tile
+    T = ids.shape[1]
+    usable = (T - start) // tile * tile
+    if usable <= 0:
+        raise ValueError(f"no whole tile of {tile} queries past query {first_query} in {T}")
+    x = ids[:, start:start + usable]
+    B, _, Hkv, n = x.shape
+    x = x.reshape(B, usable // tile, tile, Hkv, n).permute(0, 1, 3, 2, 4).reshape(B, usable // tile, Hkv, tile * n)
+    x = x.sort(-1).values
+    valid = x >= 0
+    distinct = valid[..., :1].sum() + (valid[..., 1:] & (x[..., 1:] != x[..., :-1])).sum()
+    return distinct.item() / valid.sum().item()
+
+
+def random_ids(q_shape, k_cmp_shape, config, seed: int = 0) -> torch.Tensor:
+    """nsa.select_blocks on random q [B, T, Hq, Dk] and compressed keys [B, Tc, Hkv, Dk] (float32, the reference on
+    the CPU), as the kernel benchmarks do."""
+    g = torch.Generator().manual_seed(seed)
+    q, k_cmp = torch.randn(*q_shape, generator=g), torch.randn(*k_cmp_shape, generator=g)
+    return nsa.select_blocks(q, k_cmp, config).long()
+
+
+def main() -> None:
+    p = common.parser(__doc__, out=None, timing=False)
+    p.add_argument("run", help="an nsa train run folder or a checkpoint file")
+    p.add_argument("--length", type=int, help="window length in bytes (default: the run's seq_len)")
+    p.add_argument("--windows", type=int, default=4, help="validation windows")
+    p.add_argument("--tiles", type=int, nargs="+", default=[2, 4, 8, 16], help="queries per tile")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    model, config = load_model(args.run, args.device)
+    train = config.get("train", {})
+    length = args.length or train["seq_len"]
+    corpus = load_corpus(train.get("data"), train.get("data_max_bytes", 4_000_000))
+    x, _ = get_batch(corpus.val, args.windows, length, torch.Generator().manual_seed(0), device=args.device)
+    layers = [block.attn for block in model.blocks if isinstance(block.attn, nsa.NativeSparseAttention)]
+    if not layers:
+        raise SystemExit(f"{args.run} has no NSA layer")
+    common.print_header("overlap of neighbouring queries' selected blocks")
+    print(f"\n{args.run}: {args.windows} validation windows of {length} bytes; load share of k-query tiles "
+          f"(1 / k: neighbours select the same blocks; 1: they share none)\n")
+    rows = []
+    with torch.no_grad():
+        for i, (cfg, ids, _) in enumerate(layer_selections(model, x)):
+            first = cfg.num_selected * cfg.slc_block
+            rows.append([f"layer {i}"] + [f"{load_share(ids.cpu(), k, first):.3f}" for k in args.tiles])
+        layer = layers[0]
+        q_shape = (args.windows, length, layer.num_heads, layer.head_dim)
+        k_shape = (args.windows, layer.config.num_cmp_tokens(length), layer.num_kv_heads, layer.head_dim)
+        ids = random_ids(q_shape, k_shape, layer.config)
+        first = layer.config.num_selected * layer.config.slc_block
+        rows.append(["random inputs"] + [f"{load_share(ids, k, first):.3f}" for k in args.tiles])
+    print(common.table(["selection"] + [f"{k} queries" for k in args.tiles], rows))
+    print("\n(1 / k: " + ", ".join(f"{1 / k:.3f}" for k in args.tiles) + ")")
+
+
+if __name__ == "__main__":
+    main()
