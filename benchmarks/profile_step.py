@@ -59,6 +59,7 @@ TIMED = [
     ("    gate combine", "nsa.ops.triton.op", "gate_combine"),
     ("  triton backward", "nsa.ops.triton", "nsa_attention_bwd"),
     ("    gate backward", "nsa.ops.triton.op", "gate_backward"),
+    ("    gated do_c", "nsa.ops.triton.op", "gated_grad"),
     ("    compressed / window bwd", "nsa.ops.triton.op", "banded_attention_bwd"),
     ("    selected bwd", "nsa.ops.triton.op", "selected_attention_bwd"),
     ("      inverse index", "nsa.ops.triton.selected_attention", "_inverse_index"),
