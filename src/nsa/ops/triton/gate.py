@@ -23,13 +23,25 @@ def _gate_launch(rows: int, dv: int):
 
 
 @triton.jit
-def _gate_fwd_kernel(GATES, OC, OS, OW, O, ROWS, DV, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """o = g0 * o_cmp + g1 * o_slc + g2 * o_swa, in float32; GATES [ROWS, 3], the rest [ROWS, DV]."""
+def _row_tile(ROWS, DV, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_R rows of a [ROWS, DV] tensor: (rows r int64, row_ok, tile mask, element offsets)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     row_ok = r < ROWS
-    mask = row_ok[:, None] & (d[None, :] < DV)
-    off = r[:, None] * DV + d[None, :]
+    return r, row_ok, row_ok[:, None] & (d[None, :] < DV), r[:, None] * DV + d[None, :]
+
+
+@triton.jit
+def _gated(do, GATES, r, row_ok, c: tl.constexpr, dtype: tl.constexpr):
+    """Branch c's output gradient g_c * do of rows r (do float32 [BLOCK_R, BLOCK_D]), rounded to dtype."""
+    g_c = tl.load(GATES + r * 3 + c, mask=row_ok).to(tl.float32)
+    return (g_c[:, None] * do).to(dtype)
+
+
+@triton.jit
+def _gate_fwd_kernel(GATES, OC, OS, OW, O, ROWS, DV, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """o = g0 * o_cmp + g1 * o_slc + g2 * o_swa, in float32; GATES [ROWS, 3], the rest [ROWS, DV]."""
+    r, row_ok, mask, off = _row_tile(ROWS, DV, BLOCK_R, BLOCK_D)
     g0 = tl.load(GATES + r * 3, mask=row_ok).to(tl.float32)[:, None]
     g1 = tl.load(GATES + r * 3 + 1, mask=row_ok).to(tl.float32)[:, None]
     g2 = tl.load(GATES + r * 3 + 2, mask=row_ok).to(tl.float32)[:, None]
@@ -44,8 +56,7 @@ def _gate_bwd_branch(do, r, off, row_ok, mask, delta_off, c: tl.constexpr, DO, G
     do_c = g_c * do rounded to do's dtype, the output gradient the branch's backward is given (gated_grad)."""
     o_c = tl.load(O_C + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(DGATES + r * 3 + c, tl.sum(do * o_c, axis=1).to(DGATES.dtype.element_ty), mask=row_ok)
-    g_c = tl.load(GATES + r * 3 + c, mask=row_ok).to(tl.float32)
-    do_c = (g_c[:, None] * do).to(DO.dtype.element_ty).to(tl.float32)  # bitwise what gated_grad stores
+    do_c = _gated(do, GATES, r, row_ok, c, DO.dtype.element_ty).to(tl.float32)  # what gated_grad stores
     tl.store(DELTA_C + delta_off, tl.sum(do_c * o_c, axis=1), mask=row_ok)
 
 
@@ -54,11 +65,7 @@ def _gate_bwd_kernel(DO, GATES, OC, OS, OW, DGATES, DELTA_C, DELTA_S, DELTA_W, R
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Gate backward for the three branches (cmp, slc, swa); do is read once, in float32.
     Row r = (b * T + t) * HQ + h; DELTA_C, DELTA_S, DELTA_W [B, HQ, T] float32 (each branch's rowsum, as its lse)."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.arange(0, BLOCK_D)
-    row_ok = r < ROWS
-    mask = row_ok[:, None] & (d[None, :] < DV)
-    off = r[:, None] * DV + d[None, :]
+    r, row_ok, mask, off = _row_tile(ROWS, DV, BLOCK_R, BLOCK_D)
     h = r % HQ
     bt = r // HQ
     delta_off = (bt // T * HQ + h) * T + bt % T
@@ -69,16 +76,11 @@ def _gate_bwd_kernel(DO, GATES, OC, OS, OW, DGATES, DELTA_C, DELTA_S, DELTA_W, R
 
 
 @triton.jit
-def _gated_grad_kernel(DO, GATES, DO_C, c, ROWS, DV, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gated_grad_kernel(DO, GATES, DO_C, ROWS, DV, c: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """do_c = g_c * do, in float32, rounded to do's dtype; rows as the other kernels here."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.arange(0, BLOCK_D)
-    row_ok = r < ROWS
-    mask = row_ok[:, None] & (d[None, :] < DV)
-    off = r[:, None] * DV + d[None, :]
-    g_c = tl.load(GATES + r * 3 + c, mask=row_ok).to(tl.float32)
+    r, row_ok, mask, off = _row_tile(ROWS, DV, BLOCK_R, BLOCK_D)
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DO_C + off, (g_c[:, None] * do).to(DO_C.dtype.element_ty), mask=mask)
+    tl.store(DO_C + off, _gated(do, GATES, r, row_ok, c, DO_C.dtype.element_ty), mask=mask)
 
 
 def gate_combine(gates, o_cmp, o_slc, o_swa):
@@ -110,5 +112,5 @@ def gated_grad(do, gates, c: int):
     out = torch.empty_like(do)
     rows, dv = do.numel() // do.shape[-1], do.shape[-1]
     grid, meta = _gate_launch(rows, dv)
-    _gated_grad_kernel[grid](do, gates, out, c, rows, dv, **meta)
+    _gated_grad_kernel[grid](do, gates, out, rows, dv, c=c, **meta)
     return out
