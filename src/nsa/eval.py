@@ -180,8 +180,8 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
     stats = []
     for config, ids, gate_mean in layer_selections(model, idx):
         ids = ids[:, -1]  # [B, Hkv, n]
-        blocks = (key_pos // config.slc_block).to(ids.device)  # [B, K]
-        hit = (ids[:, :, None, :] == blocks[:, None, :, None]).any(-1)  # [B, Hkv, K]
+        blocks = key_pos // config.slc_block  # [B, K]
+        hit = (ids[:, :, None, :] == blocks.to(ids.device)[:, None, :, None]).any(-1)  # [B, Hkv, K]
         chance = sum(block_chance(b, idx.shape[1] - 1, config) for b in blocks.flatten().tolist()) / blocks.numel()
         stats.append({"hits": int(hit.sum()), "items": hit.numel(), "hit_rate": hit.float().mean().item(),
                       "chance": chance, "gate_mean": gate_mean})
@@ -198,10 +198,10 @@ def copy_source_hits(model: LanguageModel, idx: torch.Tensor, n: int | None = No
     n = idx.shape[1] // 2 if n is None else n
     stats = []
     for config, ids, gate_mean in layer_selections(model, idx):  # ids [B, 2n, Hkv, slots]
-        queries = torch.arange(n, ids.shape[1], device=ids.device)
-        source_block = ((queries - n + 1) // config.slc_block)[None, :, None, None]
-        hit = (ids[:, n:] == source_block).any(-1)  # [B, n, Hkv]
-        chance = sum(block_chance((q - n + 1) // config.slc_block, q, config) for q in queries.tolist()) / len(queries)
+        queries = range(n, ids.shape[1])
+        sources = [(q - n + 1) // config.slc_block for q in queries]  # the block of each query's source token
+        hit = (ids[:, n:] == torch.tensor(sources, device=ids.device)[None, :, None, None]).any(-1)  # [B, T - n, Hkv]
+        chance = sum(block_chance(b, q, config) for b, q in zip(sources, queries)) / len(queries)
         stats.append(dict(hit_rate=hit.float().mean().item(), chance=chance, gate_mean=gate_mean))
     return stats
 
