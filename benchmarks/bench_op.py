@@ -444,7 +444,7 @@ def main():
     if not args.no_check and "op" in args.parts:
         check_correctness(config)
     results, model, fla_note = [], [], None
-    meta = dict(env, config=config, args=vars(args))
+    meta = dict(env, config=config, args=vars(args), fla=None)
     if "op" in args.parts:
         fla = fla_status(config)
         fla_note = meta["fla"] = fla[1]
