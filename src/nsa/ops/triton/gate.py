@@ -32,10 +32,11 @@ def _row_tile(ROWS, DV, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _gated(do, GATES, r, row_ok, c: tl.constexpr, dtype: tl.constexpr):
-    """Branch c's output gradient g_c * do of rows r (do float32 [BLOCK_R, BLOCK_D]), rounded to dtype."""
+def _gated(do, GATES, r, row_ok, c: tl.constexpr, LIKE):
+    """Branch c's output gradient g_c * do of rows r (do float32 [BLOCK_R, BLOCK_D]), rounded to the element type of
+    the tensor LIKE points to (do's)."""
     g_c = tl.load(GATES + r * 3 + c, mask=row_ok).to(tl.float32)
-    return (g_c[:, None] * do).to(dtype)
+    return (g_c[:, None] * do).to(LIKE.dtype.element_ty)
 
 
 @triton.jit
@@ -56,7 +57,7 @@ def _gate_bwd_branch(do, r, off, row_ok, mask, delta_off, c: tl.constexpr, DO, G
     do_c = g_c * do rounded to do's dtype, the output gradient the branch's backward is given (gated_grad)."""
     o_c = tl.load(O_C + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(DGATES + r * 3 + c, tl.sum(do * o_c, axis=1).to(DGATES.dtype.element_ty), mask=row_ok)
-    do_c = _gated(do, GATES, r, row_ok, c, DO.dtype.element_ty).to(tl.float32)  # what gated_grad stores
+    do_c = _gated(do, GATES, r, row_ok, c, DO).to(tl.float32)  # what gated_grad stores
     tl.store(DELTA_C + delta_off, tl.sum(do_c * o_c, axis=1), mask=row_ok)
 
 
@@ -80,7 +81,7 @@ def _gated_grad_kernel(DO, GATES, DO_C, ROWS, DV, c: tl.constexpr, BLOCK_R: tl.c
     """do_c = g_c * do, in float32, rounded to do's dtype; rows as the other kernels here."""
     r, row_ok, mask, off = _row_tile(ROWS, DV, BLOCK_R, BLOCK_D)
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DO_C + off, _gated(do, GATES, r, row_ok, c, DO_C.dtype.element_ty), mask=mask)
+    tl.store(DO_C + off, _gated(do, GATES, r, row_ok, c, DO_C), mask=mask)
 
 
 def gate_combine(gates, o_cmp, o_slc, o_swa):
