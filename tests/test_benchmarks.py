@@ -57,3 +57,14 @@ def test_selection_overlap_load_share():
     assert load_share(half, 2, 0) == 0.75
     with pytest.raises(ValueError, match="no whole tile"):
         load_share(same, 16, 1)
+
+
+def test_selection_overlap_shape_ids_lays_windows_side_by_side():
+    shape_ids = benchmark_module("selection_overlap").shape_ids
+    ids = torch.arange(3 * 5 * 2 * 4).view(3, 5, 2, 4)  # 3 windows, 5 queries, 2 KV heads, 4 slots
+    out = shape_ids(ids, 4)
+    assert out.shape == (1, 5, 4, 4) and out.dtype == torch.int32
+    assert torch.equal(out[0, :, 0], ids[0, :, 0].int()) and torch.equal(out[0, :, 1], ids[0, :, 1].int())
+    assert torch.equal(out[0, :, 2], ids[1, :, 0].int()) and torch.equal(out[0, :, 3], ids[1, :, 1].int())
+    with pytest.raises(SystemExit, match="raise --windows"):
+        shape_ids(ids, 8)

@@ -187,3 +187,18 @@ def test_rejects_large_head_dim():
     q = torch.zeros(1, 4, 1, 512)
     with pytest.raises(ValueError, match="256"):
         selected_attention_fwd(q, q, q, torch.zeros(1, 4, 1, 1, dtype=torch.int32), 1.0, 4)
+
+
+@pytest.mark.parametrize("G, queries, rows, warps", [(1, 16, 16, (1, 2)), (2, 16, 32, (2, 2)), (4, 16, 64, (4, 4)),
+                                                     (16, 4, 64, (4, 4)), (64, 1, 64, (4, 4))])
+def test_default_query_tiles(G, queries, rows, warps):
+    """By default the forward and dq programs take 64 rows of at most 16 queries, warps by the padded rows; a
+    Launch's block_m overrides the rows (and then the 16-query cap), its num_warps the warps."""
+    from nsa import Launch
+    from nsa.ops.triton.selected_attention import _walk_launch
+    for kernel in (0, 1):
+        block_t, block_m, kw = _walk_launch(Launch(), 64, G, kernel)
+        assert (block_t, block_m, kw["num_warps"], kw["BLOCK_N"]) == (queries, rows, warps[kernel], 64)
+    assert _walk_launch(Launch(block_m=16), 64, 16, 0)[:2] == (1, 16)
+    assert _walk_launch(Launch(block_m=128), 64, 1, 0)[:2] == (128, 128)
+    assert _walk_launch(Launch(block_m=64, num_warps=8), 32, 16, 1)[2] == dict(BLOCK_N=32, num_warps=8, num_stages=2)

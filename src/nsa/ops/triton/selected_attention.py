@@ -14,10 +14,12 @@ The program walks the union of the blocks its queries selected, one block per tr
 whose trip count (the union's size) is known on entry, so Triton software-pipelines the block loads
 (a k-way merge in a `while` loop, as before, left every load exposed); each block is loaded once for
 all M rows and the rows that did not select it are masked out. The unions are made on the device
-before the launch (_tile_unions: sort, drop repeats, sort; no host sync); with G >= 16, BLOCK_T = 1 and
-the union is the query's own row of block_ids, exactly the paper's kernel (one query, its G heads, n
-blocks); with small G, neighbouring queries share most of their blocks (the forced ones at least),
-so the union stays close to n and every KV load serves BLOCK_T * G rows.
+before the launch (_tile_unions: sort, drop repeats, sort; no host sync). With BLOCK_T = 1 (G >= 64 by
+default, or a 16-row tile at G = 16) the union is the query's own row of block_ids, exactly the paper's kernel
+(one query, its G heads, n blocks). By default a tile has 64 rows (4 queries at G = 16): a trained model's
+neighbouring queries select mostly the same blocks (the forced ones at least), so the union stays well below
+BLOCK_T * n and every KV load serves more rows; on random selections, which neighbours do not share, the
+wider tile does more masked work for the same loads.
 
 Backward, dq (and delta): the same query-major walk, recomputing p from the saved lse.
 Backward, dk/dv: a scatter from queries to the blocks they chose, done as a gather with no float
@@ -43,25 +45,34 @@ from ..types import KernelOptions
 from .utils import (LN2_K, LOG2E, LOG2E_K, MAX_HEAD_DIM, check_backward_extras, dot_precision, load_rows,
                     pow2_at_least, softmax_update)
 
-# Rows (query, head pairs) per program: the query-major kernels (forward, dq) take ceil(TILE_ROWS / G)
-# consecutive queries, whose block union grows when neighbours disagree, so 16 (the tl.dot minimum);
-# the kv-major kernel gathers queries that all selected its block, so a larger tile wastes nothing.
-TILE_ROWS = 16
+# Rows (query, head pairs) per program. The query-major kernels (forward, dq) take WALK_ROWS // G consecutive
+# queries (at most WALK_QUERIES, at least one) and walk the union of their blocks: 4 queries at G = 16, 16 at G = 4.
+# A trained model's neighbouring queries select mostly the same blocks (benchmarks/selection_overlap.py: 4-query
+# tiles load 0.31-0.41 of the blocks that one-query tiles load, against 0.61 on random inputs), so each block load
+# serves more rows. H200, T = 8k, forward + dq on experiment 1's trained selections: shape P 2.25-2.81 ms against
+# 3.58-3.60 on one-query tiles, shape S 1.41-2.15 against 2.33-3.04; on random selections P 4.03 against 3.65
+# (slower), S 3.40 against 4.36 (BENCHMARKS.md, 2026-12-03 night). The kv-major kernel gathers queries that all
+# selected its block, so a larger tile wastes nothing there.
+TILE_ROWS = 16  # the tl.dot minimum
+WALK_ROWS = 64
+WALK_QUERIES = 16
 KV_TILE_ROWS = 128
-# Launch options of the forward, dq and kv-major kernels; KernelOptions.selected_* override them. Forward and dq
-# on one and two warps, two stages (H200, shapes P and S at 8k and 64k, after the for-loop walk: forward P 8k
-# 1.71 ms against 2.10 on two warps and 2.45 at three stages); kv-major on 128-row tiles, eight warps, work items
+# Launch options of the forward, dq and kv-major kernels; KernelOptions.selected_* override them. Forward and dq:
+# warps by the tile's padded rows (64 rows: four warps each, forward 1.09-1.37 ms against 1.63-2.06 on two warps on
+# the trained selections above; 16 rows, one query at G = 16 (before): one / two warps, forward P 8k 1.71 ms
+# against 2.10 on two warps), two stages (three were slower); kv-major on 128-row tiles, eight warps, work items
 # of at most 1024 queries (shape P: 8k 1.55 ms against 2.46 at 64 rows / 4 warps / 2048, 64k 13.7 against 15.1;
 # shape S: 8k 0.84 against 0.97, 64k 7.3 against 6.7).
-FWD_LAUNCH = dict(num_warps=1, num_stages=2)
-DQ_LAUNCH = dict(num_warps=2, num_stages=2)
+WALK_WARPS = {16: (1, 2), 32: (2, 2), 64: (4, 4)}  # padded rows -> (forward, dq) warps; larger tiles take 64's
+WALK_STAGES = 2
 KV_LAUNCH = dict(num_warps=8, num_stages=2)
 KV_ITEM_QUERIES = 1024
 
 
-def query_tile(G: int, min_rows: int = TILE_ROWS) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_M): queries per program and padded rows (BLOCK_T * G <= BLOCK_M, a power of two)."""
-    block_t = max(1, min_rows // G)
+def query_tile(G: int, min_rows: int = TILE_ROWS, max_queries: int | None = None) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_M): queries per program (min_rows // G, at most max_queries, at least 1) and padded rows
+    (BLOCK_T * G <= BLOCK_M, a power of two)."""
+    block_t = max(1, min(min_rows // G, max_queries or min_rows))
     return block_t, pow2_at_least(block_t * G)
 
 
@@ -380,18 +391,22 @@ def _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen):
     return cu_seqlens.numel() - 1, T, max(int(max_seqlen), 1)
 
 
-def _meta(G, DK, DV, block_size, n, dtype, rows=TILE_ROWS):
-    block_t, block_m = query_tile(G, rows)
+def _meta(G, DK, DV, block_size, n, dtype, block_t, block_m):
     return dict(G=G, N_SLOTS=n, N_PAD=triton.next_power_of_2(n), SLC_BLOCK=block_size, BLOCK_T=block_t,
                 BLOCK_M=block_m, BLOCK_DK=pow2_at_least(DK), BLOCK_DV=pow2_at_least(DV), DOT_PREC=dot_precision(dtype))
 
 
-def _walk_launch(launch, block_size: int, defaults: dict) -> tuple[int, dict]:
-    """(rows, launch keywords) of the forward or dq kernel: at least `rows` (query, head) rows per program
-    (TILE_ROWS unless launch.block_m), BLOCK_N keys per tile (up to 64 of a block), warps, stages."""
-    kw = launch.over(dict(ROWS=TILE_ROWS, BLOCK_N=min(pow2_at_least(block_size), 64), **defaults),
-                     block_m="ROWS", block_n="BLOCK_N")
-    return kw.pop("ROWS"), kw
+def _walk_launch(launch, block_size: int, G: int, kernel: int) -> tuple[int, int, dict]:
+    """(BLOCK_T, BLOCK_M, launch keywords) of the forward (kernel 0) or dq (kernel 1) kernel: launch.block_m or
+    WALK_ROWS rows per program (query_tile; at most WALK_QUERIES queries unless launch.block_m asks for more), BLOCK_N
+    keys per tile (up to 64 of a block), warps (WALK_WARPS by the tile's rows unless set), stages."""
+    rows = launch.block_m or WALK_ROWS
+    block_t, block_m = query_tile(G, rows, None if launch.block_m else WALK_QUERIES)
+    warps = WALK_WARPS[min(block_m, max(WALK_WARPS))][kernel]
+    kw = launch.over(dict(ROWS=rows, BLOCK_N=min(pow2_at_least(block_size), 64), num_warps=warps,
+                          num_stages=WALK_STAGES), block_m="ROWS", block_n="BLOCK_N")
+    del kw["ROWS"]
+    return block_t, block_m, kw
 
 
 _NO_BLOCK = 2 ** 30  # sorts after every block id
@@ -459,8 +474,8 @@ def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=
     cu_seqlens_k, _ = _key_layout(k, cu_seqlens, max_len, cu_seqlens_k, max_seqlen_k)
     B, _, HQ, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
-    rows, launch = _walk_launch(options.selected_fwd, block_size, FWD_LAUNCH)
-    meta = _meta(HQ // HKV, DK, DV, block_size, block_ids.shape[3], q.dtype, rows)
+    block_t, block_m, launch = _walk_launch(options.selected_fwd, block_size, HQ // HKV, 0)
+    meta = _meta(HQ // HKV, DK, DV, block_size, block_ids.shape[3], q.dtype, block_t, block_m)
     o = torch.empty(B, T, HQ, DV, device=q.device, dtype=q.dtype)  # every row is written (zeros where empty)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     if T:
@@ -536,8 +551,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     B, _, HQ, DK = q.shape
     Tk, HKV, DV = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // HKV
-    rows, launch = _walk_launch(options.selected_dq, block_size, DQ_LAUNCH)
-    meta = _meta(G, DK, DV, block_size, block_ids.shape[3], q.dtype, rows)
+    block_t, block_m, launch = _walk_launch(options.selected_dq, block_size, G, 1)
+    meta = _meta(G, DK, DV, block_size, block_ids.shape[3], q.dtype, block_t, block_m)
     varlen = cu_seqlens is not None
     dq = torch.empty_like(q) if add_dq_to is None else add_dq_to
     dk = torch.empty_like(k)  # the reduction writes every token of every sequence
