@@ -51,8 +51,9 @@ from .utils import (LN2_K, LOG2E, LOG2E_K, MAX_HEAD_DIM, check_backward_extras, 
 # tiles load 0.31-0.41 of the blocks that one-query tiles load, against 0.61 on random inputs), so each block load
 # serves more rows. H200, T = 8k, forward + dq on experiment 1's trained selections: shape P 2.25-2.81 ms against
 # 3.58-3.60 on one-query tiles, shape S 1.41-2.15 against 2.33-3.04; on random selections P 4.03 against 3.65
-# (slower), S 3.40 against 4.36 (BENCHMARKS.md, 2026-12-03 night). The kv-major kernel gathers queries that all
-# selected its block, so a larger tile wastes nothing there.
+# (slower), S 3.40 against 4.36 (BENCHMARKS.md, 2026-12-03 night). So where one query fills TILE_ROWS rows
+# (G >= 16) the wide tiles whose unions are large are walked query by query instead (_launch_walk). The kv-major
+# kernel gathers queries that all selected its block, so a larger tile wastes nothing there.
 TILE_ROWS = 16  # the tl.dot minimum
 WALK_ROWS = 64
 WALK_QUERIES = 16
@@ -115,6 +116,23 @@ def _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN: tl.con
     slots = tl.arange(0, U_PAD)
     ids = tl.load(UNION + row + slots, mask=slots < U_SLOTS, other=-1)
     return row, tl.sum(((ids >= 0) & (ids < 1073741824)).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _walked_elsewhere(num_blocks, WIDE, WIDE_OFF, pid_t, pid_b, g, HKV, WIDE_TILES, wide_limit,
+                      IS_VARLEN: tl.constexpr, BLOCK_T: tl.constexpr, WIDE_T: tl.constexpr, WIDE_SLOTS: tl.constexpr,
+                      WIDE_PAD: tl.constexpr, DISPATCH: tl.constexpr):
+    """Whether the other launch walks the program's tile. DISPATCH 0 (one launch): never; 1 (the wide launch): when
+    its union (num_blocks) holds more than wide_limit blocks; 2 (the one-query launch): when the union of the wide
+    tile holding its queries (WIDE [wide tiles, HKV, WIDE_SLOTS]) holds at most that many. Every query is walked by
+    exactly one of the two launches."""
+    if DISPATCH == 1:
+        return num_blocks > wide_limit
+    if DISPATCH == 2:
+        _, wide_blocks = _tile_blocks(WIDE, WIDE_OFF, pid_t * BLOCK_T // WIDE_T, pid_b, g, HKV, WIDE_TILES, IS_VARLEN,
+                                      WIDE_SLOTS, WIDE_PAD)
+        return wide_blocks <= wide_limit
+    return num_blocks < 0
 
 
 @triton.jit
@@ -189,9 +207,11 @@ def _tile_union_kernel(BID, UNION, TILE_OFF, CU, T, HKV, TILES, N_SLOTS: tl.cons
 
 
 @triton.jit
-def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, CU_K, qk_scale, T, Tk, HQ, HKV, DK, DV, TILES,
+def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE, WIDE_OFF, O, LSE, CU, CU_K, qk_scale, T, Tk, HQ, HKV, DK,
+                DV, TILES, WIDE_TILES, wide_limit,
                 G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
-                U_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
+                U_PAD: tl.constexpr, WIDE_T: tl.constexpr, WIDE_SLOTS: tl.constexpr, WIDE_PAD: tl.constexpr,
+                DISPATCH: tl.constexpr, SLC_BLOCK: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
     """grid (cdiv(T or max_seqlen, BLOCK_T), B or N sequences, HKV); online softmax over the tile's union of
@@ -202,13 +222,16 @@ def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, CU_K, qk_sca
     ktok0, kseqlen, _ = _sequence(CU_K, pid_b, Tk, 1, IS_VARLEN)
     if pid_t * BLOCK_T >= seqlen:
         return
+    union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
+    if _walked_elsewhere(num_blocks, WIDE, WIDE_OFF, pid_t, pid_b, g, HKV, WIDE_TILES, wide_limit, IS_VARLEN, BLOCK_T,
+                         WIDE_T, WIDE_SLOTS, WIDE_PAD, DISPATCH):
+        return
     t, h, row_ok = _rows(pid_t, g, BLOCK_T, G, BLOCK_M, seqlen)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + (tok0 + t)[:, None] * (HQ * DK) + h[:, None] * DK + offs_dk[None, :],
                 mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
     bid_row = (tok0 + t) * (HKV * N_SLOTS) + g * N_SLOTS
-    union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(s - m_i)
@@ -235,10 +258,11 @@ def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, O, LSE, CU, CU_K, qk_sca
 
 
 @triton.jit
-def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU, CU_K, qk_scale, scale, T, Tk, HQ,
-                   HKV, DK, DV,
-                   TILES, G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
-                   U_PAD: tl.constexpr, SLC_BLOCK: tl.constexpr,
+def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE, WIDE_OFF, O, DO, LSE, DQ, DELTA, CU, CU_K, qk_scale, scale,
+                   T, Tk, HQ, HKV, DK, DV, TILES, WIDE_TILES, wide_limit,
+                   G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
+                   U_PAD: tl.constexpr, WIDE_T: tl.constexpr, WIDE_SLOTS: tl.constexpr, WIDE_PAD: tl.constexpr,
+                   DISPATCH: tl.constexpr, SLC_BLOCK: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DELTA: tl.constexpr,
                    ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -249,6 +273,10 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU
     tok0, seqlen, lse0 = _sequence(CU, pid_b, T, HQ, IS_VARLEN)
     ktok0, kseqlen, _ = _sequence(CU_K, pid_b, Tk, 1, IS_VARLEN)
     if pid_t * BLOCK_T >= seqlen:
+        return
+    union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
+    if _walked_elsewhere(num_blocks, WIDE, WIDE_OFF, pid_t, pid_b, g, HKV, WIDE_TILES, wide_limit, IS_VARLEN, BLOCK_T,
+                         WIDE_T, WIDE_SLOTS, WIDE_PAD, DISPATCH):
         return
     t, h, row_ok = _rows(pid_t, g, BLOCK_T, G, BLOCK_M, seqlen)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -267,7 +295,6 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, O, DO, LSE, DQ, DELTA, CU
     lse = tl.load(LSE + lse0 + h * T + t, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E_K  # empty rows: p = 0 below anyway
     bid_row = (tok0 + t) * (HKV * N_SLOTS) + g * N_SLOTS
-    union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     for i in range(0, num_blocks):
@@ -391,22 +418,35 @@ def _launch_shape(q, k, v, block_ids, cu_seqlens, max_seqlen):
     return cu_seqlens.numel() - 1, T, max(int(max_seqlen), 1)
 
 
-def _meta(G, DK, DV, block_size, n, dtype, block_t, block_m):
-    return dict(G=G, N_SLOTS=n, N_PAD=triton.next_power_of_2(n), SLC_BLOCK=block_size, BLOCK_T=block_t,
-                BLOCK_M=block_m, BLOCK_DK=pow2_at_least(DK), BLOCK_DV=pow2_at_least(DV), DOT_PREC=dot_precision(dtype))
+def _meta(G, DK, DV, block_size, n, dtype):
+    """The walk kernels' constexprs other than the tile's (BLOCK_T, BLOCK_M: _walk_tile)."""
+    return dict(G=G, N_SLOTS=n, N_PAD=triton.next_power_of_2(n), SLC_BLOCK=block_size, BLOCK_DK=pow2_at_least(DK),
+                BLOCK_DV=pow2_at_least(DV), DOT_PREC=dot_precision(dtype))
 
 
-def _walk_launch(launch, block_size: int, G: int, kernel: int) -> tuple[int, int, dict]:
-    """(BLOCK_T, BLOCK_M, launch keywords) of the forward (kernel 0) or dq (kernel 1) kernel: launch.block_m or
-    WALK_ROWS rows per program (query_tile; at most WALK_QUERIES queries unless launch.block_m asks for more), BLOCK_N
-    keys per tile (up to 64 of a block), warps (WALK_WARPS by the tile's rows unless set), stages."""
-    rows = launch.block_m or WALK_ROWS
-    block_t, block_m = query_tile(G, rows, None if launch.block_m else WALK_QUERIES)
+def _walk_tile(launch, block_size: int, G: int, kernel: int, rows: int, max_queries: int | None) -> tuple:
+    """(meta fields BLOCK_T and BLOCK_M, launch keywords) of a forward (kernel 0) or dq (kernel 1) tile of `rows`
+    rows (query_tile), BLOCK_N keys per step (up to 64 of a block), warps (WALK_WARPS by the padded rows unless
+    launch.num_warps), stages."""
+    block_t, block_m = query_tile(G, rows, max_queries)
     warps = WALK_WARPS[min(block_m, max(WALK_WARPS))][kernel]
     kw = launch.over(dict(ROWS=rows, BLOCK_N=min(pow2_at_least(block_size), 64), num_warps=warps,
                           num_stages=WALK_STAGES), block_m="ROWS", block_n="BLOCK_N")
     del kw["ROWS"]
-    return block_t, block_m, kw
+    return dict(BLOCK_T=block_t, BLOCK_M=block_m), kw
+
+
+def _walk_tiles(launch, block_size: int, G: int, kernel: int) -> list[tuple]:
+    """The tiles of the forward (kernel 0) or dq (kernel 1) walk, as _walk_tile's pairs: the one launch.block_m asks
+    for; else WALK_ROWS rows of at most WALK_QUERIES queries, and, when that tile holds several queries while one
+    query alone fills TILE_ROWS rows (G >= 16), also the one-query tile, which walks the wide tiles whose queries
+    share too few blocks (_launch_walk)."""
+    if launch.block_m:
+        return [_walk_tile(launch, block_size, G, kernel, launch.block_m, None)]
+    wide = _walk_tile(launch, block_size, G, kernel, WALK_ROWS, WALK_QUERIES)
+    if wide[0]["BLOCK_T"] > 1 and G >= TILE_ROWS:
+        return [wide, _walk_tile(launch, block_size, G, kernel, TILE_ROWS, None)]
+    return [wide]
 
 
 _NO_BLOCK = 2 ** 30  # sorts after every block id
@@ -438,14 +478,32 @@ def _tile_unions(block_ids, meta, cu_seqlens, grid):
     return union, tile_off
 
 
-def _launch_walk(kernel, grid, block_ids, cu_seqlens, cu_seqlens_k, meta, tensors, scalars, launch):
+def _launch_walk(kernel, extent, block_ids, cu_seqlens, cu_seqlens_k, meta, tiles, tensors, scalars):
     """Launches the forward or dq kernel (tensors: Q, K, V, BID, then the kernel's outputs and extra inputs) over
-    its tiles' block unions."""
-    union, tile_off = _tile_unions(block_ids, meta, cu_seqlens, grid)
-    u_slots = union.shape[-1]
-    kernel[grid](*tensors[:4], union, tile_off, *tensors[4:], cu_seqlens, cu_seqlens_k, *scalars,
-                 triton.cdiv(block_ids.shape[1], meta["BLOCK_T"]), U_SLOTS=u_slots,
-                 U_PAD=triton.next_power_of_2(u_slots), IS_VARLEN=cu_seqlens is not None, **meta, **launch)
+    its tiles' block unions. extent: (max query rows of a sequence, grid batch extent, HKV); tiles: _walk_tiles.
+
+    Two tiles (wide, then one query): a wide tile is walked as one when its union holds at most half the block
+    loads its queries would make one at a time (BLOCK_T * n / 2), else each of its queries alone. On an H200 (G = 16,
+    n = 16, T = 8k) a 4-query walk took about 0.052 ms per union block against 1.6 ms for one-query walks, so it pays
+    below about 31 blocks of a possible 64: a trained model's neighbours mostly stay below (about 24), random
+    selections mostly above (about 39). Each launch skips the other's programs on the device: no host sync.
+    """
+    max_len, nb, HKV = extent
+    T, n = block_ids.shape[1], block_ids.shape[3]
+    launches = []
+    for tile, launch in tiles:
+        grid = (triton.cdiv(max_len, tile["BLOCK_T"]), nb, HKV)
+        launches.append((grid, dict(meta, **tile), launch, *_tile_unions(block_ids, dict(meta, **tile), cu_seqlens,
+                                                                           grid)))
+    wide_meta, wide_union, wide_off = launches[0][1], launches[0][3], launches[0][4]
+    wide = dict(WIDE_T=wide_meta["BLOCK_T"], WIDE_SLOTS=wide_union.shape[-1],
+                WIDE_PAD=triton.next_power_of_2(wide_union.shape[-1]))
+    for i, (grid, tile_meta, launch, union, tile_off) in enumerate(launches):
+        kernel[grid](*tensors[:4], union, tile_off, wide_union, wide_off, *tensors[4:], cu_seqlens, cu_seqlens_k,
+                     *scalars, triton.cdiv(T, tile_meta["BLOCK_T"]), triton.cdiv(T, wide["WIDE_T"]),
+                     wide["WIDE_T"] * n // 2, U_SLOTS=union.shape[-1], U_PAD=triton.next_power_of_2(union.shape[-1]),
+                     DISPATCH=0 if len(launches) == 1 else i + 1, IS_VARLEN=cu_seqlens is not None, **wide,
+                     **tile_meta, **launch)
 
 
 def _key_layout(k, cu_seqlens, max_len, cu_seqlens_k, max_seqlen_k) -> tuple:
@@ -474,14 +532,13 @@ def selected_attention_fwd(q, k, v, block_ids, scale, block_size, *, cu_seqlens=
     cu_seqlens_k, _ = _key_layout(k, cu_seqlens, max_len, cu_seqlens_k, max_seqlen_k)
     B, _, HQ, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
-    block_t, block_m, launch = _walk_launch(options.selected_fwd, block_size, HQ // HKV, 0)
-    meta = _meta(HQ // HKV, DK, DV, block_size, block_ids.shape[3], q.dtype, block_t, block_m)
+    meta = _meta(HQ // HKV, DK, DV, block_size, block_ids.shape[3], q.dtype)
     o = torch.empty(B, T, HQ, DV, device=q.device, dtype=q.dtype)  # every row is written (zeros where empty)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     if T:
-        grid = (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV)
-        _launch_walk(_selected_fwd_kernel, grid, block_ids, cu_seqlens, cu_seqlens_k, meta,
-                     (q, k, v, block_ids, o, lse), (scale * LOG2E, T, k.shape[1], HQ, HKV, DK, DV), launch)
+        _launch_walk(_selected_fwd_kernel, (max_len, nb, HKV), block_ids, cu_seqlens, cu_seqlens_k, meta,
+                     _walk_tiles(options.selected_fwd, block_size, HQ // HKV, 0), (q, k, v, block_ids, o, lse),
+                     (scale * LOG2E, T, k.shape[1], HQ, HKV, DK, DV))
     return o, lse
 
 
@@ -551,8 +608,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     B, _, HQ, DK = q.shape
     Tk, HKV, DV = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // HKV
-    block_t, block_m, launch = _walk_launch(options.selected_dq, block_size, G, 1)
-    meta = _meta(G, DK, DV, block_size, block_ids.shape[3], q.dtype, block_t, block_m)
+    meta = _meta(G, DK, DV, block_size, block_ids.shape[3], q.dtype)
     varlen = cu_seqlens is not None
     dq = torch.empty_like(q) if add_dq_to is None else add_dq_to
     dk = torch.empty_like(k)  # the reduction writes every token of every sequence
@@ -562,10 +618,10 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     qk_scale = scale * LOG2E
     has_delta = delta is not None
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32) if delta is None else delta.contiguous()
-    _launch_walk(_selected_dq_kernel, (triton.cdiv(max_len, meta["BLOCK_T"]), nb, HKV), block_ids, cu_seqlens,
-                 cu_seqlens_k, meta, (q, k, v, block_ids, o, do, lse, dq, delta),
-                 (qk_scale, scale, T, Tk, HQ, HKV, DK, DV),
-                 dict(launch, HAS_DELTA=has_delta, ACCUMULATE=add_dq_to is not None))
+    _launch_walk(_selected_dq_kernel, (max_len, nb, HKV), block_ids, cu_seqlens, cu_seqlens_k,
+                 dict(meta, HAS_DELTA=has_delta, ACCUMULATE=add_dq_to is not None),
+                 _walk_tiles(options.selected_dq, block_size, G, 1), (q, k, v, block_ids, o, do, lse, dq, delta),
+                 (qk_scale, scale, T, Tk, HQ, HKV, DK, DV))
     num_blocks = triton.cdiv(max_len_k, block_size)
     chunk = KV_ITEM_QUERIES if chunk is None else chunk
     qlist, item_key, lo, hi, key_items = _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk)
