@@ -55,9 +55,9 @@ def random_ids(q_shape, k_cmp_shape, config, seed: int = 0) -> torch.Tensor:
 
 
 # Query tiles timed by --time: (rows per program, forward warps, dq warps). The first is the library's choice (since
-# 2026-12-03: 64-row tiles, and at G >= 16 one-query tiles for the 64-row tiles whose union is large); then one-query
-# tiles alone (the choice before), and 64-row tiles alone.
-TILE_VARIANTS = [(None, None, None), (16, 1, 2), (64, 4, 4), (64, 8, 8)]
+# 2026-12-03: 64-row tiles, and 16-row tiles for the 64-row tiles whose queries share few blocks); then 16-row tiles
+# alone (the choice before), and 64-row tiles alone.
+TILE_VARIANTS = [(None, None, None), (16, 1, 2), (64, 4, 4)]
 KERNELS = ("_tile_union_kernel", "_selected_fwd_kernel", "_selected_dq_kernel", "_selected_dkdv_kernel")
 
 

@@ -189,53 +189,56 @@ def test_rejects_large_head_dim():
         selected_attention_fwd(q, q, q, torch.zeros(1, 4, 1, 1, dtype=torch.int32), 1.0, 4)
 
 
-@pytest.mark.parametrize("G, queries, rows, warps", [(1, 16, 16, (1, 2)), (2, 16, 32, (2, 2)), (4, 16, 64, (4, 4)),
-                                                     (16, 4, 64, (4, 4)), (32, 2, 64, (4, 4)), (64, 1, 64, (4, 4))])
-def test_default_query_tiles(G, queries, rows, warps):
-    """By default the forward and dq walk 64-row tiles of at most 16 queries (warps by the padded rows), plus one-query
-    tiles for the wide tiles that share too few blocks when one query fills 16 rows (16 <= G < 64); a Launch's
-    block_m sets the one tile (without the 16-query cap), its num_warps the warps."""
+@pytest.mark.parametrize("G, wide, narrow, warps", [(1, (16, 16), None, (1, 2)), (2, (16, 32), (8, 16), (2, 2)),
+                                                    (3, None, (5, 16), (1, 2)), (4, (16, 64), (4, 16), (4, 4)),
+                                                    (16, (4, 64), (1, 16), (4, 4)), (32, (2, 64), (1, 32), (4, 4)),
+                                                    (64, (1, 64), None, (4, 4))])
+def test_default_query_tiles(G, wide, narrow, warps):
+    """By default the forward and dq walk 64-row tiles of at most 16 queries (warps by the padded rows) and, when a
+    16-row tile holds fewer queries, also those (the wide tiles that share too few blocks go to them); a 16-row tile
+    alone when it does not divide the wide one. A Launch's block_m sets the one tile (no 16-query cap), its
+    num_warps the warps."""
     from nsa import Launch
     from nsa.ops.triton.selected_attention import _walk_tiles
     for kernel in (0, 1):
         tiles = _walk_tiles(Launch(), 64, G, kernel)
-        (wide, kw), narrow = tiles[0], tiles[1:]
-        assert (wide["BLOCK_T"], wide["BLOCK_M"], kw["num_warps"], kw["BLOCK_N"]) == (queries, rows, warps[kernel], 64)
-        if 16 <= G < 64:
-            assert [(t["BLOCK_T"], t["BLOCK_M"]) for t, _ in narrow] == [(1, G)]
-            assert narrow[0][1]["num_warps"] == {16: (1, 2), 32: (2, 2)}[G][kernel]
-        else:
-            assert narrow == []
+        assert [(t["BLOCK_T"], t["BLOCK_M"]) for t, _ in tiles] == [x for x in (wide, narrow) if x]
+        assert tiles[0][1]["num_warps"] == warps[kernel] and tiles[0][1]["BLOCK_N"] == 64
+        if wide and narrow:
+            assert tiles[1][1]["num_warps"] == {16: (1, 2), 32: (2, 2)}[narrow[1]][kernel]
     assert [t for t, _ in _walk_tiles(Launch(block_m=16), 64, 16, 0)] == [dict(BLOCK_T=1, BLOCK_M=16)]
     assert [t for t, _ in _walk_tiles(Launch(block_m=128), 64, 1, 0)] == [dict(BLOCK_T=128, BLOCK_M=128)]
     assert _walk_tiles(Launch(block_m=64, num_warps=8), 32, 16, 1)[0][1] == dict(BLOCK_N=32, num_warps=8, num_stages=2)
 
 
-@pytest.mark.parametrize("varlen", [False, True])
-def test_wide_and_one_query_tiles_split_the_queries(varlen):
-    """G = 16 by default: 4-query tiles whose union holds at most 2n blocks are walked as one, the others query by
-    query (two launches over the same queries, each skipping the other's); ids where some tiles' queries choose
-    the same blocks and others random ones, so that both launches run; same results as the reference."""
+@pytest.mark.parametrize("G, varlen", [(16, False), (16, True), (4, False), (4, True)])
+def test_wide_and_narrow_tiles_split_the_queries(G, varlen):
+    """By default (G = 16: 4-query and one-query tiles; G = 4: 16-query and 4-query tiles) a wide tile is walked as one
+    when twice its union is at most the sum of its narrow tiles' unions, else by its narrow tiles (two launches over
+    the same queries, each skipping the other's). Ids where the queries of every other wide tile choose the same
+    blocks and the rest random ones, so that both launches walk some tiles; same results as the reference, and dq
+    added to add_dq_to once (a query walked twice would add twice)."""
     from nsa import Launch
     from nsa.ops.triton.selected_attention import _walk_tiles
-    assert len(_walk_tiles(Launch(), 4, 16, 0)) == 2
+    (wide, _), (narrow, _) = _walk_tiles(Launch(), 2, G, 0)
+    W, N = wide["BLOCK_T"], narrow["BLOCK_T"]
     seq_lens = [61, 30] if varlen else [64]
-    Hkv, G, Dk, Dv, n, block = 1, 16, 16, 16, 6, 2
+    Hkv, Dk, Dv, n, block = 1, 16, 16, 6, 2
     q, k, v, do, ids = make_case(1, sum(seq_lens), Hkv, G, Dk, Dv, n, block, torch.float32,
                                  seq_lens if varlen else None, seed=5)
-    shared = ids.clone()
-    start = 0
-    for length in seq_lens:  # in every other 4-query tile, every query takes its tile's first query's blocks
-        for t in range(0, length, 8):
-            shared[0, start + t:start + min(t + 4, length)] = ids[0, start + t]
-        start += length
-    ids = shared
-    unions = [len(set(ids[0, s + t:s + min(t + 4, L)].flatten().tolist()) - {-1})
-              for s, L in zip([0, *torch.tensor(seq_lens).cumsum(0).tolist()], seq_lens) for t in range(0, L, 4)]
-    assert min(unions) <= 2 * n < max(unions)  # both launches walk some tiles
-    cu = torch.tensor([0] + seq_lens).cumsum(0).to(torch.int32) if varlen else None
+    starts = [0, *torch.tensor(seq_lens).cumsum(0).tolist()]
+    for s0, L in zip(starts, seq_lens):  # in every other wide tile, every query takes its tile's first query's blocks
+        for t in range(0, L, 2 * W):
+            ids[0, s0 + t:s0 + min(t + W, L)] = ids[0, s0 + t]
+
+    def union(a, b):
+        return len(set(ids[0, a:b].flatten().tolist()) - {-1})
+    chosen = [2 * union(s0 + t, s0 + min(t + W, L)) <= sum(union(s0 + u, s0 + min(u + N, L)) for u in range(t, min(t + W, L), N))
+              for s0, L in zip(starts, seq_lens) for t in range(0, L, W)]
+    assert any(chosen) and not all(chosen)  # both launches walk some tiles
+    cu = torch.tensor(starts).to(torch.int32) if varlen else None
     o, lse = selected_attention_fwd(q, k, v, ids, 0.25, block, cu_seqlens=cu)
-    base = torch.randn_like(q)  # dq is added to it: a query walked twice would add twice
+    base = torch.randn_like(q)
     dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, ids, 0.25, block, cu_seqlens=cu, add_dq_to=base.clone())
     ro, rlse, rdq, rdk, rdv = reference_all(q, k, v, do, ids, 0.25, block, seq_lens if varlen else None)
     assert_close(o, ro, 1e-5, "o")

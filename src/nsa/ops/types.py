@@ -75,8 +75,9 @@ class KernelOptions:
 
     banded_*: the compressed and window branches (forward, dk/dv, dq kernels: block_m, block_n, warps, stages).
     selected_*: the selected branch (forward, dq: block_m = at least this many (query, head) rows per program, i.e.
-    block_m // G queries walking their blocks' union, block_n keys per tile, warps, stages; dkdv: block_m = rows
-    per kv-major program, warps, stages).
+    block_m // G queries walking their blocks' union (unset: 64 rows of at most 16 queries, the tiles whose
+    queries share few blocks walked by 16-row tiles instead), block_n keys per tile, warps, stages; dkdv: block_m =
+    rows per kv-major program, warps, stages).
     decode_cmp / decode_sparse: the decoding step's key-reading kernels (block = key tile, warps, stages,
     maxnreg); decode_score: its block-score kernel (warps). decode_programs: programs per key-splitting launch
     (None: one per SM). pdl: programmatic dependent launch between the decoding kernels (Hopper and later).

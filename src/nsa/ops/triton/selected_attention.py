@@ -51,8 +51,8 @@ from .utils import (LN2_K, LOG2E, LOG2E_K, MAX_HEAD_DIM, check_backward_extras, 
 # tiles load 0.31-0.41 of the blocks that one-query tiles load, against 0.61 on random inputs), so each block load
 # serves more rows. H200, T = 8k, forward + dq on experiment 1's trained selections: shape P 2.25-2.81 ms against
 # 3.58-3.60 on one-query tiles, shape S 1.41-2.15 against 2.33-3.04; on random selections P 4.03 against 3.65
-# (slower), S 3.40 against 4.36 (BENCHMARKS.md, 2026-12-03 night). So where one query fills TILE_ROWS rows
-# (G >= 16) the wide tiles whose unions are large are walked query by query instead (_launch_walk). The kv-major
+# (slower), S 3.40 against 4.36, and at T = 64k S 19% slower (BENCHMARKS.md, 2026-12-03 night). So the wide tiles
+# whose unions are large are walked by TILE_ROWS tiles instead, the choice before (_launch_walk). The kv-major
 # kernel gathers queries that all selected its block, so a larger tile wastes nothing there.
 TILE_ROWS = 16  # the tl.dot minimum
 WALK_ROWS = 64
@@ -102,36 +102,50 @@ def _sequence(CU, pid_b, T, HQ, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _tile_index(TILE_OFF, pid_t, pid_b, TILES, IS_VARLEN: tl.constexpr):
+    """Row of tile pid_t of sequence pid_b in a per-tile buffer: TILE_OFF[sequence] + pid_t (packed) or
+    pid_b * TILES + pid_t (dense)."""
+    if IS_VARLEN:
+        return tl.load(TILE_OFF + pid_b).to(tl.int64) + pid_t
+    return pid_b.to(tl.int64) * TILES + pid_t
+
+
+@triton.jit
 def _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN: tl.constexpr,
                  U_SLOTS: tl.constexpr, U_PAD: tl.constexpr):
     """(first slot of the tile's union row in UNION [tiles, HKV, U_SLOTS], number of blocks in it).
 
     The union row holds the distinct blocks the tile's queries selected, ascending, then entries < 0 or
-    >= 2^30 (none); tile index = TILE_OFF[sequence] + pid_t (packed) or pid_b * TILES + pid_t (dense)."""
-    if IS_VARLEN:
-        tile = tl.load(TILE_OFF + pid_b).to(tl.int64) + pid_t
-    else:
-        tile = pid_b.to(tl.int64) * TILES + pid_t
-    row = (tile * HKV + g) * U_SLOTS
+    >= 2^30 (none); its tile index is _tile_index's."""
+    row = (_tile_index(TILE_OFF, pid_t, pid_b, TILES, IS_VARLEN) * HKV + g) * U_SLOTS
     slots = tl.arange(0, U_PAD)
     ids = tl.load(UNION + row + slots, mask=slots < U_SLOTS, other=-1)
     return row, tl.sum(((ids >= 0) & (ids < 1073741824)).to(tl.int32), axis=0)
 
 
 @triton.jit
-def _walked_elsewhere(num_blocks, WIDE, WIDE_OFF, pid_t, pid_b, g, HKV, WIDE_TILES, wide_limit,
-                      IS_VARLEN: tl.constexpr, BLOCK_T: tl.constexpr, WIDE_T: tl.constexpr, WIDE_SLOTS: tl.constexpr,
-                      WIDE_PAD: tl.constexpr, DISPATCH: tl.constexpr):
-    """Whether the other launch walks the program's tile. DISPATCH 0 (one launch): never; 1 (the wide launch): when
-    its union (num_blocks) holds more than wide_limit blocks; 2 (the one-query launch): when the union of the wide
-    tile holding its queries (WIDE [wide tiles, HKV, WIDE_SLOTS]) holds at most that many. Every query is walked by
-    exactly one of the two launches."""
+def _walked_elsewhere(num_blocks, WIDE_WALK, TILE_OFF, TILES, OTHER, OTHER_OFF, OTHER_TILES, pid_t, pid_b, g, HKV,
+                      seqlen, IS_VARLEN: tl.constexpr, BLOCK_T: tl.constexpr, OTHER_T: tl.constexpr,
+                      OTHER_SLOTS: tl.constexpr, OTHER_PAD: tl.constexpr, DISPATCH: tl.constexpr):
+    """Whether the other launch walks the program's tile. DISPATCH 0 (one launch): never. 1 (the wide launch, which
+    runs first): the wide tile is walked as one when twice its union (num_blocks) is at most the sum of its narrow
+    tiles' unions (OTHER [narrow tiles, HKV, OTHER_SLOTS], OTHER_T queries a tile), else by the narrow launch; the
+    choice goes to WIDE_WALK [wide tiles, HKV] (int8, 1: wide). 2 (the narrow launch): reads the choice of the wide
+    tile holding its queries (OTHER: the wide tiles, OTHER_T queries each). Every query is walked exactly once."""
     if DISPATCH == 1:
-        return num_blocks > wide_limit
+        narrow_blocks = num_blocks * 0
+        for j in tl.static_range(BLOCK_T // OTHER_T):
+            sub = pid_t * (BLOCK_T // OTHER_T) + j
+            _, blocks = _tile_blocks(OTHER, OTHER_OFF, sub, pid_b, g, HKV, OTHER_TILES, IS_VARLEN, OTHER_SLOTS,
+                                     OTHER_PAD)
+            narrow_blocks += tl.where(sub * OTHER_T < seqlen, blocks, 0)  # tiles past the sequence: never written
+        elsewhere = 2 * num_blocks > narrow_blocks
+        tile = _tile_index(TILE_OFF, pid_t, pid_b, TILES, IS_VARLEN)
+        tl.store(WIDE_WALK + tile * HKV + g, tl.where(elsewhere, 0, 1).to(tl.int8))
+        return elsewhere
     if DISPATCH == 2:
-        _, wide_blocks = _tile_blocks(WIDE, WIDE_OFF, pid_t * BLOCK_T // WIDE_T, pid_b, g, HKV, WIDE_TILES, IS_VARLEN,
-                                      WIDE_SLOTS, WIDE_PAD)
-        return wide_blocks <= wide_limit
+        wide_tile = _tile_index(OTHER_OFF, pid_t * BLOCK_T // OTHER_T, pid_b, OTHER_TILES, IS_VARLEN)
+        return tl.load(WIDE_WALK + wide_tile * HKV + g) != 0
     return num_blocks < 0
 
 
@@ -207,10 +221,10 @@ def _tile_union_kernel(BID, UNION, TILE_OFF, CU, T, HKV, TILES, N_SLOTS: tl.cons
 
 
 @triton.jit
-def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE, WIDE_OFF, O, LSE, CU, CU_K, qk_scale, T, Tk, HQ, HKV, DK,
-                DV, TILES, WIDE_TILES, wide_limit,
+def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE_WALK, OTHER, OTHER_OFF, O, LSE, CU, CU_K, qk_scale, T, Tk,
+                HQ, HKV, DK, DV, TILES, OTHER_TILES,
                 G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
-                U_PAD: tl.constexpr, WIDE_T: tl.constexpr, WIDE_SLOTS: tl.constexpr, WIDE_PAD: tl.constexpr,
+                U_PAD: tl.constexpr, OTHER_T: tl.constexpr, OTHER_SLOTS: tl.constexpr, OTHER_PAD: tl.constexpr,
                 DISPATCH: tl.constexpr, SLC_BLOCK: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -223,8 +237,8 @@ def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE, WIDE_OFF, O, LSE, 
     if pid_t * BLOCK_T >= seqlen:
         return
     union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
-    if _walked_elsewhere(num_blocks, WIDE, WIDE_OFF, pid_t, pid_b, g, HKV, WIDE_TILES, wide_limit, IS_VARLEN, BLOCK_T,
-                         WIDE_T, WIDE_SLOTS, WIDE_PAD, DISPATCH):
+    if _walked_elsewhere(num_blocks, WIDE_WALK, TILE_OFF, TILES, OTHER, OTHER_OFF, OTHER_TILES, pid_t, pid_b, g, HKV,
+                         seqlen, IS_VARLEN, BLOCK_T, OTHER_T, OTHER_SLOTS, OTHER_PAD, DISPATCH):
         return
     t, h, row_ok = _rows(pid_t, g, BLOCK_T, G, BLOCK_M, seqlen)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -258,10 +272,10 @@ def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE, WIDE_OFF, O, LSE, 
 
 
 @triton.jit
-def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE, WIDE_OFF, O, DO, LSE, DQ, DELTA, CU, CU_K, qk_scale, scale,
-                   T, Tk, HQ, HKV, DK, DV, TILES, WIDE_TILES, wide_limit,
+def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE_WALK, OTHER, OTHER_OFF, O, DO, LSE, DQ, DELTA, CU, CU_K,
+                   qk_scale, scale, T, Tk, HQ, HKV, DK, DV, TILES, OTHER_TILES,
                    G: tl.constexpr, N_SLOTS: tl.constexpr, N_PAD: tl.constexpr, U_SLOTS: tl.constexpr,
-                   U_PAD: tl.constexpr, WIDE_T: tl.constexpr, WIDE_SLOTS: tl.constexpr, WIDE_PAD: tl.constexpr,
+                   U_PAD: tl.constexpr, OTHER_T: tl.constexpr, OTHER_SLOTS: tl.constexpr, OTHER_PAD: tl.constexpr,
                    DISPATCH: tl.constexpr, SLC_BLOCK: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DELTA: tl.constexpr,
@@ -275,8 +289,8 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE, WIDE_OFF, O, DO, LS
     if pid_t * BLOCK_T >= seqlen:
         return
     union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
-    if _walked_elsewhere(num_blocks, WIDE, WIDE_OFF, pid_t, pid_b, g, HKV, WIDE_TILES, wide_limit, IS_VARLEN, BLOCK_T,
-                         WIDE_T, WIDE_SLOTS, WIDE_PAD, DISPATCH):
+    if _walked_elsewhere(num_blocks, WIDE_WALK, TILE_OFF, TILES, OTHER, OTHER_OFF, OTHER_TILES, pid_t, pid_b, g, HKV,
+                         seqlen, IS_VARLEN, BLOCK_T, OTHER_T, OTHER_SLOTS, OTHER_PAD, DISPATCH):
         return
     t, h, row_ok = _rows(pid_t, g, BLOCK_T, G, BLOCK_M, seqlen)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -438,15 +452,17 @@ def _walk_tile(launch, block_size: int, G: int, kernel: int, rows: int, max_quer
 
 def _walk_tiles(launch, block_size: int, G: int, kernel: int) -> list[tuple]:
     """The tiles of the forward (kernel 0) or dq (kernel 1) walk, as _walk_tile's pairs: the one launch.block_m asks
-    for; else WALK_ROWS rows of at most WALK_QUERIES queries, and, when that tile holds several queries while one
-    query alone fills TILE_ROWS rows (G >= 16), also the one-query tile, which walks the wide tiles whose queries
-    share too few blocks (_launch_walk)."""
+    for; else WALK_ROWS rows of at most WALK_QUERIES queries and, when that is more queries than a TILE_ROWS tile
+    holds, also the TILE_ROWS tile (the choice before 2026-12-03), which walks the wide tiles whose queries share
+    too few blocks (_launch_walk)."""
     if launch.block_m:
         return [_walk_tile(launch, block_size, G, kernel, launch.block_m, None)]
     wide = _walk_tile(launch, block_size, G, kernel, WALK_ROWS, WALK_QUERIES)
-    if wide[0]["BLOCK_T"] > 1 and G >= TILE_ROWS:
-        return [wide, _walk_tile(launch, block_size, G, kernel, TILE_ROWS, None)]
-    return [wide]
+    narrow = _walk_tile(launch, block_size, G, kernel, TILE_ROWS, None)
+    wide_t, narrow_t = wide[0]["BLOCK_T"], narrow[0]["BLOCK_T"]
+    if wide_t == narrow_t:
+        return [wide]
+    return [wide, narrow] if wide_t % narrow_t == 0 else [narrow]  # a narrow tile must not straddle two wide ones
 
 
 _NO_BLOCK = 2 ** 30  # sorts after every block id
@@ -482,28 +498,32 @@ def _launch_walk(kernel, extent, block_ids, cu_seqlens, cu_seqlens_k, meta, tile
     """Launches the forward or dq kernel (tensors: Q, K, V, BID, then the kernel's outputs and extra inputs) over
     its tiles' block unions. extent: (max query rows of a sequence, grid batch extent, HKV); tiles: _walk_tiles.
 
-    Two tiles (wide, then one query): a wide tile is walked as one when its union holds at most half the block
-    loads its queries would make one at a time (BLOCK_T * n / 2), else each of its queries alone. On an H200 (G = 16,
-    n = 16, T = 8k) a 4-query walk took about 0.052 ms per union block against 1.6 ms for one-query walks, so it pays
-    below about 31 blocks of a possible 64: a trained model's neighbours mostly stay below (about 24), random
-    selections mostly above (about 39). Each launch skips the other's programs on the device: no host sync.
+    Two tiles (wide, then narrow): a wide tile is walked as one when its union holds at most half the blocks that
+    its narrow tiles' unions hold together, else by the narrow tiles. On an H200 at T = 8k a 64-row step cost about
+    twice a 16-row one (shape P: 4-query tiles paid below about 31 union blocks of a possible 64), so the choice
+    follows the loads: a trained model's neighbours mostly share enough, random selections mostly do not (at G = 4,
+    T = 64k, 16-query tiles were 19% slower than 4-query ones on them). Both launches decide on the device, the wide
+    one first (it records each choice for the narrow one): no host sync.
     """
     max_len, nb, HKV = extent
-    T, n = block_ids.shape[1], block_ids.shape[3]
-    launches = []
+    T = block_ids.shape[1]
+    walks = []
     for tile, launch in tiles:
+        tile_meta = dict(meta, **tile)
         grid = (triton.cdiv(max_len, tile["BLOCK_T"]), nb, HKV)
-        launches.append((grid, dict(meta, **tile), launch, *_tile_unions(block_ids, dict(meta, **tile), cu_seqlens,
-                                                                           grid)))
-    wide_meta, wide_union, wide_off = launches[0][1], launches[0][3], launches[0][4]
-    wide = dict(WIDE_T=wide_meta["BLOCK_T"], WIDE_SLOTS=wide_union.shape[-1],
-                WIDE_PAD=triton.next_power_of_2(wide_union.shape[-1]))
-    for i, (grid, tile_meta, launch, union, tile_off) in enumerate(launches):
-        kernel[grid](*tensors[:4], union, tile_off, wide_union, wide_off, *tensors[4:], cu_seqlens, cu_seqlens_k,
-                     *scalars, triton.cdiv(T, tile_meta["BLOCK_T"]), triton.cdiv(T, wide["WIDE_T"]),
-                     wide["WIDE_T"] * n // 2, U_SLOTS=union.shape[-1], U_PAD=triton.next_power_of_2(union.shape[-1]),
-                     DISPATCH=0 if len(launches) == 1 else i + 1, IS_VARLEN=cu_seqlens is not None, **wide,
-                     **tile_meta, **launch)
+        union, tile_off = _tile_unions(block_ids, tile_meta, cu_seqlens, grid)
+        walks.append((grid, tile_meta, launch, union, tile_off, triton.cdiv(T, tile["BLOCK_T"])))
+    wide_walk = None
+    if len(walks) == 2:
+        wide_walk = torch.empty(walks[0][3].shape[0], HKV, dtype=torch.int8, device=block_ids.device)
+    for i, (grid, tile_meta, launch, union, tile_off, tiles_of_seq) in enumerate(walks):
+        _, _, _, other, other_off, other_tiles = walks[len(walks) - 1 - i]  # the other launch's (itself if alone)
+        kernel[grid](*tensors[:4], union, tile_off, wide_walk, other, other_off, *tensors[4:], cu_seqlens, cu_seqlens_k,
+                     *scalars, tiles_of_seq, other_tiles, U_SLOTS=union.shape[-1],
+                     U_PAD=triton.next_power_of_2(union.shape[-1]), OTHER_T=walks[len(walks) - 1 - i][1]["BLOCK_T"],
+                     OTHER_SLOTS=other.shape[-1], OTHER_PAD=triton.next_power_of_2(other.shape[-1]),
+                     DISPATCH=0 if wide_walk is None else i + 1, IS_VARLEN=cu_seqlens is not None, **tile_meta,
+                     **launch)
 
 
 def _key_layout(k, cu_seqlens, max_len, cu_seqlens_k, max_seqlen_k) -> tuple:
