@@ -14,12 +14,13 @@ The program walks the union of the blocks its queries selected, one block per tr
 whose trip count (the union's size) is known on entry, so Triton software-pipelines the block loads
 (a k-way merge in a `while` loop, as before, left every load exposed); each block is loaded once for
 all M rows and the rows that did not select it are masked out. The unions are made on the device
-before the launch (_tile_unions: sort, drop repeats, sort; no host sync). With BLOCK_T = 1 (G >= 64 by
-default, or a 16-row tile at G = 16) the union is the query's own row of block_ids, exactly the paper's kernel
-(one query, its G heads, n blocks). By default a tile has 64 rows (4 queries at G = 16): a trained model's
-neighbouring queries select mostly the same blocks (the forced ones at least), so the union stays well below
-BLOCK_T * n and every KV load serves more rows; on random selections, which neighbours do not share, the
-wider tile does more masked work for the same loads.
+before the launch (_tile_unions: sort, drop repeats, sort; no host sync). With BLOCK_T = 1 (a 16-row tile at
+G = 16) the union is the query's own row of block_ids, exactly the paper's kernel (one query, its G heads, n
+blocks). By default a tile has 64 rows (4 queries at G = 16, 16 at G = 4): a trained model's neighbouring queries
+select mostly the same blocks (the forced ones at least), so the union stays well below BLOCK_T * n and every KV
+load serves more rows. Neighbours that share little (random selections) would make the wide tile do more masked
+work for the same loads, so each wide tile is walked either as one or by its 16-row tiles, whichever its union
+sizes favour (_launch_walk: two launches, the choice made on the device).
 
 Backward, dq (and delta): the same query-major walk, recomputing p from the saved lse.
 Backward, dk/dv: a scatter from queries to the blocks they chose, done as a gather with no float
@@ -112,14 +113,15 @@ def _tile_index(TILE_OFF, pid_t, pid_b, TILES, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN: tl.constexpr,
-                 U_SLOTS: tl.constexpr, U_PAD: tl.constexpr):
+                 U_SLOTS: tl.constexpr, U_PAD: tl.constexpr, exists):
     """(first slot of the tile's union row in UNION [tiles, HKV, U_SLOTS], number of blocks in it).
 
     The union row holds the distinct blocks the tile's queries selected, ascending, then entries < 0 or
-    >= 2^30 (none); its tile index is _tile_index's."""
+    >= 2^30 (none); its tile index is _tile_index's. exists: whether the tile starts inside its sequence (the rows
+    of tiles past it are not read: 0 blocks)."""
     row = (_tile_index(TILE_OFF, pid_t, pid_b, TILES, IS_VARLEN) * HKV + g) * U_SLOTS
     slots = tl.arange(0, U_PAD)
-    ids = tl.load(UNION + row + slots, mask=slots < U_SLOTS, other=-1)
+    ids = tl.load(UNION + row + slots, mask=(slots < U_SLOTS) & exists, other=-1)
     return row, tl.sum(((ids >= 0) & (ids < 1073741824)).to(tl.int32), axis=0)
 
 
@@ -137,8 +139,8 @@ def _walked_elsewhere(num_blocks, WIDE_WALK, TILE_OFF, TILES, OTHER, OTHER_OFF, 
         for j in tl.static_range(BLOCK_T // OTHER_T):
             sub = pid_t * (BLOCK_T // OTHER_T) + j
             _, blocks = _tile_blocks(OTHER, OTHER_OFF, sub, pid_b, g, HKV, OTHER_TILES, IS_VARLEN, OTHER_SLOTS,
-                                     OTHER_PAD)
-            narrow_blocks += tl.where(sub * OTHER_T < seqlen, blocks, 0)  # tiles past the sequence: never written
+                                     OTHER_PAD, sub * OTHER_T < seqlen)
+            narrow_blocks += blocks
         elsewhere = 2 * num_blocks > narrow_blocks
         tile = _tile_index(TILE_OFF, pid_t, pid_b, TILES, IS_VARLEN)
         tl.store(WIDE_WALK + tile * HKV + g, tl.where(elsewhere, 0, 1).to(tl.int8))
@@ -236,7 +238,8 @@ def _selected_fwd_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE_WALK, OTHER, OTHER_
     ktok0, kseqlen, _ = _sequence(CU_K, pid_b, Tk, 1, IS_VARLEN)
     if pid_t * BLOCK_T >= seqlen:
         return
-    union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
+    union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD,
+                                         pid_t * BLOCK_T < seqlen)
     if _walked_elsewhere(num_blocks, WIDE_WALK, TILE_OFF, TILES, OTHER, OTHER_OFF, OTHER_TILES, pid_t, pid_b, g, HKV,
                          seqlen, IS_VARLEN, BLOCK_T, OTHER_T, OTHER_SLOTS, OTHER_PAD, DISPATCH):
         return
@@ -288,7 +291,8 @@ def _selected_dq_kernel(Q, K, V, BID, UNION, TILE_OFF, WIDE_WALK, OTHER, OTHER_O
     ktok0, kseqlen, _ = _sequence(CU_K, pid_b, Tk, 1, IS_VARLEN)
     if pid_t * BLOCK_T >= seqlen:
         return
-    union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD)
+    union_row, num_blocks = _tile_blocks(UNION, TILE_OFF, pid_t, pid_b, g, HKV, TILES, IS_VARLEN, U_SLOTS, U_PAD,
+                                         pid_t * BLOCK_T < seqlen)
     if _walked_elsewhere(num_blocks, WIDE_WALK, TILE_OFF, TILES, OTHER, OTHER_OFF, OTHER_TILES, pid_t, pid_b, g, HKV,
                          seqlen, IS_VARLEN, BLOCK_T, OTHER_T, OTHER_SLOTS, OTHER_PAD, DISPATCH):
         return
