@@ -77,12 +77,13 @@ def check_glue(config, gen):
 
 
 def check_training_op(config, gen):
-    """Forward and backward of the training op: random packed lengths (G = 4: tiles of several queries) and a dense
-    batch (G = 16: one query a tile)."""
+    """Forward and backward of the training op: random packed lengths and dense batches of a length that is not a
+    multiple of any query tile, at G = 4 and G = 16 (each with its wide and 16-row tiles of the selected walk)."""
     lengths = torch.randint(1, 150, (3,), generator=gen).tolist() + [config.cmp_block - 1]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     for B, T, Tc, H, Hkv, cu_seqlens in (
             (1, sum(lengths), sum(config.num_cmp_tokens(n) for n in lengths), 8, 2, cu),
+            (2, 133, config.num_cmp_tokens(133), 8, 2, None),
             (2, 133, config.num_cmp_tokens(133), 16, 1, None)):
         D = 32
         x = [rand(B, T, H, D)] + [rand(B, Tc, Hkv, D) for _ in range(2)] + [rand(B, T, Hkv, D) for _ in range(4)]
