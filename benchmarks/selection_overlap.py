@@ -3,8 +3,8 @@ number that decides whether the selected branch's kernels should walk the union 
 
     python benchmarks/selection_overlap.py RUN_OR_CHECKPOINT [--length 8192] [--windows 4] [--tiles 2 4 8 16] [--time]
 
-With G >= 16 a selected-branch program serves one query (its G heads, n blocks: the paper's kernel), and at 8k it
-is bound by L2 traffic: every block is loaded once per query. A program that serves k consecutive queries loads each
+A selected-branch program that serves one query (its G heads, n blocks: the paper's kernel, and this library's
+choice at G >= 16 until 2026-12-03) is bound by L2 traffic at 8k: every block is loaded once per query. A program that serves k consecutive queries loads each
 block of their union once. "load share" = block loads of k-query tiles / block loads of one-query tiles: 1 / k when
 neighbours select the same blocks, 1 when they share none. BENCHMARKS.md (2026-12-02, evening) measured k-query
 tiles slower on random inputs, whose neighbouring selections are unrelated; this script says what a trained model's
