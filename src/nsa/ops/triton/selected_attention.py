@@ -521,10 +521,10 @@ def _launch_walk(kernel, extent, block_ids, cu_seqlens, cu_seqlens_k, meta, tile
     if len(walks) == 2:
         wide_walk = torch.empty(walks[0][3].shape[0], HKV, dtype=torch.int8, device=block_ids.device)
     for i, (grid, tile_meta, launch, union, tile_off, tiles_of_seq) in enumerate(walks):
-        _, _, _, other, other_off, other_tiles = walks[len(walks) - 1 - i]  # the other launch's (itself if alone)
+        _, other_meta, _, other, other_off, other_tiles = walks[len(walks) - 1 - i]  # the other launch's (or its own)
         kernel[grid](*tensors[:4], union, tile_off, wide_walk, other, other_off, *tensors[4:], cu_seqlens, cu_seqlens_k,
                      *scalars, tiles_of_seq, other_tiles, U_SLOTS=union.shape[-1],
-                     U_PAD=triton.next_power_of_2(union.shape[-1]), OTHER_T=walks[len(walks) - 1 - i][1]["BLOCK_T"],
+                     U_PAD=triton.next_power_of_2(union.shape[-1]), OTHER_T=other_meta["BLOCK_T"],
                      OTHER_SLOTS=other.shape[-1], OTHER_PAD=triton.next_power_of_2(other.shape[-1]),
                      DISPATCH=0 if wide_walk is None else i + 1, IS_VARLEN=cu_seqlens is not None, **tile_meta,
                      **launch)
