@@ -4,9 +4,9 @@ number that decides whether the selected branch's kernels should walk the union 
     python benchmarks/selection_overlap.py RUN_OR_CHECKPOINT [--length 8192] [--windows 4] [--tiles 2 4 8 16] [--time]
 
 A selected-branch program that serves one query (its G heads, n blocks: the paper's kernel, and this library's
-choice at G >= 16 until 2026-12-03) is bound by L2 traffic at 8k: every block is loaded once per query. A program that serves k consecutive queries loads each
-block of their union once. "load share" = block loads of k-query tiles / block loads of one-query tiles: 1 / k when
-neighbours select the same blocks, 1 when they share none. BENCHMARKS.md (2026-12-02, evening) measured k-query
+choice at G >= 16 until 2026-12-03) is bound by L2 traffic at 8k: every block is loaded once per query. A program
+that serves k consecutive queries loads each block of their union once. "load share" = block loads of k-query
+tiles / block loads of one-query tiles: 1 / k when neighbours select the same blocks, 1 when they share none. BENCHMARKS.md (2026-12-02, evening) measured k-query
 tiles slower on random inputs, whose neighbouring selections are unrelated; this script says what a trained model's
 are. Per NSA layer, on --windows validation windows of --length bytes (the run's training length by default), over the
 queries past the first n blocks (before them every candidate block is selected); the "random" row selects from

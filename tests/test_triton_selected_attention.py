@@ -233,7 +233,8 @@ def test_wide_and_narrow_tiles_split_the_queries(G, varlen):
 
     def union(a, b):
         return len(set(ids[0, a:b].flatten().tolist()) - {-1})
-    chosen = [2 * union(s0 + t, s0 + min(t + W, L)) <= sum(union(s0 + u, s0 + min(u + N, L)) for u in range(t, min(t + W, L), N))
+    chosen = [2 * union(s0 + t, s0 + min(t + W, L))
+              <= sum(union(s0 + u, s0 + min(u + N, L)) for u in range(t, min(t + W, L), N))
               for s0, L in zip(starts, seq_lens) for t in range(0, L, W)]
     assert any(chosen) and not all(chosen)  # both launches walk some tiles
     cu = torch.tensor(starts).to(torch.int32) if varlen else None
