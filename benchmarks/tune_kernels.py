@@ -18,7 +18,8 @@ import nsa
 from common import fmt, kernel_sum, kernel_times
 from nsa import KernelOptions, Launch
 
-# (block_m, block_n, num_warps, num_stages) of the forward, dk/dv and dq kernels, one variant per row.
+# (block_m, block_n, num_warps, num_stages) of the forward, dk/dv and dq kernels, one variant per row; None keeps
+# the library's launch of that kernel (the rows that vary dk/dv alone compile only a dk/dv kernel).
 BANDED = [
     ((64, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 2)),
     ((64, 64, 4, 2), (64, 128, 4, 2), (64, 32, 4, 3)),
@@ -27,6 +28,12 @@ BANDED = [
     ((64, 64, 4, 4), (32, 64, 4, 3), (128, 64, 4, 3)),
     ((128, 64, 4, 2), (16, 64, 4, 2), (64, 128, 4, 2)),
     ((64, 64, 8, 3), (64, 128, 8, 3), (32, 64, 2, 2)),
+    (None, (64, 128, 8, 4), None),
+    (None, (128, 128, 8, 2), None),
+    (None, (128, 128, 8, 3), None),
+    (None, (32, 128, 8, 3), None),
+    (None, (32, 64, 4, 4), None),
+    (None, (64, 64, 8, 3), None),
 ]
 # Selected attention: (forward (warps, stages), dq (warps, stages), kv-major (warps, stages), kv-major rows).
 SELECTED = [
@@ -39,6 +46,8 @@ SELECTED = [
 
 
 def tile(spec) -> Launch:
+    if spec is None:
+        return Launch()
     m, n, warps, stages = spec
     return Launch(block_m=m, block_n=n, num_warps=warps, num_stages=stages)
 
@@ -62,11 +71,13 @@ def times_ms(fn, iters, kernels):
     return ([None] * len(kernels) if t is None else [kernel_sum(t, name) / 1e3 for name in kernels]), err
 
 
-def sweep_banded(x, config, scale, iters):
+def sweep_banded(x, config, scale, iters, branches):
     from nsa.ops.triton.banded import banded_attention_bwd, banded_attention_fwd, branch_band
 
     rows = []
     for branch, k, v in (("cmp", x["kc"], x["vc"]), ("swa", x["k"], x["v"])):
+        if branch not in branches:
+            continue
         band = branch_band(branch, config)
         for variant in [None, *BANDED]:
             options = KernelOptions() if variant is None else banded_options(variant)
@@ -75,7 +86,7 @@ def sweep_banded(x, config, scale, iters):
                 o, lse = banded_attention_fwd(x["q"], k, v, scale, **band, options=options)
                 banded_attention_bwd(x["do"], x["q"], k, v, o, lse, scale, **band, options=options)
             ms, err = times_ms(run, iters, ("_banded_fwd_kernel", "_banded_dkdv_kernel", "_banded_dq_kernel"))
-            names = ("library",) * 3 if variant is None else variant
+            names = ("library",) * 3 if variant is None else [spec or "library" for spec in variant]
             rows.append([branch, names[0], fmt(ms[0], ".2f", err), names[1], fmt(ms[1], ".2f", err),
                          names[2], fmt(ms[2], ".2f", err)])
             print(f"  banded {branch} {names[0]}: done", flush=True)
@@ -108,6 +119,8 @@ def main():
     parser.add_argument("--shape", default="P", choices=sorted(common.SHAPES))
     parser.add_argument("--iters", type=int, default=3, help="profiled calls per variant")
     parser.add_argument("--parts", nargs="+", default=["banded", "selected"], choices=["banded", "selected"])
+    parser.add_argument("--branches", nargs="+", default=["cmp", "swa"], choices=["cmp", "swa"],
+                        help="part 'banded': the branches to sweep")
     args = parser.parse_args()
     common.require_cuda("tune_kernels.py")
     config = nsa.NSAConfig()
@@ -117,7 +130,7 @@ def main():
     scale = shape.D ** -0.5
     common.print_header(f"training-kernel launch sweep, shape {args.shape} {tuple(shape)}, T {args.T}, bfloat16")
     if "banded" in args.parts:
-        sweep_banded(x, config, scale, args.iters)
+        sweep_banded(x, config, scale, args.iters, args.branches)
     if "selected" in args.parts:
         sweep_selected(x, config, scale, args.iters)
 
