@@ -159,7 +159,7 @@ def tiny_nsa_hf(**kw):
 
 
 def test_nsa_for_causal_lm_round_trip(tmp_path):
-    model = tiny_nsa_hf(share_kv=True, branches=("slc", "swa"))
+    model = tiny_nsa_hf(share_kv=True, branches=("slc", "swa"), ungated=("slc",))
     ids = torch.randint(0, 64, (2, 24))
     with torch.no_grad():
         logits = model(ids).logits
@@ -167,7 +167,7 @@ def test_nsa_for_causal_lm_round_trip(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model) and loaded.config.nsa == model.config.nsa and loaded.config.share_kv
-    assert loaded.model.cfg.branches == ("slc", "swa")
+    assert loaded.model.cfg.branches == ("slc", "swa") and loaded.model.cfg.ungated == ("slc",)
     assert loaded.model.lm_head.weight is loaded.model.embed.weight  # still tied
     want, got = model.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -72,10 +72,7 @@ class HFNativeSparseAttention(NativeSparseAttention):
         v_cmp_src, v_slc, v_swa = values.unbind(2) if not self.share_kv else (values[:, :, 0],) * 3
         k_slc = self._rope(k_slc, positions)
         k_swa = k_slc if self.share_kv else self._rope(k_swa, positions)
-        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, len(BRANCHES))
-        if self.branches != BRANCHES:
-            gates = gates * self.gate_mask.to(gates.dtype)  # as the parent: exactly 0 for the branches forced off
-        return q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, gates
+        return q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, self._gates(x)
 
     def _compress(self, k_blocks: torch.Tensor, v_blocks: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         centre = ids.double() * self.config.cmp_stride + (self.config.cmp_block - 1) / 2

@@ -89,7 +89,7 @@ class NSAForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         """Weights missing from a checkpoint get LanguageModel's initialization (the rest is loaded); the NSA layers'
-        unsaved gate_mask is written from their branches."""
+        unsaved gate_mask and gate_fixed are written from their branches and ungated branches."""
         LanguageModel._init_weights(module)
         if isinstance(module, NativeSparseAttention):
             module.reset_gate_mask()

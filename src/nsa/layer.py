@@ -25,6 +25,15 @@ def check_branches(branches) -> tuple[str, ...]:
     return tuple(b for b in BRANCHES if b in branches)
 
 
+def check_ungated(ungated, branches: tuple[str, ...]) -> tuple[str, ...]:
+    """A subset (possibly empty) of the branches that are on -> a tuple in BRANCHES' order, else ValueError."""
+    if isinstance(ungated, str) or not all(isinstance(b, str) for b in ungated):
+        raise ValueError(f"ungated must be a list or tuple of names from {branches}, got {ungated!r}")
+    if any(b not in branches for b in ungated):
+        raise ValueError(f"ungated must be a subset of the branches that are on, {branches}, got {tuple(ungated)!r}")
+    return tuple(b for b in BRANCHES if b in ungated)
+
+
 def cmp_block_index(seq_lens: list[int], config: NSAConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the compressed tokens of (packed) sequences of lengths seq_lens read their cmp_src tokens.
 
@@ -94,6 +103,9 @@ class NativeSparseAttention(nn.Module):
     the others are forced to exactly 0 (an ablation: ("swa",) is a sliding-window-only layer, whose output at t
     depends on no token before t - w + 1). The forced-off branches are still computed (the op's cost is
     unchanged): this compares quality, not speed.
+    ungated: branches (a subset of branches, default none) added with a weight of exactly 1 instead of a learned
+    gate, an ablation: ("cmp",) keeps the compressed branch, whose scores rank the selected blocks, in the output
+    whatever the gate would have learned.
 
     fuse_decode_glue (an attribute, True by default): step() runs its glue (the rotary embeddings of q and the new
     keys, the cache writes, the gather of the candidate compressed blocks) as the two Triton kernels of
@@ -104,7 +116,8 @@ class NativeSparseAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  v_head_dim: int | None = None, config: NSAConfig = NSAConfig(), share_kv: bool = False,
-                 rope_base: float = 10000.0, backend: str | None = None, branches: tuple[str, ...] = BRANCHES):
+                 rope_base: float = 10000.0, backend: str | None = None, branches: tuple[str, ...] = BRANCHES,
+                 ungated: tuple[str, ...] = ()):
         super().__init__()
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
@@ -120,6 +133,7 @@ class NativeSparseAttention(nn.Module):
         if not rope_base > 0:
             raise ValueError(f"rope_base must be positive, got {rope_base!r}")
         branches = check_branches(branches)
+        ungated = check_ungated(ungated, branches)
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.v_head_dim = head_dim, v_head_dim
         self.config, self.share_kv, self.rope_base, self.backend = config, share_kv, rope_base, backend
@@ -133,17 +147,22 @@ class NativeSparseAttention(nn.Module):
         self.compress_v = Compressor(l, v_head_dim, 4 * v_head_dim)
         self.gate_proj = nn.Linear(hidden_size, num_heads * len(BRANCHES))
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=False)
-        self.branches = branches
-        # 1 for a learned gate, 0 for one forced off; a buffer (not saved) so that it follows .to(device)
+        self.branches, self.ungated = branches, ungated
+        # gates = sigmoid(...) * gate_mask + gate_fixed: mask 1 for a learned gate, 0 for one forced off or ungated;
+        # fixed 1 for an ungated branch. Buffers (not saved) so that they follow .to(device).
         self.register_buffer("gate_mask", torch.empty(len(BRANCHES)), persistent=False)
+        self.register_buffer("gate_fixed", torch.empty(len(BRANCHES)), persistent=False)
         self.reset_gate_mask()
         self.fuse_decode_glue = True
 
     @torch.no_grad()
     def reset_gate_mask(self) -> None:
-        """Writes gate_mask from self.branches: for loaders that make modules on the meta device and fill only the
-        saved tensors (transformers 5's from_pretrained), which leaves this unsaved buffer uninitialized."""
-        self.gate_mask.copy_(torch.tensor([float(b in self.branches) for b in BRANCHES]))
+        """Writes gate_mask and gate_fixed from self.branches and self.ungated: for loaders that make modules on the
+        meta device and fill only the saved tensors (transformers 5's from_pretrained), which leaves these unsaved
+        buffers uninitialized."""
+        learned = [b in self.branches and b not in self.ungated for b in BRANCHES]
+        self.gate_mask.copy_(torch.tensor([float(b) for b in learned]))
+        self.gate_fixed.copy_(torch.tensor([float(b in self.ungated) for b in BRANCHES]))
 
     def _check_input(self, x, cu_seqlens) -> list[int]:
         """Validates x (and cu_seqlens); returns seq_lens, the packed sequences' lengths ([T] when not packed)."""
@@ -175,9 +194,12 @@ class NativeSparseAttention(nn.Module):
         return q, k_cmp_src, v_cmp_src, k_slc, v_slc, k_swa, v_swa, self._gates(x)
 
     def _gates(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, hidden_size] -> gates [B, T, Hq, 3] in (0, 1), exactly 0 for the branches forced off."""
+        """x [B, T, hidden_size] -> gates [B, T, Hq, 3] in (0, 1), exactly 0 for the branches forced off and exactly
+        1 for the ungated ones."""
         gates = torch.sigmoid(self.gate_proj(x)).view(*x.shape[:2], self.num_heads, len(BRANCHES))
-        if self.branches != BRANCHES:
+        if self.ungated:
+            gates = torch.addcmul(self.gate_fixed.to(gates.dtype), gates, self.gate_mask.to(gates.dtype))
+        elif self.branches != BRANCHES:
             gates = gates * self.gate_mask.to(gates.dtype)
         return gates
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .cache import KVCache, LayerCache, ModelCache, default_dtype_device
 from .config import NSAConfig
 from .graph import DecodeGraph
-from .layer import NativeSparseAttention, check_branches
+from .layer import NativeSparseAttention, check_branches, check_ungated
 from .ops.checks import check_cu_seqlens
 from .rope import positions_from_cu_seqlens, rope_cos_sin, rotate
 
@@ -41,6 +41,9 @@ class ModelConfig:
     # NSA only: the branches whose gates are learned; the others' gates are forced to 0. ("swa",) is the
     # sliding-window-only ablation (attention="nsa" with only the window branch), e.g. --set 'model.branches=["swa"]'
     branches: tuple[str, ...] = ("cmp", "slc", "swa")
+    # NSA only: branches (of those on) added with weight exactly 1 instead of a learned gate, e.g. --set
+    # 'model.ungated=["cmp"]' (an ablation: the compressed branch, whose scores rank the selected blocks, always counts)
+    ungated: tuple[str, ...] = ()
     rope_base: float = 10000.0
     tie_embeddings: bool = True
 
@@ -48,6 +51,7 @@ class ModelConfig:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"ModelConfig.attention must be one of {ATTENTIONS}, got {self.attention!r}")
         self.branches = check_branches(self.branches)
+        self.ungated = check_ungated(self.ungated, self.branches)
         if self.n_head % self.n_kv_head:
             raise ValueError(f"ModelConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim is None:
@@ -166,7 +170,7 @@ class Block(nn.Module):
         if cfg.attention == "nsa":
             self.attn = NativeSparseAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, config=cfg.nsa,
                                               share_kv=cfg.share_kv, rope_base=cfg.rope_base, backend=cfg.backend,
-                                              branches=cfg.branches)
+                                              branches=cfg.branches, ungated=cfg.ungated)
         else:
             self.attn = CausalSelfAttention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.n_embd)
