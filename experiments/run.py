@@ -54,7 +54,9 @@ def tenths(first: int, last: int) -> str:
 
 
 EXPERIMENTS = {
-    "loss": Experiment("loss-8k.toml", {"nsa": [], "full": ["model.attention=full"]},
+    # nsa-ungated: the compressed branch added with weight 1 (model.ungated), an ablation run with --models
+    "loss": Experiment("loss-8k.toml", {"nsa": [], "full": ["model.attention=full"],
+                                        "nsa-ungated": ['model.ungated=["cmp"]']},
                        repeat_lengths="1024,4096,8192,16384"),
     "retrieval": Experiment("retrieval-8k.toml",
                             {"nsa": [], "full": ["model.attention=full"], "swa": ['model.branches=["swa"]']},
