@@ -38,9 +38,12 @@ speedup.png (baseline time / NSA time against T) to --out.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import time
+import unittest.mock
 
 import torch
 
@@ -68,17 +71,20 @@ def visible_pairs(T, config):
     return dict(compressed=cmp, selection=cmp, selected=slc, window=swa, nsa=cmp + slc + swa, full=T * (T + 1) / 2)
 
 
-def op_fns(x, config):
-    """(forward, forward+backward) of the whole op."""
+ONE_STREAM = nsa.KernelOptions(concurrent_branches=False)  # --one-stream: the op's branches on one CUDA stream
+
+
+def op_fns(x, config, options=None):
+    """(forward, forward+backward) of the whole op (kernel_options=options)."""
     do = torch.randn_like(x["q"][..., :x["v_cmp"].shape[-1]])
     args = op_args(x)
 
     def fwd():
         with torch.no_grad():
-            return nsa.nsa_attention(*args, config, backend="triton")
+            return nsa.nsa_attention(*args, config, backend="triton", kernel_options=options)
 
     def fwd_bwd():
-        return torch.autograd.grad(nsa.nsa_attention(*args, config, backend="triton"), args, do)
+        return torch.autograd.grad(nsa.nsa_attention(*args, config, backend="triton", kernel_options=options), args, do)
     return fwd, fwd_bwd
 
 
@@ -232,6 +238,8 @@ def run_shape(shape_name, T, config, args, fla):
     scale = shape.D ** -0.5
     pairs = visible_pairs(T, config)
     makers = {"nsa": lambda: op_fns(x, config)}
+    if args.one_stream:
+        makers["nsa_one_stream"] = lambda: op_fns(x, config, ONE_STREAM)
     if not args.no_branches:
         makers["branches"] = lambda: branch_fns(x, config, scale)
     makers["sdpa_flash"] = lambda: sdpa_fns(x, SDPBackend.FLASH_ATTENTION)
@@ -270,9 +278,10 @@ def _ms(r, name, mode):
 
 
 def op_table(results, branches):
-    cols = ["nsa", *(BRANCHES if branches else ()), *BASELINES]
+    one_stream = ["nsa_one_stream"] if any("nsa_one_stream" in r.get("kernels", {}) for r in results) else []
+    cols = ["nsa", *one_stream, *(BRANCHES if branches else ()), *BASELINES]
     headers = ["shape", "T", "mode", *(f"{c} ms" for c in cols), "flash / nsa", "cuDNN / nsa", "fla / nsa",
-               "nsa MiB", "cuDNN MiB", "fla MiB"]
+               *(["one stream / nsa", "one stream MiB"] if one_stream else []), "nsa MiB", "cuDNN MiB", "fla MiB"]
     rows = []
     for r in results:
         for mode in ("fwd", "fwd_bwd"):
@@ -283,6 +292,8 @@ def op_table(results, branches):
                      for c in cols]
             nsa_ms = _ms(r, "nsa", mode)
             speed = [ratio(_ms(r, b, mode), nsa_ms) for b in BASELINES]
+            speed += [ratio(_ms(r, c, mode), nsa_ms) for c in one_stream]
+            speed += [fmt(_rec(r, c, mode).get("peak_mib"), ".0f") for c in one_stream]
             peaks = [fmt(_rec(r, c, mode).get("peak_mib"), ".0f") for c in ("nsa", "sdpa_cudnn", "fla")]
             rows.append([r["shape"], r["T"], mode, *cells, *speed, *peaks])
     return common.table(headers, rows)
@@ -340,9 +351,10 @@ def model_config(attention):
                            attention=attention)
 
 
-def training_step(attention, T, compiled=False):
+def training_step(attention, T, compiled=False, options=None):
     """(step, model): step() runs one forward+backward of the model on B = 1 random tokens (bf16 autocast), eager
-    or through torch.compile(model, fullgraph=True)."""
+    or through torch.compile(model, fullgraph=True); options: the NSA layers' kernel_options (the layer takes none
+    of its own, so its nsa_attention is wrapped for the step)."""
     model = nsa.LanguageModel(model_config(attention)).cuda().train()
     forward = torch.compile(model, fullgraph=True) if compiled else model
     idx = torch.randint(0, 256, (1, T + 1), device="cuda")
@@ -350,16 +362,28 @@ def training_step(attention, T, compiled=False):
 
     def step():
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16), with_options(options):
             _, loss = forward(inputs, targets)
         loss.backward()
     return step, model
 
 
-def model_step(attention, T, iters, compiled=False):
+@contextlib.contextmanager
+def with_options(options):
+    """The NSA layers' nsa_attention calls take kernel_options=options inside the block (None: unchanged)."""
+    if options is None:
+        yield
+        return
+    import nsa.layer
+    with unittest.mock.patch.object(nsa.layer, "nsa_attention",
+                                    functools.partial(nsa.layer.nsa_attention, kernel_options=options)):
+        yield
+
+
+def model_step(attention, T, iters, compiled=False, options=None):
     """{ms, peak_mib, tok_s, params, first_step_s} of training_step, eager or compiled (first_step_s: the first
     step's wall time, which compiles when compiled)."""
-    step, model = training_step(attention, T, compiled)
+    step, model = training_step(attention, T, compiled, options)
     start = time.perf_counter()
     step()
     torch.cuda.synchronize()
@@ -370,22 +394,24 @@ def model_step(attention, T, iters, compiled=False):
     return rec  # the model goes with this frame; run_model empties the cache
 
 
-def model_variants(compile_too):
-    """(key prefix, attention, compiled) of the measured models: eager nsa and full, and compiled ones too."""
+def model_variants(compile_too, one_stream=False):
+    """(key prefix, attention, compiled, kernel options) of the measured models: eager nsa and full, compiled ones
+    too, and eager nsa on one stream."""
     modes = (False, True) if compile_too else (False,)
-    return [(attention + ("_compiled" if compiled else ""), attention, compiled)
-            for compiled in modes for attention in ("nsa", "full")]
+    variants = [(attention + ("_compiled" if compiled else ""), attention, compiled, None)
+                for compiled in modes for attention in ("nsa", "full")]
+    return variants + ([("nsa_one_stream", "nsa", False, ONE_STREAM)] if one_stream else [])
 
 
-def run_model(Ts, iters, compile_too=False, on_row=None):
+def run_model(Ts, iters, compile_too=False, on_row=None, one_stream=False):
     """One row per T of model_variants' step times; on_row(rows so far) after each row, and each step's time is
     printed as it is measured."""
     rows = []
     for T in Ts:
         row = {"T": T}
-        for key, attention, compiled in model_variants(compile_too):
+        for key, attention, compiled, options in model_variants(compile_too, one_stream):
             print(f"model step {key} T={T} ...", flush=True)
-            rec, err = common.guarded(model_step, attention, T, iters, compiled)
+            rec, err = common.guarded(model_step, attention, T, iters, compiled, options)
             torch.cuda.empty_cache()
             rec = rec or dict(ms=None, peak_mib=None, tok_s=None, error=err)
             print(f"  {common.fmt(rec['ms'], '.2f', err)} ms", flush=True)
@@ -399,12 +425,13 @@ def run_model(Ts, iters, compile_too=False, on_row=None):
 
 
 def model_table(rows, compile_too=False):
-    keys = [key for key, _, _ in model_variants(compile_too)]
+    one_stream = any("nsa_one_stream_ms" in r for r in rows)
+    keys = [key for key, *_ in model_variants(compile_too, one_stream)]
     headers = ["T"]
     for key in keys:
         headers += [f"{key} ms", f"{key} tokens/s", f"{key} MiB"] + (["first step s"] if key.endswith("compiled") else [])
     headers += ["full / nsa"] + (["full / nsa compiled", "nsa eager / compiled", "full eager / compiled"]
-                                 if compile_too else [])
+                                 if compile_too else []) + (["one stream / nsa"] if one_stream else [])
     out = []
     for r in rows:
         cells = []
@@ -418,6 +445,8 @@ def model_table(rows, compile_too=False):
         if compile_too:
             cells += [ratio(r["full_compiled_ms"], r["nsa_compiled_ms"]), ratio(r["nsa_ms"], r["nsa_compiled_ms"]),
                       ratio(r["full_ms"], r["full_compiled_ms"])]
+        if one_stream:
+            cells.append(ratio(r["nsa_one_stream_ms"], r["nsa_ms"]))
         out.append([r["T"], *cells])
     return common.table(headers, out)
 
@@ -437,6 +466,8 @@ def main():
     parser.add_argument("--compile", action="store_true",
                         help="part 'model': also time torch.compile(model, fullgraph=True) steps, beside eager")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    parser.add_argument("--one-stream", action="store_true",
+                        help="also time the op and the nsa model step with KernelOptions(concurrent_branches=False)")
     args = parser.parse_args()
     common.require_cuda("bench_op.py")
     env = common.environment()
@@ -458,7 +489,7 @@ def main():
                 torch.cuda.empty_cache()
     if "model" in args.parts:
         model = run_model(args.model_T, args.model_iters, args.compile,
-                          lambda rows: common.write_json(args.out, meta, op=results, model=rows))
+                          lambda rows: common.write_json(args.out, meta, op=results, model=rows), args.one_stream)
 
     common.print_header("NSA op against SDPA and fla-core; model training step", env)
     if results:

@@ -32,6 +32,8 @@ def test_kernel_options_checks():
         KernelOptions(decode_programs=0)
     with pytest.raises(TypeError, match="pdl"):
         KernelOptions(pdl=1)
+    with pytest.raises(TypeError, match="concurrent_branches must be a bool"):
+        KernelOptions(concurrent_branches=None)
     x = [torch.randn(1, 40, 2, 8)] + [torch.randn(1, 2, 1, 8)] * 2 + [torch.randn(1, 40, 1, 8)] * 4
     x.append(torch.rand(1, 40, 2, 3))
     config = nsa.NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, num_selected=2, window=8)

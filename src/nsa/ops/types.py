@@ -81,6 +81,9 @@ class KernelOptions:
     decode_cmp / decode_sparse: the decoding step's key-reading kernels (block = key tile, warps, stages,
     maxnreg); decode_score: its block-score kernel (warps). decode_programs: programs per key-splitting launch
     (None: one per SM). pdl: programmatic dependent launch between the decoding kernels (Hopper and later).
+    concurrent_branches: the training op runs one branch on a second CUDA stream beside the others (forward: the
+    window branch beside the selected one; backward: the selected branch beside the compressed and window ones), the
+    same kernels in the same order of summation, so the results are bitwise those of one stream (False).
     """
 
     banded_fwd: Launch = Launch()
@@ -94,18 +97,20 @@ class KernelOptions:
     decode_score: Launch = Launch()
     decode_programs: int | None = None
     pdl: bool = True
+    concurrent_branches: bool = True
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if name in ("decode_programs", "pdl"):
+            if name in ("decode_programs", "pdl", "concurrent_branches"):
                 continue
             if not isinstance(getattr(self, name), Launch):
                 raise TypeError(f"KernelOptions.{name} must be an nsa.Launch, got {type(getattr(self, name)).__name__}")
         p = self.decode_programs
         if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
             raise ValueError(f"KernelOptions.decode_programs must be None or a positive int, got {p!r}")
-        if not isinstance(self.pdl, bool):
-            raise TypeError(f"KernelOptions.pdl must be a bool, got {self.pdl!r}")
+        for name in ("pdl", "concurrent_branches"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"KernelOptions.{name} must be a bool, got {getattr(self, name)!r}")
         # how the options travel to the custom ops (ops/library.py: a string argument, JSON of the fields), made
         # once here so that torch.compile reads an attribute instead of tracing the serialization
         object.__setattr__(self, "op_key", json.dumps(asdict(self), sort_keys=True))

@@ -470,14 +470,16 @@ def _dkdv_splits(programs: int, G: int, device: torch.device) -> int:
 
 def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, window=None,
                          cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, q_offset=0, q_offsets=None,
-                         max_query_end=None, head_splits=None, delta=None, add_dq_to=None,
+                         max_query_end=None, head_splits=None, delta=None, add_dq_to=None, dq_after=None,
                          options: KernelOptions = KernelOptions()):
     """Banded attention backward: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
     do, o [B, T, Hq, Dv] and lse [B, Hq, T] as returned by banded_attention_fwd; other arguments as there.
     delta float32 [B, Hq, T]: rowsum(do * o), made here unless given (NSA's gate kernel makes all three branches'; o is
     then not read); add_dq_to [B, T, Hq, Dk] (contiguous, q's dtype): dq is added to it in place and it is returned.
-    dk, dv come from a key-major kernel, dq from a separate query-major one. head_splits (default: chosen
+    dk, dv come from a key-major kernel, dq from a separate query-major one, launched in that order; dq_after (a
+    torch.cuda.Event) makes the dq kernel wait for it first, when add_dq_to is written on another stream.
+    head_splits (default: chosen
     for the GPU) splits each group's query heads over that many dk/dv programs; it must divide Hq // Hkv.
     max_query_end: the largest raw length of a sequence (its last query's position + 1), bounding the keys that get
     a gradient; packed batches with q_offsets should pass it (else it is read from the device).
@@ -525,6 +527,8 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
             *dk.stride()[:4], *dv.stride()[:4],
             T, Tk, Hq, Hkv, G, splits, qk_scale, scale, q_offset, **meta, **kv_cfg)
     dq = torch.empty_like(q) if add_dq_to is None else add_dq_to
+    if dq_after is not None:
+        torch.cuda.current_stream(q.device).wait_event(dq_after)
     if T:
         q_cfg = cfg["dq"]
         _banded_dq_kernel[(triton.cdiv(max_t, q_cfg["BLOCK_M"]) * Hq, nb)](

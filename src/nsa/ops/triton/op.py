@@ -11,8 +11,17 @@ nsa_attention_fwd runs:
 nsa_attention_fwd returns, and the op's autograd saves, what a FlashAttention-style op keeps: the inputs, the
 three branch outputs, their lses and the block ids (nothing of size T x T or T x Tc). nsa_attention_bwd: one
 fused kernel gives dgates[..., c] = sum_d do * o_c and each branch's delta = rowsum(do_c * o_c) for its output
-gradient do_c = g_c * do; then each branch's backward on its do_c (made just before, one at a time), the later
-ones adding their dq into the first's.
+gradient do_c = g_c * do; then each branch's backward on its do_c (made just before), the later ones adding their
+dq into the first's.
+
+Two streams (KernelOptions.concurrent_branches, CUDA only). The selected branch's kernels are bound by L2 bandwidth
+(each query's group loads its 16 blocks of K and V), the banded ones by the tensor cores, so the op runs them side by
+side: in the forward the window branch goes to a second stream once the selection is made and runs beside the
+selected branch; in the backward the selected branch goes to the second stream (its dk/dv beside the compressed
+branch's backward, then its dq, once the compressed dq it adds to is written, beside the window branch's dk/dv),
+and the window branch's dq waits for it. Events order the streams on the device (no host sync); the sums are those of
+one stream, so the results are bitwise equal. At most two do_c are alive at once instead of one. Inside CUDA-graph
+capture the op stays on the capturing stream.
 
 Determinism: the backward uses no float atomics (every gradient tile has one writer that sums in a
 fixed order), so gradients are bitwise reproducible run to run, always, whatever
@@ -24,6 +33,8 @@ Limits (ValueError / TypeError naming them): CUDA tensors unless TRITON_INTERPRE
 bfloat16 or float32 (use backend="reference" for float64); head dims up to 256.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -65,6 +76,51 @@ def _bands(config: NSAConfig, T: int, Tk: int, cu_seqlens, seq_lens, cu_seqlens_
     return cmp_band, swa_band, slc, select, max_end
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}  # the second stream of each device, made on first use
+
+
+def _side_stream(device: torch.device, options: KernelOptions) -> torch.cuda.Stream | None:
+    """The stream the op runs a branch on beside the current one (one per device, high priority, so that its blocks
+    are scheduled as soon as SMs free up), or None: everything on the current stream (concurrent_branches off, not
+    CUDA, or the current stream is capturing a CUDA graph)."""
+    if not options.concurrent_branches or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    if device.index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device.index] = torch.cuda.Stream(device, priority=-1)
+    return _SIDE_STREAMS[device.index]
+
+
+def _event(stream: torch.cuda.Stream | None, side: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+    """An event recorded on `stream` (None: the current one) after what it was given so far; None without side."""
+    if side is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+@contextlib.contextmanager
+def _on(side: torch.cuda.Stream | None, after: torch.cuda.Event | None):
+    """Launches inside the block go to `side`, which first waits for `after`; without side, to the current stream."""
+    if side is None:
+        yield
+        return
+    side.wait_event(after)
+    with torch.cuda.stream(side):
+        yield
+
+
+def _join(side: torch.cuda.Stream | None, *made_on_side: torch.Tensor) -> None:
+    """The current stream waits for all that side was given; the tensors allocated on side are marked as used by the
+    current stream (their memory is not handed back to side while this stream may still read it)."""
+    if side is None:
+        return
+    current = torch.cuda.current_stream()
+    current.wait_stream(side)
+    for x in made_on_side:
+        x.record_stream(current)
+
+
 def nsa_attention_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config, scale, *, cu_seqlens=None,
                       seq_lens=None, cu_seqlens_k=None, seq_lens_k=None,
                       kernel_options: KernelOptions = KernelOptions()):
@@ -84,8 +140,11 @@ def nsa_attention_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, config
                                                 cu_seqlens_k, seq_lens_k, kernel_options)
     o_cmp, lse_cmp = banded_attention_fwd(q, k_cmp, v_cmp, scale, **cmp_band)
     block_ids = select_blocks_fwd(q, k_cmp, lse_cmp, config, scale, **select)
+    side = _side_stream(q.device, kernel_options)
+    with _on(side, _event(None, side)):  # the window branch beside the selected one
+        o_swa, lse_swa = banded_attention_fwd(q, k_swa, v_swa, scale, **swa_band)
     o_slc, lse_slc = selected_attention_fwd(q, k_slc, v_slc, block_ids, scale, config.slc_block, **slc)
-    o_swa, lse_swa = banded_attention_fwd(q, k_swa, v_swa, scale, **swa_band)
+    _join(side, o_swa, lse_swa)
     o = gate_combine(gates, o_cmp, o_slc, o_swa)
     return o, o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, block_ids
 
@@ -102,14 +161,24 @@ def nsa_attention_bwd(do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, o_
     # Each branch's output gradient do_c = gates[..., c] * do is made just before its backward and dropped after it
     # (one [B, T, Hq, Dv] tensor at a time); its delta comes from the gate kernel; the later branches add their dq
     # into the first's: dq = (dq_cmp + dq_slc) + dq_swa, in float32 inside each dq kernel, rounded once per branch.
+    # With a side stream (module docstring) the selected branch runs there: its dk/dv from the start, its dq after the
+    # compressed branch's (cmp_dq), the window branch's dq after it (slc_dq). Host order = the order of the events.
     do = do.contiguous()
     dgates, delta = gate_backward(do, gates, o_cmp, o_slc, o_swa)
+    side = _side_stream(q.device, kernel_options)
+    deltas_ready = _event(None, side)
     dq, dk_cmp, dv_cmp = banded_attention_bwd(gated_grad(do, gates, 0), q, k_cmp, v_cmp, o_cmp, lse_cmp, scale,
                                               **cmp_band, max_query_end=max_end, delta=delta[0])
-    _, dk_slc, dv_slc = selected_attention_bwd(gated_grad(do, gates, 1), q, k_slc, v_slc, o_slc, lse_slc, block_ids,
-                                               scale, config.slc_block, **slc, delta=delta[1], add_dq_to=dq)
+    cmp_dq = _event(None, side)
+    with _on(side, deltas_ready):
+        _, dk_slc, dv_slc = selected_attention_bwd(gated_grad(do, gates, 1), q, k_slc, v_slc, o_slc, lse_slc,
+                                                   block_ids, scale, config.slc_block, **slc, delta=delta[1],
+                                                   add_dq_to=dq, dq_after=cmp_dq)
+    slc_dq = _event(side, side)
     _, dk_swa, dv_swa = banded_attention_bwd(gated_grad(do, gates, 2), q, k_swa, v_swa, o_swa, lse_swa, scale,
-                                             **swa_band, max_query_end=max_end, delta=delta[2], add_dq_to=dq)
+                                             **swa_band, max_query_end=max_end, delta=delta[2], add_dq_to=dq,
+                                             dq_after=slc_dq)
+    _join(side, dk_slc, dv_slc)
     return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dgates
 
 

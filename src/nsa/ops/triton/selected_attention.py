@@ -618,12 +618,14 @@ def _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk):
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *, cu_seqlens=None, max_seqlen=None,
                            cu_seqlens_k=None, max_seqlen_k=None, chunk=None, delta=None, add_dq_to=None,
-                           options: KernelOptions = KernelOptions()):
+                           dq_after=None, options: KernelOptions = KernelOptions()):
     """Gradients of selected_attention_fwd: (dq, dk, dv) in the dtypes of q, k, v, bitwise reproducible.
 
     dq query-major, dk/dv kv-major over the inverse index, no float atomics, no host sync.
     chunk: queries per kv-major work item (default KV_ITEM_QUERIES). delta, add_dq_to: as in
-    banded.banded_attention_bwd (rowsum(do * o) when the caller has it; dq added in place)."""
+    banded.banded_attention_bwd (rowsum(do * o) when the caller has it; dq added in place). Given delta, dk/dv are
+    launched before dq (without it the dq kernel makes delta, which dk/dv read, so dq goes first); dq_after (a
+    torch.cuda.Event) makes the dq launch wait for it, when add_dq_to is written on another stream."""
     q, k, v, o, do, block_ids = (x.contiguous() for x in (q, k, v, o, do, block_ids.to(torch.int32)))
     lse = lse.contiguous()
     check_backward_extras(q, delta, add_dq_to)
@@ -642,10 +644,17 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     qk_scale = scale * LOG2E
     has_delta = delta is not None
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32) if delta is None else delta.contiguous()
-    _launch_walk(_selected_dq_kernel, (max_len, nb, HKV), block_ids, cu_seqlens, cu_seqlens_k,
-                 dict(meta, HAS_DELTA=has_delta, ACCUMULATE=add_dq_to is not None),
-                 _walk_tiles(options.selected_dq, block_size, G, 1), (q, k, v, block_ids, o, do, lse, dq, delta),
-                 (qk_scale, scale, T, Tk, HQ, HKV, DK, DV))
+
+    def walk_dq():
+        if dq_after is not None:
+            torch.cuda.current_stream(q.device).wait_event(dq_after)
+        _launch_walk(_selected_dq_kernel, (max_len, nb, HKV), block_ids, cu_seqlens, cu_seqlens_k,
+                     dict(meta, HAS_DELTA=has_delta, ACCUMULATE=add_dq_to is not None),
+                     _walk_tiles(options.selected_dq, block_size, G, 1), (q, k, v, block_ids, o, do, lse, dq, delta),
+                     (qk_scale, scale, T, Tk, HQ, HKV, DK, DV))
+
+    if not has_delta:
+        walk_dq()
     num_blocks = triton.cdiv(max_len_k, block_size)
     chunk = KV_ITEM_QUERIES if chunk is None else chunk
     qlist, item_key, lo, hi, key_items = _inverse_index(block_ids, cu_seqlens, T, num_blocks, chunk)
@@ -662,4 +671,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_ids, scale, block_size, *,
     _selected_dkdv_reduce_kernel[(nb * HKV * num_blocks,)](pdk, pdv, key_items, dk, dv, cu_seqlens_k, Tk, HKV, DK, DV,
                                                     num_blocks, SLC_BLOCK=block_size, BLOCK_S=block_s,
                                                     BLOCK_DK=block_dk, BLOCK_DV=block_dv, IS_VARLEN=varlen)
+    del pdk, pdv  # back to the allocator (stream-ordered) before the dq walk
+    if has_delta:
+        walk_dq()
     return dq, dk, dv
