@@ -7,7 +7,7 @@ H - 1 tokens back: with the window w < H - 1 the window branch alone cannot, so 
 (log A nats) while full attention learns to copy (an induction mechanism: previous-token head, then match). NSA has
 to reach the first copy through its selected blocks (ranked by the compressed scores) or its compressed tokens.
 The models share the size, data, steps and schedule: attention "nsa", "swa" (NSA with the compressed and selected
-gates forced to 0) and "full".
+gates forced to 0) and "full"; --models nsa-ungated adds NSA with its compressed branch ungated (weight 1).
 
 Reported per model: the second copy's loss (nats/token) on held-out sequences over training; at the end, per NSA
 layer, how often the block holding the token to copy (position i + 1 for the query at H + i) is among the group's
@@ -27,7 +27,8 @@ import torch
 import nsa
 from nsa.eval import copy_source_hits
 
-MODELS = {"nsa": dict(attention="nsa"), "swa": dict(attention="nsa", branches=("swa",)), "full": dict(attention="full")}
+MODELS = {"nsa": dict(attention="nsa"), "swa": dict(attention="nsa", branches=("swa",)), "full": dict(attention="full"),
+          "nsa-ungated": dict(attention="nsa", ungated=("cmp",))}  # the compressed branch added with weight 1
 
 
 def copy_batch(batch: int, half: int, alphabet: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
