@@ -71,7 +71,10 @@ def visible_pairs(T, config):
     return dict(compressed=cmp, selection=cmp, selected=slc, window=swa, nsa=cmp + slc + swa, full=T * (T + 1) / 2)
 
 
-ONE_STREAM = nsa.KernelOptions(concurrent_branches=False)  # --one-stream: the op's branches on one CUDA stream
+# --streams: the op also with the other setting of KernelOptions.concurrent_branches than the default, under its name
+STREAMS = nsa.KernelOptions(concurrent_branches=not nsa.KernelOptions().concurrent_branches)
+STREAMS_KEY = "nsa_two_streams" if STREAMS.concurrent_branches else "nsa_one_stream"
+STREAMS_LABEL = STREAMS_KEY[4:].replace("_", " ")
 
 
 def op_fns(x, config, options=None):
@@ -238,8 +241,8 @@ def run_shape(shape_name, T, config, args, fla):
     scale = shape.D ** -0.5
     pairs = visible_pairs(T, config)
     makers = {"nsa": lambda: op_fns(x, config)}
-    if args.one_stream:
-        makers["nsa_one_stream"] = lambda: op_fns(x, config, ONE_STREAM)
+    if args.streams:
+        makers[STREAMS_KEY] = lambda: op_fns(x, config, STREAMS)
     if not args.no_branches:
         makers["branches"] = lambda: branch_fns(x, config, scale)
     makers["sdpa_flash"] = lambda: sdpa_fns(x, SDPBackend.FLASH_ATTENTION)
@@ -278,10 +281,10 @@ def _ms(r, name, mode):
 
 
 def op_table(results, branches):
-    one_stream = ["nsa_one_stream"] if any("nsa_one_stream" in r.get("kernels", {}) for r in results) else []
-    cols = ["nsa", *one_stream, *(BRANCHES if branches else ()), *BASELINES]
+    other = [STREAMS_KEY] if any(STREAMS_KEY in r.get("kernels", {}) for r in results) else []
+    cols = ["nsa", *other, *(BRANCHES if branches else ()), *BASELINES]
     headers = ["shape", "T", "mode", *(f"{c} ms" for c in cols), "flash / nsa", "cuDNN / nsa", "fla / nsa",
-               *(["one stream / nsa", "one stream MiB"] if one_stream else []), "nsa MiB", "cuDNN MiB", "fla MiB"]
+               *([f"{STREAMS_LABEL} / nsa", f"{STREAMS_LABEL} MiB"] if other else []), "nsa MiB", "cuDNN MiB", "fla MiB"]
     rows = []
     for r in results:
         for mode in ("fwd", "fwd_bwd"):
@@ -292,8 +295,8 @@ def op_table(results, branches):
                      for c in cols]
             nsa_ms = _ms(r, "nsa", mode)
             speed = [ratio(_ms(r, b, mode), nsa_ms) for b in BASELINES]
-            speed += [ratio(_ms(r, c, mode), nsa_ms) for c in one_stream]
-            speed += [fmt(_rec(r, c, mode).get("peak_mib"), ".0f") for c in one_stream]
+            speed += [ratio(_ms(r, c, mode), nsa_ms) for c in other]
+            speed += [fmt(_rec(r, c, mode).get("peak_mib"), ".0f") for c in other]
             peaks = [fmt(_rec(r, c, mode).get("peak_mib"), ".0f") for c in ("nsa", "sdpa_cudnn", "fla")]
             rows.append([r["shape"], r["T"], mode, *cells, *speed, *peaks])
     return common.table(headers, rows)
@@ -394,22 +397,22 @@ def model_step(attention, T, iters, compiled=False, options=None):
     return rec  # the model goes with this frame; run_model empties the cache
 
 
-def model_variants(compile_too, one_stream=False):
+def model_variants(compile_too, streams=False):
     """(key prefix, attention, compiled, kernel options) of the measured models: eager nsa and full, compiled ones
-    too, and eager nsa on one stream."""
+    too, and eager nsa with the other stream setting (STREAMS)."""
     modes = (False, True) if compile_too else (False,)
     variants = [(attention + ("_compiled" if compiled else ""), attention, compiled, None)
                 for compiled in modes for attention in ("nsa", "full")]
-    return variants + ([("nsa_one_stream", "nsa", False, ONE_STREAM)] if one_stream else [])
+    return variants + ([(STREAMS_KEY, "nsa", False, STREAMS)] if streams else [])
 
 
-def run_model(Ts, iters, compile_too=False, on_row=None, one_stream=False):
+def run_model(Ts, iters, compile_too=False, on_row=None, streams=False):
     """One row per T of model_variants' step times; on_row(rows so far) after each row, and each step's time is
     printed as it is measured."""
     rows = []
     for T in Ts:
         row = {"T": T}
-        for key, attention, compiled, options in model_variants(compile_too, one_stream):
+        for key, attention, compiled, options in model_variants(compile_too, streams):
             print(f"model step {key} T={T} ...", flush=True)
             rec, err = common.guarded(model_step, attention, T, iters, compiled, options)
             torch.cuda.empty_cache()
@@ -425,13 +428,13 @@ def run_model(Ts, iters, compile_too=False, on_row=None, one_stream=False):
 
 
 def model_table(rows, compile_too=False):
-    one_stream = any("nsa_one_stream_ms" in r for r in rows)
-    keys = [key for key, *_ in model_variants(compile_too, one_stream)]
+    other = any(f"{STREAMS_KEY}_ms" in r for r in rows)
+    keys = [key for key, *_ in model_variants(compile_too, other)]
     headers = ["T"]
     for key in keys:
         headers += [f"{key} ms", f"{key} tokens/s", f"{key} MiB"] + (["first step s"] if key.endswith("compiled") else [])
     headers += ["full / nsa"] + (["full / nsa compiled", "nsa eager / compiled", "full eager / compiled"]
-                                 if compile_too else []) + (["one stream / nsa"] if one_stream else [])
+                                 if compile_too else []) + ([f"{STREAMS_LABEL} / nsa"] if other else [])
     out = []
     for r in rows:
         cells = []
@@ -445,8 +448,8 @@ def model_table(rows, compile_too=False):
         if compile_too:
             cells += [ratio(r["full_compiled_ms"], r["nsa_compiled_ms"]), ratio(r["nsa_ms"], r["nsa_compiled_ms"]),
                       ratio(r["full_ms"], r["full_compiled_ms"])]
-        if one_stream:
-            cells.append(ratio(r["nsa_one_stream_ms"], r["nsa_ms"]))
+        if other:
+            cells.append(ratio(r[f"{STREAMS_KEY}_ms"], r["nsa_ms"]))
         out.append([r["T"], *cells])
     return common.table(headers, out)
 
@@ -466,8 +469,8 @@ def main():
     parser.add_argument("--compile", action="store_true",
                         help="part 'model': also time torch.compile(model, fullgraph=True) steps, beside eager")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
-    parser.add_argument("--one-stream", action="store_true",
-                        help="also time the op and the nsa model step with KernelOptions(concurrent_branches=False)")
+    parser.add_argument("--streams", action="store_true",
+                        help="also time the op and the nsa model step with the other KernelOptions.concurrent_branches")
     args = parser.parse_args()
     common.require_cuda("bench_op.py")
     env = common.environment()
@@ -489,7 +492,7 @@ def main():
                 torch.cuda.empty_cache()
     if "model" in args.parts:
         model = run_model(args.model_T, args.model_iters, args.compile,
-                          lambda rows: common.write_json(args.out, meta, op=results, model=rows), args.one_stream)
+                          lambda rows: common.write_json(args.out, meta, op=results, model=rows), args.streams)
 
     common.print_header("NSA op against SDPA and fla-core; model training step", env)
     if results:

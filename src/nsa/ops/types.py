@@ -83,7 +83,8 @@ class KernelOptions:
     (None: one per SM). pdl: programmatic dependent launch between the decoding kernels (Hopper and later).
     concurrent_branches: the training op runs one branch on a second CUDA stream beside the others (forward: the
     window branch beside the selected one; backward: the selected branch beside the compressed and window ones), the
-    same kernels in the same order of summation, so the results are bitwise those of one stream (False).
+    same kernels in the same order of summation, so the results are bitwise those of one stream. Off by default: not
+    yet timed on a GPU (`benchmarks/bench_op.py --streams` measures it).
     """
 
     banded_fwd: Launch = Launch()
@@ -97,7 +98,7 @@ class KernelOptions:
     decode_score: Launch = Launch()
     decode_programs: int | None = None
     pdl: bool = True
-    concurrent_branches: bool = True
+    concurrent_branches: bool = False
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

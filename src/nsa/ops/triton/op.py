@@ -14,7 +14,7 @@ fused kernel gives dgates[..., c] = sum_d do * o_c and each branch's delta = row
 gradient do_c = g_c * do; then each branch's backward on its do_c (made just before), the later ones adding their
 dq into the first's.
 
-Two streams (KernelOptions.concurrent_branches, CUDA only). The selected branch's kernels are bound by L2 bandwidth
+Two streams (KernelOptions.concurrent_branches, off by default, CUDA only). The selected branch's kernels are bound by L2 bandwidth
 (each query's group loads its 16 blocks of K and V), the banded ones by the tensor cores, so the op runs them side by
 side: in the forward the window branch goes to a second stream once the selection is made and runs beside the
 selected branch; in the backward the selected branch goes to the second stream (its dk/dv beside the compressed
