@@ -81,10 +81,9 @@ class KernelOptions:
     decode_cmp / decode_sparse: the decoding step's key-reading kernels (block = key tile, warps, stages,
     maxnreg); decode_score: its block-score kernel (warps). decode_programs: programs per key-splitting launch
     (None: one per SM). pdl: programmatic dependent launch between the decoding kernels (Hopper and later).
-    concurrent_branches: the training op runs one branch on a second CUDA stream beside the others (forward: the
-    window branch beside the selected one; backward: the selected branch beside the compressed and window ones), the
-    same kernels in the same order of summation, so the results are bitwise those of one stream. Off by default: not
-    yet timed on a GPU (`benchmarks/bench_op.py --streams` measures it).
+    concurrent_branches: the training op's backward runs the selected branch on a second CUDA stream beside the
+    compressed and window branches, the same kernels in the same order of summation, so the results are bitwise those
+    of one stream (False); `benchmarks/bench_op.py --streams` times the other setting.
     """
 
     banded_fwd: Launch = Launch()
@@ -98,7 +97,7 @@ class KernelOptions:
     decode_score: Launch = Launch()
     decode_programs: int | None = None
     pdl: bool = True
-    concurrent_branches: bool = False
+    concurrent_branches: bool = True
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
