@@ -157,8 +157,9 @@ def nsa_attention_bwd(do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, o_
     cmp_band, swa_band, slc, _, max_end = _bands(config, q.shape[1], k_slc.shape[1], cu_seqlens, seq_lens,
                                                  cu_seqlens_k, seq_lens_k, kernel_options)
     # Each branch's output gradient do_c = gates[..., c] * do is made just before its backward and dropped after it
-    # (one [B, T, Hq, Dv] tensor at a time); its delta comes from the gate kernel; the later branches add their dq
-    # into the first's: dq = (dq_cmp + dq_slc) + dq_swa, in float32 inside each dq kernel, rounded once per branch.
+    # (one [B, T, Hq, Dv] tensor at a time on one stream; with a side stream the selected branch's beside one other);
+    # its delta comes from the gate kernel; the later branches add their dq into the first's:
+    # dq = (dq_cmp + dq_slc) + dq_swa, in float32 inside each dq kernel, rounded once per branch.
     # With a side stream (module docstring) the selected branch runs there: its dk/dv from the start, its dq after the
     # compressed branch's (cmp_dq), the window branch's dq after it (slc_dq). Host order = the order of the events.
     do = do.contiguous()
