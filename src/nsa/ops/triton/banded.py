@@ -479,8 +479,8 @@ def banded_attention_bwd(do, q, k, v, o, lse, scale, *, key_stride, key_span, wi
     then not read); add_dq_to [B, T, Hq, Dk] (contiguous, q's dtype): dq is added to it in place and it is returned.
     dk, dv come from a key-major kernel, dq from a separate query-major one, launched in that order; dq_after (a
     torch.cuda.Event) makes the dq kernel wait for it first, when add_dq_to is written on another stream.
-    head_splits (default: chosen
-    for the GPU) splits each group's query heads over that many dk/dv programs; it must divide Hq // Hkv.
+    head_splits (default: chosen for the GPU) splits each group's query heads over that many dk/dv programs; it must
+    divide Hq // Hkv.
     max_query_end: the largest raw length of a sequence (its last query's position + 1), bounding the keys that get
     a gradient; packed batches with q_offsets should pass it (else it is read from the device).
     """
