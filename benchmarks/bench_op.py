@@ -38,12 +38,9 @@ speedup.png (baseline time / NSA time against T) to --out.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib.metadata
 import importlib.util
 import time
-import unittest.mock
 
 import torch
 
@@ -356,31 +353,18 @@ def model_config(attention):
 
 def training_step(attention, T, compiled=False, options=None):
     """(step, model): step() runs one forward+backward of the model on B = 1 random tokens (bf16 autocast), eager
-    or through torch.compile(model, fullgraph=True); options: the NSA layers' kernel_options (the layer takes none
-    of its own, so its nsa_attention is wrapped for the step)."""
-    model = nsa.LanguageModel(model_config(attention)).cuda().train()
+    or through torch.compile(model, fullgraph=True); options: the NSA layers' kernel_options."""
+    model = nsa.LanguageModel(model_config(attention), kernel_options=options).cuda().train()
     forward = torch.compile(model, fullgraph=True) if compiled else model
     idx = torch.randint(0, 256, (1, T + 1), device="cuda")
     inputs, targets = idx[:, :-1], idx[:, 1:]
 
     def step():
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16), with_options(options):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = forward(inputs, targets)
         loss.backward()
     return step, model
-
-
-@contextlib.contextmanager
-def with_options(options):
-    """The NSA layers' nsa_attention calls take kernel_options=options inside the block (None: unchanged)."""
-    if options is None:
-        yield
-        return
-    import nsa.layer
-    with unittest.mock.patch.object(nsa.layer, "nsa_attention",
-                                    functools.partial(nsa.layer.nsa_attention, kernel_options=options)):
-        yield
 
 
 def model_step(attention, T, iters, compiled=False, options=None):

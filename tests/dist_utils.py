@@ -17,7 +17,12 @@ def free_port() -> int:
 def _run(rank, world_size, port, backend, fn, args):
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
+        # every rank has its group's connections before any runs the body, and none tears the group down while
+        # another still talks to it (a peer aborted once in CI, "terminate called without an active exception",
+        # in test_triton_cp_equals_single_process)
+        dist.barrier()
         fn(rank, world_size, *args)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

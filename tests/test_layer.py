@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nsa import NativeSparseAttention, NSAConfig
+from nsa import KernelOptions, LanguageModel, Launch, ModelConfig, NativeSparseAttention, NSAConfig
 from nsa.rope import apply_rope, positions_from_cu_seqlens
 
 # small blocks so that T = 40 already has compressed tokens, several selection blocks and a partial window
@@ -102,6 +102,30 @@ def test_bad_input_raises():
         layer(torch.randn(2, 40, HIDDEN, dtype=torch.float64), cu_seqlens=torch.tensor([0, 40], dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seqlens"):
         layer(torch.randn(1, 40, HIDDEN, dtype=torch.float64), cu_seqlens=torch.tensor([0, 30], dtype=torch.int32))
+
+
+def test_kernel_options_reach_every_op_the_layer_runs():
+    """The layer passes its kernel_options to the training op and the decoding step: a Launch field that a
+    kernel does not take is refused at that kernel's launch (Triton backend; the interpreter on a CPU)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 40, HIDDEN)
+    bad_banded = KernelOptions(banded_fwd=Launch(block=16))  # the window/compressed kernels take block_m, block_n
+    layer = NativeSparseAttention(HIDDEN, 4, 2, 8, config=CFG, backend="triton", kernel_options=bad_banded)
+    with pytest.raises(ValueError, match="Launch.block is not an option"):
+        layer(x)
+    cache = layer.new_cache(1, 48, dtype=torch.float32)
+    with pytest.raises(ValueError, match="Launch.block is not an option"):
+        layer.prefill(x, cache)
+    layer.kernel_options = None
+    layer.prefill(x, cache)
+    layer.kernel_options = KernelOptions(decode_cmp=Launch(block_m=16))  # the decoding kernels take block
+    with pytest.raises(ValueError, match="Launch.block_m is not an option"):
+        layer.step(x[:, :1], cache)
+    with pytest.raises(TypeError, match="kernel_options must be None or an nsa.KernelOptions"):
+        NativeSparseAttention(HIDDEN, 4, 2, 8, kernel_options={"pdl": False})
+    model = LanguageModel(ModelConfig(n_layer=2, n_embd=HIDDEN, n_head=4, n_kv_head=2, nsa=CFG),
+                          kernel_options=bad_banded)
+    assert all(block.attn.kernel_options is bad_banded for block in model.blocks)
 
 
 def test_optimizer_steps_lower_the_loss():

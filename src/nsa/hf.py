@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from .config import NSAConfig
 from .layer import BRANCHES, NativeSparseAttention
+from .ops.types import KernelOptions
 from .rope import rotate_half
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -42,9 +43,9 @@ class HFNativeSparseAttention(NativeSparseAttention):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, config: NSAConfig,
                  share_kv: bool, rotary: nn.Module, q_norm: nn.Module | None = None,
                  k_norm: nn.Module | None = None, qkv_bias: bool = False, o_bias: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, kernel_options: KernelOptions | None = None):
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, config=config, share_kv=share_kv,
-                         backend=backend)
+                         backend=backend, kernel_options=kernel_options)
         self.rotary = rotary
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
@@ -208,14 +209,16 @@ def _check_model(model: nn.Module) -> None:
 
 
 def convert(model: nn.Module, config: NSAConfig = NSAConfig(), *, share_kv: bool = True,
-            backend: str | None = None, gate_bias: float = 6.0) -> nn.Module:
+            backend: str | None = None, kernel_options: KernelOptions | None = None,
+            gate_bias: float = 6.0) -> nn.Module:
     """Replaces, in place, every attention module of a transformers Llama / Mistral / Qwen2 / Qwen3 model by NSA
     attention initialized from it; returns the model.
 
     config: the NSA block parameters. With config.window >= the sequence length, the converted model starts
     as the dense one (up to the gate leak sigmoid(-gate_bias), see the module docstring).
     share_kv: one key/value set for the three branches (True), or the dense k/v copied into one set per branch.
-    backend: passed to nsa.nsa_attention (None: Triton on CUDA when installed, else the reference).
+    backend: passed to nsa.nsa_attention (None: Triton on CUDA when installed, else the reference); kernel_options
+    likewise (an nsa.KernelOptions; None: the library's choices).
     gate_bias: the gates' initial logit magnitude: cmp and slc start at sigmoid(-gate_bias), swa at
     sigmoid(gate_bias). Larger values reproduce the dense model more exactly but saturate the gates: their (and
     through them phi's) gradients shrink like exp(-gate_bias), so the warm-up first spends its steps moving
@@ -232,12 +235,14 @@ def convert(model: nn.Module, config: NSAConfig = NSAConfig(), *, share_kv: bool
         if isinstance(attn, NSAAttentionHF):
             raise ValueError("nsa.convert: the model is already converted")
         decoder_layer.self_attn = NSAAttentionHF(
-            _convert_attention(attn, base.rotary_emb, hf_config, config, share_kv, backend, gate_bias), layer_idx)
+            _convert_attention(attn, base.rotary_emb, hf_config, config, share_kv, backend, kernel_options,
+                               gate_bias), layer_idx)
     return model
 
 
 @torch.no_grad()
-def _convert_attention(attn, rotary, hf_config, config, share_kv, backend, gate_bias) -> HFNativeSparseAttention:
+def _convert_attention(attn, rotary, hf_config, config, share_kv, backend, kernel_options,
+                       gate_bias) -> HFNativeSparseAttention:
     hidden = attn.q_proj.in_features
     D = attn.head_dim
     Hq, Hkv = attn.q_proj.out_features // D, attn.k_proj.out_features // D
@@ -247,7 +252,8 @@ def _convert_attention(attn, rotary, hf_config, config, share_kv, backend, gate_
         raise ValueError("nsa.convert: q_proj, k_proj and v_proj must all have biases or none")
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     layer = HFNativeSparseAttention(
-        hidden, Hq, Hkv, D, config=config, share_kv=share_kv, rotary=nn.Identity(), qkv_bias=qkv_bias, o_bias=attn.o_proj.bias is not None, backend=backend)
+        hidden, Hq, Hkv, D, config=config, share_kv=share_kv, rotary=nn.Identity(), qkv_bias=qkv_bias,
+        o_bias=attn.o_proj.bias is not None, backend=backend, kernel_options=kernel_options)
     layer.to(device=weight.device, dtype=weight.dtype)
     # the dense model's own rotary / norm modules, copied as they are (not cast: transformers keeps their dtypes)
     layer.rotary = copy.deepcopy(rotary)

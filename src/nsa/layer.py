@@ -7,7 +7,8 @@ import torch.nn as nn
 from .config import NSAConfig
 from .cache import NSACache, default_dtype_device
 from .distributed import ContextParallelLayout, attend_gathered, gather_rows
-from .ops import NSAInputs, _resolve_backend, decode_glue_fused, nsa_attention, nsa_decode_attention
+from .ops import (KernelOptions, NSAInputs, _resolve_backend, check_kernel_options, decode_glue_fused,
+                  nsa_attention, nsa_decode_attention)
 from .ops.library import decode_append_compressed, decode_append_tokens
 from .ops.checks import check_cu_seqlens
 from .rope import apply_rope, positions_from_cu_seqlens, rope_cos_sin, rotate
@@ -97,7 +98,8 @@ class NativeSparseAttention(nn.Module):
 
     Packed variable-length input: x [1, total, hidden] with cu_seqlens (int32 [N + 1]); positions
     restart at 0 in every sequence and every sequence gets its own compressed tokens.
-    backend is passed to nsa.nsa_attention (None: fastest available).
+    backend and kernel_options (an nsa.KernelOptions tuning the Triton kernels; None: the library's choices) are
+    passed to every op the layer runs (nsa_attention, nsa_decode_attention; None backend: fastest available).
 
     branches: the branches whose gates are learned, a non-empty subset of ("cmp", "slc", "swa"); the gates of
     the others are forced to exactly 0 (an ablation: ("swa",) is a sliding-window-only layer, whose output at t
@@ -117,7 +119,7 @@ class NativeSparseAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  v_head_dim: int | None = None, config: NSAConfig = NSAConfig(), share_kv: bool = False,
                  rope_base: float = 10000.0, backend: str | None = None, branches: tuple[str, ...] = BRANCHES,
-                 ungated: tuple[str, ...] = ()):
+                 ungated: tuple[str, ...] = (), kernel_options: KernelOptions | None = None):
         super().__init__()
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
@@ -137,6 +139,7 @@ class NativeSparseAttention(nn.Module):
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.v_head_dim = head_dim, v_head_dim
         self.config, self.share_kv, self.rope_base, self.backend = config, share_kv, rope_base, backend
+        self.kernel_options = check_kernel_options(kernel_options)
 
         self.num_kv_sets = 1 if share_kv else len(BRANCHES)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
@@ -251,8 +254,8 @@ class NativeSparseAttention(nn.Module):
             if cu_seqlens is not None:
                 raise ValueError("with context_parallel the layout carries the packing: pass cu_seqlens=None")
             return self._context_parallel(x, context_parallel)
-        o = nsa_attention(*self.nsa_inputs(x, cu_seqlens), self.config,
-                          cu_seqlens=cu_seqlens, backend=self.backend)  # [B, T, Hq, Dv]
+        o = nsa_attention(*self.nsa_inputs(x, cu_seqlens), self.config, cu_seqlens=cu_seqlens,
+                          backend=self.backend, kernel_options=self.kernel_options)  # [B, T, Hq, Dv]
         return self.o_proj(o.flatten(2))  # [B, T, Hq*Dv] -> [B, T, hidden_size]
 
     def _context_parallel(self, x: torch.Tensor, layout: ContextParallelLayout) -> torch.Tensor:
@@ -278,7 +281,7 @@ class NativeSparseAttention(nn.Module):
         prefix = device_tensors["cmp_prefix_rows"]
         keys = gathered[2:] if not self.share_kv else gathered[2:] * 2
         o = attend_gathered(q, k_cmp[:, prefix], v_cmp[:, prefix], *keys, gates, layout, self.head_dim ** -0.5,
-                            _resolve_backend(self.backend, x.device))
+                            _resolve_backend(self.backend, x.device), self.kernel_options)
         return self.o_proj(o.flatten(2))
 
     def _token_kv(self, k_slc, v_slc, k_swa, v_swa) -> dict[str, torch.Tensor]:
@@ -318,7 +321,7 @@ class NativeSparseAttention(nn.Module):
         x_in, (k_cmp_src, v_cmp_src) = self._whole_sequence(x, None)
         cache.fill(prompt_lens, **self._token_kv(x_in.k_slc, x_in.v_slc, x_in.k_swa, x_in.v_swa))
         cache.fill_cmp(prompt_lens, k_cmp_src, v_cmp_src, x_in.k_cmp, x_in.v_cmp)
-        o = nsa_attention(*x_in, self.config, backend=self.backend)
+        o = nsa_attention(*x_in, self.config, backend=self.backend, kernel_options=self.kernel_options)
         return self.o_proj(o.flatten(2))
 
     @torch.no_grad()
@@ -346,7 +349,8 @@ class NativeSparseAttention(nn.Module):
         # of range (lengths changed behind the mirror, or a replayed CUDA graph) gets NaN and sets error_flag
         o = nsa_decode_attention(q, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa,
                                  gates, cache.cache_seqlens, self.config, backend=self.backend,
-                                 host_seqlens=cache.host_seqlens, error_flag=cache.error_flag)  # [B, S, Hq, Dv]
+                                 kernel_options=self.kernel_options, host_seqlens=cache.host_seqlens,
+                                 error_flag=cache.error_flag)  # [B, S, Hq, Dv]
         return self.o_proj(o.flatten(2))
 
     def _fused_glue(self, x: torch.Tensor, cache: NSACache) -> bool:

@@ -20,6 +20,7 @@ from .config import NSAConfig
 from .graph import DecodeGraph
 from .layer import NativeSparseAttention, check_branches, check_ungated
 from .ops.checks import check_cu_seqlens
+from .ops.types import KernelOptions
 from .rope import positions_from_cu_seqlens, rope_cos_sin, rotate
 
 ATTENTIONS = ("nsa", "full")
@@ -164,13 +165,14 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernel_options: KernelOptions | None = None):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.n_embd)
         if cfg.attention == "nsa":
             self.attn = NativeSparseAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, config=cfg.nsa,
                                               share_kv=cfg.share_kv, rope_base=cfg.rope_base, backend=cfg.backend,
-                                              branches=cfg.branches, ungated=cfg.ungated)
+                                              branches=cfg.branches, ungated=cfg.ungated,
+                                              kernel_options=kernel_options)
         else:
             self.attn = CausalSelfAttention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.n_embd)
@@ -196,13 +198,17 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Decoder-only LM: idx long [B, T] -> logits [B, T, vocab_size]."""
+    """Decoder-only LM: idx long [B, T] -> logits [B, T, vocab_size].
 
-    def __init__(self, cfg: ModelConfig):
+    kernel_options: an nsa.KernelOptions for every NSA layer's ops (None: the library's choices); launch tuning, not
+    part of the model, so not in cfg (nor in checkpoints).
+    """
+
+    def __init__(self, cfg: ModelConfig, kernel_options: KernelOptions | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, kernel_options) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
