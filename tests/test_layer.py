@@ -108,12 +108,13 @@ def test_kernel_options_reach_every_op_the_layer_runs():
     """The layer passes its kernel_options to the training op and the decoding step: a Launch field that a
     kernel does not take is refused at that kernel's launch (Triton backend; the interpreter on a CPU)."""
     torch.manual_seed(0)
-    x = torch.randn(1, 40, HIDDEN)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(1, 40, HIDDEN, device=device)
     bad_banded = KernelOptions(banded_fwd=Launch(block=16))  # the window/compressed kernels take block_m, block_n
-    layer = NativeSparseAttention(HIDDEN, 4, 2, 8, config=CFG, backend="triton", kernel_options=bad_banded)
+    layer = NativeSparseAttention(HIDDEN, 4, 2, 8, config=CFG, backend="triton", kernel_options=bad_banded).to(device)
     with pytest.raises(ValueError, match="Launch.block is not an option"):
         layer(x)
-    cache = layer.new_cache(1, 48, dtype=torch.float32)
+    cache = layer.new_cache(1, 48, dtype=torch.float32, device=device)
     with pytest.raises(ValueError, match="Launch.block is not an option"):
         layer.prefill(x, cache)
     layer.kernel_options = None
