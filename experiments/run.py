@@ -1,12 +1,13 @@
 """Runs one experiment of EXPERIMENTS.md end to end: trains its models, evaluates them, plots, summarizes.
 
-    python experiments/run.py EXPERIMENT OUTDIR [--models nsa,swa] [--tiny] [--dry-run]
+    python experiments/run.py EXPERIMENT OUTDIR [--models nsa,swa] [--set KEY=VALUE ...] [--tiny] [--dry-run]
                                                                           (EXPERIMENT: loss, retrieval, learned)
 
 Every step is an `nsa` command, printed before it runs (EXPERIMENTS.md lists them), run in this process. Runs
 go to OUTDIR/EXPERIMENT/MODEL; OUTDIR/EXPERIMENT/summary.json gets each model's final validation loss, median
 ms per training step and wall time, and each evaluation's accuracy per length and NSA layer statistics.
 `learned` evaluates the models of `retrieval` (run it first with the same OUTDIR).
+--set: passed to every `nsa train` of the experiment after the model's own overrides (e.g. train.steps=2400).
 --tiny: the tiny preset's model, a few steps and a small grid on the CPU: the whole pipeline in seconds (a test).
 """
 from __future__ import annotations
@@ -53,17 +54,19 @@ def tenths(first: int, last: int) -> str:
     return ",".join(f"{d / 10:g}" for d in range(first, last + 1))
 
 
+UNGATED = ['model.ungated=["cmp"]']
+
 EXPERIMENTS = {
-    # nsa-ungated: the compressed branch added with weight 1 (model.ungated), an ablation run with --models
-    "loss": Experiment("loss-8k.toml", {"nsa": [], "full": ["model.attention=full"],
-                                        "nsa-ungated": ['model.ungated=["cmp"]']},
+    # nsa-ungated: the compressed branch added with weight 1 (model.ungated), an ablation (--models picks models)
+    "loss": Experiment("loss-8k.toml", {"nsa": [], "full": ["model.attention=full"], "nsa-ungated": UNGATED},
                        repeat_lengths="1024,4096,8192,16384"),
     "retrieval": Experiment("retrieval-8k.toml",
-                            {"nsa": [], "full": ["model.attention=full"], "swa": ['model.branches=["swa"]']},
+                            {"nsa": [], "full": ["model.attention=full"], "swa": ['model.branches=["swa"]'],
+                             "nsa-ungated": UNGATED},
                             Passkey("1024,2048,4096,8192,16384", tenths(0, 10), 8), "1024,2048,4096,8192,16384"),
     # depths 0 and 1 are left out: blocks 0, J - 1 and J are always selected, so keys there are hits by construction
-    "learned": Experiment(None, {"nsa": [], "swa": []}, Passkey("2048,4096,8192,16384", tenths(1, 9), 16),
-                          evaluates="retrieval"),
+    "learned": Experiment(None, {"nsa": [], "swa": [], "nsa-ungated": []},
+                          Passkey("2048,4096,8192,16384", tenths(1, 9), 16), evaluates="retrieval"),
 }
 
 
@@ -95,9 +98,12 @@ def chosen(name: str, models: list[str] | None) -> list[str]:
     return [m for m in known if m in models]
 
 
-def commands(name: str, out: Path, tiny: bool = False, models: list[str] | None = None) -> list[tuple[str, list[str]]]:
+def commands(name: str, out: Path, tiny: bool = False, models: list[str] | None = None,
+             overrides: list[str] = ()) -> list[tuple[str, list[str]]]:
     """The `nsa` commands of experiment `name` (its `models`, default all) writing under out, in order: (a label,
-    argv) pairs."""
+    argv) pairs; overrides: --set flags of every training run, after the model's own."""
+    if overrides and EXPERIMENTS[name].config is None:
+        raise ValueError(f"--set: {name} trains nothing (it evaluates the models of {EXPERIMENTS[name].evaluates})")
     exp = EXPERIMENTS[name]
     names = chosen(name, models)
     device = ["--device", "cpu"] if tiny else []
@@ -105,8 +111,8 @@ def commands(name: str, out: Path, tiny: bool = False, models: list[str] | None 
     if exp.config is not None:
         config = os.path.relpath(HERE / exp.config)
         for model in names:
-            overrides = exp.models[model]
-            flags = [x for s in overrides + (tiny_overrides() if tiny else []) for x in ("--set", s)]
+            sets = exp.models[model] + list(overrides) + (tiny_overrides() if tiny else [])
+            flags = [x for s in sets for x in ("--set", s)]
             steps.append((f"train {model}", ["nsa", "train", "--config", config, "--run", str(run_dir(name, out, model)),
                                              *flags, *device] + (["--no-progress"] if tiny else [])))
     if exp.passkey is not None:
@@ -159,10 +165,10 @@ def summarize(name: str, out: Path, wall: dict[str, float], models: list[str] | 
     return summary
 
 
-def run(name: str, out: Path, tiny: bool = False, dry_run: bool = False, models: list[str] | None = None
-        ) -> dict | None:
-    """Runs (or with dry_run only prints) the experiment's commands for its `models` (default all); returns the
-    summary (also saved)."""
+def run(name: str, out: Path, tiny: bool = False, dry_run: bool = False, models: list[str] | None = None,
+        overrides: list[str] = ()) -> dict | None:
+    """Runs (or with dry_run only prints) the experiment's commands for its `models` (default all) with the
+    training `overrides`; returns the summary (also saved)."""
     exp = EXPERIMENTS[name]
     if exp.evaluates is not None and not dry_run:
         for model in chosen(name, models):
@@ -171,7 +177,7 @@ def run(name: str, out: Path, tiny: bool = False, dry_run: bool = False, models:
                                         f"{run_dir(name, out, model)} has no checkpoint; run "
                                         f"`python experiments/run.py {exp.evaluates} {out}` first")
     wall = {}
-    for label, argv in commands(name, out, tiny, models):
+    for label, argv in commands(name, out, tiny, models, overrides):
         print("$ " + shlex.join(argv), flush=True)
         if not dry_run:
             start = time.perf_counter()
@@ -194,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny preset, a few steps, on the CPU")
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     parser.add_argument("--models", help="comma-separated: only these of the experiment's models (default: all)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every training run (repeatable), as nsa train --set takes it")
     args = parser.parse_args(argv)
     models = None if args.models is None else [m.strip() for m in args.models.split(",")]
-    run(args.experiment, args.outdir, args.tiny, args.dry_run, models)
+    run(args.experiment, args.outdir, args.tiny, args.dry_run, models, args.overrides)
     return 0
 
 

@@ -51,7 +51,7 @@ def test_tiny_retrieval_then_learned_run_end_to_end(tmp_path, monkeypatch, capsy
         experiments.main(["learned", str(tmp_path), "--tiny"])
     assert experiments.main(["retrieval", str(tmp_path), "--tiny"]) == 0
     summary = json.loads((tmp_path / "retrieval" / "summary.json").read_text())
-    assert list(summary["models"]) == ["nsa", "full", "swa"]
+    assert list(summary["models"]) == ["nsa", "full", "swa", "nsa-ungated"]
     for name, entry in summary["models"].items():
         assert math.isfinite(entry["final_val_loss"]) and entry["median_ms_per_step"] > 0
         assert all(0 <= a <= 1 for a in entry["accuracy_by_length"].values())
@@ -66,7 +66,7 @@ def test_tiny_retrieval_then_learned_run_end_to_end(tmp_path, monkeypatch, capsy
     assert (tmp_path / "retrieval" / "loss.png").exists()
     assert experiments.main(["learned", str(tmp_path), "--tiny"]) == 0
     learned = json.loads((tmp_path / "learned" / "summary.json").read_text())
-    assert list(learned["models"]) == ["nsa", "swa"]
+    assert list(learned["models"]) == ["nsa", "swa", "nsa-ungated"]
     assert all(0 <= s["hit_rate"] <= 1 for entry in learned["models"].values() for s in entry["nsa_layers"])
     printed = capsys.readouterr().out
     for _, argv in experiments.commands("learned", tmp_path, tiny=True):
@@ -76,5 +76,15 @@ def test_tiny_retrieval_then_learned_run_end_to_end(tmp_path, monkeypatch, capsy
 def test_models_picks_a_subset_in_the_experiments_order():
     labels = [label for label, _ in experiments.commands("retrieval", Path("r"), models=["swa", "nsa"])]
     assert labels == ["train nsa", "train swa", "eval nsa", "eval swa", "repeat nsa", "repeat swa", "plot"]
-    with pytest.raises(ValueError, match=r"--models: retrieval has the models \['nsa', 'full', 'swa'\]"):
+    with pytest.raises(ValueError, match=r"--models: retrieval has the models \['nsa', 'full', 'swa', 'nsa-ungated'\]"):
         experiments.commands("retrieval", Path("r"), models=["dense"])
+
+
+def test_set_reaches_every_training_run_after_the_models_own_overrides():
+    steps = experiments.commands("retrieval", Path("r"), models=["swa", "nsa-ungated"], overrides=["train.steps=2400"])
+    trains = [argv for label, argv in steps if label.startswith("train")]
+    assert [argv[argv.index("--set", 6):] for argv in trains] == [
+        ["--set", 'model.branches=["swa"]', "--set", "train.steps=2400"],
+        ["--set", 'model.ungated=["cmp"]', "--set", "train.steps=2400"]]
+    with pytest.raises(ValueError, match="--set: learned trains nothing"):
+        experiments.commands("learned", Path("r"), overrides=["train.steps=2400"])
