@@ -6,6 +6,11 @@ loss counts only the second copy's predictions (targets H+1 .. 2H-1), which a mo
 H - 1 tokens back: with the window w < H - 1 the window branch alone cannot, so window-only stays at chance
 (log A nats) while full attention learns to copy (an induction mechanism: previous-token head, then match). NSA has
 to reach the first copy through its selected blocks (ranked by the compressed scores) or its compressed tokens.
+--segment S shuffles the second copy: it is the first copy's H / S segments of S symbols in a random order (per
+sequence), so the offset to the source changes from segment to segment and a model must find it by content (match
+the symbols so far, as an induction head does) instead of at the fixed distance H - 1 that the plain copy allows;
+a segment's first symbol is unpredictable and not counted. --gap G puts G random symbols between the two parts
+(T = 2H + G): with G >= the window, every counted source lies outside the window.
 The models share the size, data, steps and schedule: attention "nsa", "swa" (NSA with the compressed and selected
 gates forced to 0) and "full"; --models nsa-ungated adds NSA with its compressed branch ungated (weight 1).
 
@@ -31,14 +36,27 @@ MODELS = {"nsa": dict(attention="nsa"), "swa": dict(attention="nsa", branches=("
           "nsa-ungated": dict(attention="nsa", ungated=("cmp",))}  # the compressed branch added with weight 1
 
 
-def copy_batch(batch: int, half: int, alphabet: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """(inputs long [B, T - 1], targets long [B, T - 1], loss weights [B, T - 1]) of B sequences x x (T = 2 * half):
-    weight 1 on the targets of the second copy after its first symbol (positions half + 1 .. T - 1)."""
+def copy_batch(batch: int, half: int, alphabet: int, gen: torch.Generator, segment: int | None = None,
+               gap: int = 0) -> tuple[torch.Tensor, ...]:
+    """(inputs long [B, T - 1], targets long [B, T - 1], loss weights [B, T - 1], sources long [B, T - 1]) of B
+    sequences x, gap random symbols, then x's segments of `segment` symbols (default: all of x, one segment) in a
+    random order (T = 2 * half + gap). Target j (= seq[j + 1]) weighs 1 when it is a second-part symbol other than a
+    segment's first; sources[j] is then the position in x of the symbol it repeats, else -1."""
+    segment = half if segment is None else segment
+    if half % segment:
+        raise ValueError(f"segment ({segment}) must divide half ({half})")
     x = torch.randint(0, alphabet, (batch, half), generator=gen)
-    seq = torch.cat((x, x), dim=1)
-    weights = torch.zeros(batch, 2 * half - 1)
-    weights[:, half:] = 1.0  # target index j predicts seq[j + 1]: j >= half predicts the second copy from its 2nd symbol
-    return seq[:, :-1], seq[:, 1:], weights
+    filler = torch.randint(0, alphabet, (batch, gap), generator=gen)
+    order = torch.rand(batch, half // segment, generator=gen).argsort(dim=1) if segment < half else \
+        torch.zeros(batch, 1, dtype=torch.long)
+    src = (order[:, :, None] * segment + torch.arange(segment)).flatten(1)  # [B, half]: second part's x positions
+    seq = torch.cat((x, filler, x.gather(1, src)), dim=1)
+    start = half + gap  # the second part's first position
+    offset = torch.arange(1, 2 * half + gap) - start  # of target j (= seq[j + 1]) in the second part
+    counted = (offset >= 0) & (offset % segment != 0)
+    sources = torch.full((batch, 2 * half + gap - 1), -1)
+    sources[:, counted] = src[:, offset[counted]]
+    return seq[:, :-1], seq[:, 1:], counted.float().expand(batch, -1).clone(), sources
 
 
 def model_config(name: str, args) -> nsa.ModelConfig:
@@ -54,7 +72,7 @@ def nsa_config(args) -> nsa.NSAConfig:
 @torch.no_grad()
 def copy_loss(model, batches) -> float:
     model.eval()
-    loss = sum(model(i, t, loss_weights=w)[1].item() for i, t, w in batches) / len(batches)
+    loss = sum(model(i, t, loss_weights=w)[1].item() for i, t, w, _ in batches) / len(batches)
     model.train()
     return loss
 
@@ -65,7 +83,7 @@ def train(name: str, args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(args.seed)
     val_gen = torch.Generator().manual_seed(args.seed + 1)
-    val = [copy_batch(args.batch, args.half, args.alphabet, val_gen) for _ in range(4)]
+    val = [copy_batch(args.batch, args.half, args.alphabet, val_gen, args.segment, args.gap) for _ in range(4)]
     curve, start = [], time.perf_counter()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0:
@@ -77,14 +95,14 @@ def train(name: str, args) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        inputs, targets, weights = copy_batch(args.batch, args.half, args.alphabet, gen)
+        inputs, targets, weights, _ = copy_batch(args.batch, args.half, args.alphabet, gen, args.segment, args.gap)
         _, loss = model(inputs, targets, loss_weights=weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     return dict(curve=curve, final_loss=curve[-1][1], seconds=time.perf_counter() - start,
-                layers=copy_source_hits(model, val[0][0], args.half) if name != "full" else [])
+                layers=copy_source_hits(model, val[0][0], sources=val[0][3]) if name != "full" else [])
 
 
 def main():
@@ -92,6 +110,9 @@ def main():
     p.add_argument("--models", default="nsa,swa,full")
     p.add_argument("--half", type=int, default=128, help="H: symbols in each copy (T = 2H)")
     p.add_argument("--alphabet", type=int, default=16)
+    p.add_argument("--segment", type=int, default=None, help="shuffle the second copy in segments of this many "
+                   "symbols (default: the plain copy)")
+    p.add_argument("--gap", type=int, default=0, help="random symbols between the two parts")
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--block", type=int, default=16, help="selection block l' (compressed l = l'/2, stride d = l'/4)")
     p.add_argument("--selected", type=int, default=8)
@@ -107,12 +128,16 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON of the results")
     args = p.parse_args()
-    if args.window >= args.half - 1:
+    if args.segment is None and args.gap == 0 and args.window >= args.half - 1:
         raise SystemExit(f"--window ({args.window}) must be below --half - 1 ({args.half - 1}): else the window "
                          "alone reaches the first copy")
+    if args.segment is not None and args.gap < args.window:
+        raise SystemExit(f"--gap ({args.gap}) must be at least --window ({args.window}) with --segment: else the "
+                         "window reaches the sources of the first segments")
     results = {name: train(name, args) for name in args.models.split(",")}
     chance = math.log(args.alphabet)
-    print(f"\nSecond-copy loss, nats/token (chance: log {args.alphabet} = {chance:.3f}); T = {2 * args.half}, window "
+    print(f"\nSecond-copy loss, nats/token (chance: log {args.alphabet} = {chance:.3f}); T = {2 * args.half + args.gap}, "
+          f"segment {args.segment or args.half}, window "
           f"{args.window}, NSAConfig {nsa_config(args)}\n")
     print("| model | final loss | seconds | NSA layer: hit rate / chance, gates cmp/slc/swa |")
     print("|---|---|---|---|")

@@ -246,6 +246,19 @@ def test_copy_source_hits_finds_the_block_to_copy_from():
         return ids
     with mock.patch("nsa.eval.select_blocks", source_block_ids):
         assert [s["hit_rate"] for s in copy_source_hits(model, idx)] == [1.0, 1.0]
+
+    # explicit sources (any layout): 10 queries copy from block 0, 10 from block 2, the rest copy nothing
+    sources = torch.full((1, 2 * n), -1)
+    sources[0, n:n + 10], sources[0, n + 10:n + 20] = 3, 20
+    def block_zero_ids(q, k_cmp, cfg, **kwargs):
+        return torch.zeros(q.shape[0], q.shape[1], k_cmp.shape[2], cfg.num_selected, dtype=torch.long)
+    with mock.patch("nsa.eval.select_blocks", block_zero_ids):
+        stats = copy_source_hits(model, idx, sources=sources)
+    chance = (sum(block_chance(0, q, config) for q in range(n, n + 10)) +
+              sum(block_chance(2, q, config) for q in range(n + 10, n + 20))) / 20
+    assert [s["hit_rate"] for s in stats] == [0.5, 0.5] and stats[0]["chance"] == pytest.approx(chance)
+    with pytest.raises(ValueError, match="sources must have idx's shape"):
+        copy_source_hits(model, idx, sources=sources[:, 1:])
     assert repeat_loss(model, FILLER, [64], trials=2)["nsa_layers"][0][0].keys() >= {"hit_rate", "chance"}
 
 

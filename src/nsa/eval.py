@@ -188,21 +188,31 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
     return stats
 
 
-def copy_source_hits(model: LanguageModel, idx: torch.Tensor, n: int | None = None) -> list[dict]:
-    """What each NSA layer selects on sequences idx long [B, T] that are a chunk of n tokens written twice (n = T // 2
-    unless given; T may stop short of the second copy's end). None for full attention: []. The query at n + i
-    predicts token n + i + 1, a repeat of token i + 1: per layer, "hit_rate" is the share of (sequence, query of the
-    second copy, KV group) whose selected blocks hold that source token, "chance" its mean under a random choice of
-    the free slots (block_chance of each query's source block: 1 where the source block is forced, block 0), and
-    "gate_mean" each gate's mean (as layer_selections)."""
-    n = idx.shape[1] // 2 if n is None else n
+def copy_source_hits(model: LanguageModel, idx: torch.Tensor, n: int | None = None,
+                     sources: torch.Tensor | None = None) -> list[dict]:
+    """What each NSA layer selects on sequences idx long [B, T] where queries copy earlier tokens (none for full
+    attention: []). sources long [B, T]: for the query at t, the position of the token it should output (-1: a
+    query that copies nothing); default: a chunk of n tokens written twice (n = T // 2 unless given; T may stop
+    short of the second copy's end), where the query at n + i predicts token n + i + 1, a repeat of token i + 1.
+    Per layer, "hit_rate" is the share of (sequence, copying query, KV group) whose selected blocks hold the source
+    token, "chance" its mean under a random choice of the free slots (block_chance of each query's source block: 1
+    where that block is forced), and "gate_mean" each gate's mean (as layer_selections)."""
+    B, T = idx.shape
+    if sources is None:
+        n = T // 2 if n is None else n
+        t = torch.arange(T)
+        sources = torch.where(t >= n, t - n + 1, -1).expand(B, T)
+    if sources.shape != idx.shape:
+        raise ValueError(f"sources must have idx's shape {tuple(idx.shape)}, got {tuple(sources.shape)}")
+    copying = (sources >= 0).cpu()
     stats = []
-    for config, ids, gate_mean in layer_selections(model, idx):  # ids [B, 2n, Hkv, slots]
-        queries = range(n, ids.shape[1])
-        sources = [(q - n + 1) // config.slc_block for q in queries]  # the block of each query's source token
-        hit = (ids[:, n:] == torch.tensor(sources, device=ids.device)[None, :, None, None]).any(-1)  # [B, T - n, Hkv]
-        chance = sum(block_chance(b, q, config) for b, q in zip(sources, queries)) / len(queries)
-        stats.append(dict(hit_rate=hit.float().mean().item(), chance=chance, gate_mean=gate_mean))
+    for config, ids, gate_mean in layer_selections(model, idx):  # ids [B, T, Hkv, slots]
+        blocks = sources.to(ids.device).clamp(min=0) // config.slc_block  # the block of each query's source token
+        hit = (ids == blocks[:, :, None, None]).any(-1).cpu()[copying]  # [copying queries, Hkv]
+        pairs = [(int(b), int(t)) for b, t in zip(blocks.cpu()[copying], copying.nonzero()[:, 1])]
+        chances = {pair: block_chance(*pair, config) for pair in set(pairs)}
+        stats.append(dict(hit_rate=hit.float().mean().item(), chance=sum(chances[p] for p in pairs) / len(pairs),
+                          gate_mean=gate_mean))
     return stats
 
 
