@@ -14,8 +14,8 @@ from nsa import LanguageModel, ModelConfig, NSAConfig
 from nsa.checkpoint import load_model, save_checkpoint
 from nsa.cli import main
 from nsa.data import decode, encode, get_batch, get_packed_batch
-from nsa.eval import (ANSWER, NEEDLE, QUESTION, block_chance, copy_source_hits, make_prompt, passkey_grid,
-                      passkey_min_length, passkey_windows, repeat_loss, score_answer)
+from nsa.eval import (ANSWER, NEEDLE, QUESTION, block_chance, copy_source_hits, digits_right, make_prompt,
+                      passkey_grid, passkey_min_length, passkey_windows, repeat_loss, score_answer)
 from nsa.train import TrainConfig, config_dict
 
 FILLER = encode("".join(f"line {i} of some filler text\n" for i in range(100)))
@@ -43,6 +43,30 @@ def test_scorer_accepts_exactly_the_right_digits():
         assert score_answer(answer, "48213"), answer
     for answer in (" 4821", " 482134", " 48231", "", " x48213", " 4821.3", " 048213"):
         assert not score_answer(answer, "48213"), answer
+
+
+def test_digits_right_counts_the_key_digits_at_their_places():
+    assert digits_right(" 48213.", "48213") == 5
+    assert digits_right(" 48299. x", "48213") == 3  # 4, 8, 2 at their places
+    assert digits_right(" 84213", "48213") == 3  # the first two swapped
+    assert digits_right(" 4821", "48213") == 4 and digits_right(" 482134", "48213") == 5
+    assert digits_right(" x48213", "48213") == 0 and digits_right("", "48213") == 0
+
+
+def test_grid_digit_accuracy_is_the_share_of_key_digits_answered():
+    class Answers(torch.nn.Module):
+        """Answers every prompt with " 48213." whatever it holds (no attention layers: no selection statistics)."""
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+            self.blocks = torch.nn.ModuleList()
+
+        def generate(self, idx, n, temperature):
+            return torch.cat([idx, torch.tensor(list(b" 48213."))[:n].expand(idx.shape[0], -1)], 1)
+    results = passkey_grid(Answers(), FILLER, [200], [0.0, 0.5], trials=4)
+    right = [sum(digits_right(" 48213.", k) for k in cell["keys"]) for cell in results["cells"]]
+    assert [cell["digits_right"] for cell in results["cells"]] == right
+    assert results["digit_accuracy"] == pytest.approx(sum(right) / (2 * 4 * 5))
 
 
 def test_passkey_mix_puts_the_needle_at_its_depth_and_the_answer_last():

@@ -292,7 +292,8 @@ def eval_passkey_command(args) -> int:
     print(f"lengths {lengths} x depths {depths}, {args.trials} trials per cell")
 
     def report(cell):
-        line = f"  length {cell['length']:>6}  depth {cell['depth']:.2f}: {cell['correct']}/{cell['trials']}"
+        line = (f"  length {cell['length']:>6}  depth {cell['depth']:.2f}: {cell['correct']}/{cell['trials']}"
+                f"  (digits {cell['digits_right']}/{sum(map(len, cell['keys']))})")
         if "nsa_layers" in cell:
             line += ("  key-block hit rate per layer " + " ".join(f"{s['hit_rate']:.2f}" for s in cell["nsa_layers"])
                      + f" (chance {cell['nsa_layers'][0]['chance']:.2f})")
@@ -302,6 +303,7 @@ def eval_passkey_command(args) -> int:
     results["data"] = corpus.source
     json_path = evaluation.save_results(results, out / "passkey.json")
     png = evaluation.plot_heatmap(results, out / "passkey.png", f"passkey retrieval: {source.name}")
+    print(f"key digits right at their places over the grid: {results['digit_accuracy']:.3f} (a uniform guess: 0.10)")
     if "nsa_layers" in results:
         print("NSA layers over the grid: how often the key digits' blocks are selected at the answering position "
               "(per KV head group), and the mean gates over the prompts:")

@@ -124,6 +124,13 @@ def score_answer(answer: str, key: str) -> bool:
     return m is not None and m.group(1) == key
 
 
+def digits_right(answer: str, key: str) -> int:
+    """How many of key's digits the answer's first run of digits (after leading whitespace) has at their places:
+    partial retrieval, which score_answer counts as wrong (a uniform guess gets about a tenth of them)."""
+    m = re.match(r"\s*(\d+)", answer)
+    return 0 if m is None else sum(a == k for a, k in zip(m.group(1), key))
+
+
 def block_chance(block: int, t: int, config: NSAConfig) -> float:
     """The chance that block `block` is among those selected for the query at position t when the free slots are
     filled uniformly at random (SPEC.md, branch 2): 1 for a forced block (J(t), J(t) - 1, 0, in that order while
@@ -233,8 +240,9 @@ def passkey_grid(model: LanguageModel, filler: torch.Tensor, lengths: list[int],
                  trials: int = 5, seed: int = 0, progress=None) -> dict:
     """Accuracy of the passkey test per (length, depth) cell, `trials` prompts each (one batch per cell).
 
-    Returns {"lengths", "depths", "trials", "accuracy": [[per depth] per length], "cells": [{"length", "depth",
-    "correct", "keys", "answers"}, ...]}. NSA models add selection_stats to each cell ("nsa_layers") and pooled
+    Returns {"lengths", "depths", "trials", "accuracy": [[per depth] per length], "digit_accuracy" (the share of
+    key digits answered at their places over the grid, digits_right), "cells": [{"length", "depth", "correct",
+    "digits_right", "keys", "answers"}, ...]}. NSA models add selection_stats to each cell ("nsa_layers") and pooled
     over the grid (results["nsa_layers"], summarize_selection). progress(cell) is called after each cell, if given.
     """
     rng = random.Random(seed)
@@ -251,6 +259,7 @@ def passkey_grid(model: LanguageModel, filler: torch.Tensor, lengths: list[int],
             answers = [bytes(row_out[length:].tolist()).decode("utf-8", errors="replace") for row_out in out.cpu()]
             correct = [score_answer(a, p.key) for a, p in zip(answers, prompts)]
             cell = {"length": length, "depth": depth, "correct": sum(correct), "trials": trials,
+                    "digits_right": sum(digits_right(a, p.key) for a, p in zip(answers, prompts)),
                     "keys": [p.key for p in prompts], "answers": answers}
             stats = selection_stats(model, idx, torch.stack([key_positions(p) for p in prompts]))
             if stats:
@@ -260,8 +269,9 @@ def passkey_grid(model: LanguageModel, filler: torch.Tensor, lengths: list[int],
             if progress is not None:
                 progress(cell)
         accuracy.append(row)
+    digits = sum(len(k) for cell in cells for k in cell["keys"])
     results = {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": accuracy,
-               "cells": cells}
+               "digit_accuracy": sum(cell["digits_right"] for cell in cells) / max(1, digits), "cells": cells}
     if cells and "nsa_layers" in cells[0]:
         results["nsa_layers"] = summarize_selection(cells)
     return results
