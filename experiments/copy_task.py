@@ -47,6 +47,7 @@ def copy_batch(batch: int, half: int, alphabet: int, gen: torch.Generator, segme
         raise ValueError(f"segment ({segment}) must divide half ({half})")
     x = torch.randint(0, alphabet, (batch, half), generator=gen)
     filler = torch.randint(0, alphabet, (batch, gap), generator=gen)
+    # the plain copy (one segment) draws nothing for its order, so its batches are those of the recorded runs
     order = torch.rand(batch, half // segment, generator=gen).argsort(dim=1) if segment < half else \
         torch.zeros(batch, 1, dtype=torch.long)
     src = (order[:, :, None] * segment + torch.arange(segment)).flatten(1)  # [B, half]: second part's x positions

@@ -118,17 +118,21 @@ def passkey_windows(windows: torch.Tensor, fraction: float, generator: torch.Gen
     return windows, needle_start, answer_mask
 
 
-def score_answer(answer: str, key: str) -> bool:
-    """True when the answer's first run of digits (after leading whitespace) is exactly key."""
+def answer_digits(answer: str) -> str:
+    """The answer's first run of digits after leading whitespace ("" when it starts otherwise)."""
     m = re.match(r"\s*(\d+)", answer)
-    return m is not None and m.group(1) == key
+    return "" if m is None else m.group(1)
+
+
+def score_answer(answer: str, key: str) -> bool:
+    """True when the answer's digits (answer_digits) are exactly key."""
+    return answer_digits(answer) == key
 
 
 def digits_right(answer: str, key: str) -> int:
-    """How many of key's digits the answer's first run of digits (after leading whitespace) has at their places:
-    partial retrieval, which score_answer counts as wrong (a uniform guess gets about a tenth of them)."""
-    m = re.match(r"\s*(\d+)", answer)
-    return 0 if m is None else sum(a == k for a, k in zip(m.group(1), key))
+    """How many of key's digits the answer's digits (answer_digits) have at their places: partial retrieval, which
+    score_answer counts as wrong (a uniform guess gets about a tenth of them)."""
+    return sum(a == k for a, k in zip(answer_digits(answer), key))
 
 
 def block_chance(block: int, t: int, config: NSAConfig) -> float:
@@ -211,12 +215,13 @@ def copy_source_hits(model: LanguageModel, idx: torch.Tensor, n: int | None = No
         sources = torch.where(t >= n, t - n + 1, -1).expand(B, T)
     if sources.shape != idx.shape:
         raise ValueError(f"sources must have idx's shape {tuple(idx.shape)}, got {tuple(sources.shape)}")
-    copying = (sources >= 0).cpu()
+    sources = sources.cpu()
+    copying = sources >= 0
     stats = []
     for config, ids, gate_mean in layer_selections(model, idx):  # ids [B, T, Hkv, slots]
-        blocks = sources.to(ids.device).clamp(min=0) // config.slc_block  # the block of each query's source token
-        hit = (ids == blocks[:, :, None, None]).any(-1).cpu()[copying]  # [copying queries, Hkv]
-        pairs = [(int(b), int(t)) for b, t in zip(blocks.cpu()[copying], copying.nonzero()[:, 1])]
+        blocks = sources.clamp(min=0) // config.slc_block  # the block of each query's source token
+        hit = (ids.cpu() == blocks[:, :, None, None]).any(-1)[copying]  # [copying queries, Hkv]
+        pairs = [(int(b), int(t)) for b, t in zip(blocks[copying], copying.nonzero()[:, 1])]
         chances = {pair: block_chance(*pair, config) for pair in set(pairs)}
         stats.append(dict(hit_rate=hit.float().mean().item(), chance=sum(chances[p] for p in pairs) / len(pairs),
                           gate_mean=gate_mean))
