@@ -121,7 +121,7 @@ def main() -> None:
           f"(1 / k: neighbours select the same blocks; 1: they share none)\n")
     rows, sources = [], {}
     with torch.no_grad():
-        for i, (cfg, ids, _) in enumerate(layer_selections(model, x)):
+        for i, (cfg, ids, *_) in enumerate(layer_selections(model, x)):
             first = cfg.num_selected * cfg.slc_block
             rows.append([f"layer {i}"] + [f"{load_share(ids.cpu(), k, first):.3f}" for k in args.tiles])
             sources[f"layer {i}"] = ids

@@ -174,6 +174,14 @@ def test_selection_stats_of_a_tiny_nsa_model():
     assert [s["hit_rate"] for s in first] == [1.0, 1.0] and [s["hit_rate"] for s in middle] == [0.0, 0.0]
     assert all(s["items"] == 3 * 2 * 5 for s in first)  # prompts x KV groups x digits
     assert [s["hit_rate"] for s in results["nsa_layers"]] == [0.5, 0.5]
+    # compressed tokens start every 4 bytes and span 8: the key's digits (bytes 16-20 at depth 0) lie in the tokens
+    # starting at 12, 16 and 20, of the 49 the last position (199) sees (i * 4 + 7 <= 199)
+    assert all(s["key_attention_uniform"] == pytest.approx(3 / 49) for s in first)
+    for layer in first + middle + results["nsa_layers"]:
+        assert len(layer["key_attention"]) == 4 and all(0 <= w <= 1 for w in layer["key_attention"])
+    for a, b, pooled in zip(first, middle, results["nsa_layers"]):
+        assert pooled["key_attention"] == pytest.approx([(x + y) / 2 for x, y in zip(a["key_attention"],
+                                                                                     b["key_attention"])])
     # free slots (n = 6 of 7 blocks): rates between 0 and 1, pooled over the cells by their counts
     wide = replace(cfg, nsa=replace(cfg.nsa, num_selected=6))
     results = passkey_grid(LanguageModel(wide), FILLER, [200, 300], [0.3, 0.6], trials=2)

@@ -225,3 +225,19 @@ def test_gradcheck_every_input():
     grads = torch.autograd.grad(out.sum(), inputs)
     for name, g in zip(names, grads):
         assert g.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_cmp_attention_weights_are_the_compressed_branch():
+    # the weights times v_cmp give the compressed branch's output, and each row sums to 1 over what it sees (0 early)
+    cfg, G = SMALL, 2
+    x = make_inputs(2, 23, 4, 2, 8, 5, cfg)
+    positions = torch.arange(23)
+    p = reference.cmp_attention_weights(x["q"], x["k_cmp"], positions, cfg, 8 ** -0.5)  # [B, T, Hq, Tc]
+    o_cmp = torch.einsum("bthc,bchd->bthd", p, x["v_cmp"].repeat_interleave(G, dim=2))
+    o = nsa.nsa_attention(**gated(x, 0), config=cfg)
+    assert torch.allclose(o_cmp, o, atol=1e-12)
+    sees = positions >= cfg.cmp_block - 1
+    assert torch.allclose(p.sum(-1)[:, sees], torch.ones(()).double()) and torch.equal(p[:, ~sees], p[:, ~sees] * 0)
+    # one position alone gives the same row
+    assert torch.equal(reference.cmp_attention_weights(x["q"][:, 9:10], x["k_cmp"], positions[9:10], cfg, 8 ** -0.5),
+                       p[:, 9:10])

@@ -309,7 +309,9 @@ def eval_passkey_command(args) -> int:
               "(per KV head group), and the mean gates over the prompts:")
         for i, s in enumerate(results["nsa_layers"]):
             gates = "  ".join(f"{b} {g:.3f}" for b, g in s["gate_mean"].items())
-            print(f"  layer {i}: hit rate {s['hit_rate']:.3f} (chance {s['chance']:.3f})  gates {gates}")
+            print(f"  layer {i}: hit rate {s['hit_rate']:.3f} (chance {s['chance']:.3f})  gates {gates}  compressed "
+                  f"attention on the key's tokens: {max(s['key_attention']):.3f} in the head that looks most "
+                  f"(an even spread {s['key_attention_uniform']:.3f})")
     print(f"results saved to {json_path.resolve()}, heatmap to {png.resolve()}")
     return 0
 

@@ -29,6 +29,7 @@ from .config import NSAConfig
 from .layer import BRANCHES, NativeSparseAttention
 from .model import LanguageModel, autocast
 from .ops import select_blocks
+from .ops.reference import cmp_attention_weights
 
 NEEDLE = " The passkey is {key}. Remember it. "
 QUESTION = " What is the passkey? The passkey is"
@@ -155,10 +156,12 @@ def key_positions(prompt: PasskeyPrompt) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_selections(model: LanguageModel, idx: torch.Tensor) -> list[tuple[NSAConfig, torch.Tensor, dict]]:
+def layer_selections(model: LanguageModel, idx: torch.Tensor
+                     ) -> list[tuple[NSAConfig, torch.Tensor, dict, torch.Tensor]]:
     """What each NSA layer of the model selects on inputs idx long [B, T] (none for full attention: []): per layer,
     (its NSAConfig, block ids long [B, T, Hkv, n] from nsa.select_blocks on the layer's own inputs, each gate's mean
-    over rows, positions and heads {"cmp", "slc", "swa"})."""
+    over rows, positions and heads {"cmp", "slc", "swa"}, the compressed attention weights of the last position
+    float32 [B, 1, Hq, Tc] (the layer's scale, the default))."""
     layers = [block.attn for block in model.blocks if isinstance(block.attn, NativeSparseAttention)]
     out = []
 
@@ -166,7 +169,9 @@ def layer_selections(model: LanguageModel, idx: torch.Tensor) -> list[tuple[NSAC
         inputs = layer.nsa_inputs(args[0])
         ids = select_blocks(inputs.q, inputs.k_cmp, layer.config, backend=layer.backend)
         gates = inputs.gates.float().mean(dim=(0, 1, 2)).tolist()  # [3]
-        out.append((layer.config, ids, dict(zip(BRANCHES, gates))))
+        last = torch.tensor([idx.shape[1] - 1])
+        p_last = cmp_attention_weights(inputs.q[:, -1:], inputs.k_cmp, last, layer.config, inputs.q.shape[-1] ** -0.5)
+        out.append((layer.config, ids, dict(zip(BRANCHES, gates)), p_last))
 
     hooks = [layer.register_forward_hook(record) for layer in layers]
     try:
@@ -186,16 +191,26 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
     (the one that answers), from layer_selections; "hits" counts the (prompt, group, digit) triples whose digit's
     block is selected, out of "items"; "hit_rate" = hits / items, "chance" its mean under a random choice of the free
     slots (block_chance of each digit's block at position T - 1: a digit in a forced block counts 1);
-    "gate_mean" {"cmp", "slc", "swa"}: each gate's mean over prompts, positions, heads.
+    "gate_mean" {"cmp", "slc", "swa"}: each gate's mean over prompts, positions, heads;
+    "key_attention" [Hq]: per query head, the compressed attention weight of the last position on the compressed
+    tokens that hold a key digit (mean over prompts), and "key_attention_uniform" what spreading the weight evenly
+    over the tokens it sees would give: a head that looks the key up scores far above it, one that averages at it.
     """
     stats = []
-    for config, ids, gate_mean in layer_selections(model, idx):
+    T, key_pos = idx.shape[1], key_pos.cpu()
+    for config, ids, gate_mean, p_last in layer_selections(model, idx):
         ids = ids[:, -1]  # [B, Hkv, n]
         blocks = key_pos // config.slc_block  # [B, K]
         hit = (ids[:, :, None, :] == blocks.to(ids.device)[:, None, :, None]).any(-1)  # [B, Hkv, K]
-        chance = sum(block_chance(b, idx.shape[1] - 1, config) for b in blocks.flatten().tolist()) / blocks.numel()
+        chance = sum(block_chance(b, T - 1, config) for b in blocks.flatten().tolist()) / blocks.numel()
+        starts = torch.arange(p_last.shape[-1]) * config.cmp_stride  # token i covers [i * d, i * d + l)
+        seen = starts + config.cmp_block - 1 <= T - 1
+        holds_key = ((starts[None, :, None] <= key_pos[:, None, :])
+                     & (key_pos[:, None, :] < starts[None, :, None] + config.cmp_block)).any(-1) & seen  # [B, Tc]
+        weight = (p_last[:, 0].cpu() * holds_key[:, None, :]).sum(-1)  # [B, Hq]
         stats.append({"hits": int(hit.sum()), "items": hit.numel(), "hit_rate": hit.float().mean().item(),
-                      "chance": chance, "gate_mean": gate_mean})
+                      "chance": chance, "gate_mean": gate_mean, "key_attention": weight.mean(0).tolist(),
+                      "key_attention_uniform": (holds_key.sum(-1) / seen.sum().clamp(min=1)).float().mean().item()})
     return stats
 
 
@@ -218,7 +233,7 @@ def copy_source_hits(model: LanguageModel, idx: torch.Tensor, n: int | None = No
     sources = sources.cpu()
     copying = sources >= 0
     stats = []
-    for config, ids, gate_mean in layer_selections(model, idx):  # ids [B, T, Hkv, slots]
+    for config, ids, gate_mean, _ in layer_selections(model, idx):  # ids [B, T, Hkv, slots]
         blocks = sources.clamp(min=0) // config.slc_block  # the block of each query's source token
         hit = (ids.cpu() == blocks[:, :, None, None]).any(-1)[copying]  # [copying queries, Hkv]
         pairs = [(int(b), int(t)) for b, t in zip(blocks[copying], copying.nonzero()[:, 1])]
@@ -229,14 +244,20 @@ def copy_source_hits(model: LanguageModel, idx: torch.Tensor, n: int | None = No
 
 
 def summarize_selection(cells: list[dict]) -> list[dict]:
-    """The cells' per-layer selection_stats pooled: hits and items summed, chance weighted by items, gate_mean
-    averaged over the cells -> one dict per NSA layer (selection_stats' keys)."""
+    """The cells' per-layer selection_stats pooled: hits and items summed; chance, key_attention and
+    key_attention_uniform weighted by items (so by prompts); gate_mean averaged over the cells -> one dict per NSA
+    layer (selection_stats' keys)."""
     pooled = []
     for per_cell in zip(*(cell["nsa_layers"] for cell in cells)):
         hits, items = sum(s["hits"] for s in per_cell), sum(s["items"] for s in per_cell)
+
+        def weighted(values):
+            return sum(v * s["items"] for v, s in zip(values, per_cell)) / items
         pooled.append({"hits": hits, "items": items, "hit_rate": hits / items,
-                       "chance": sum(s["chance"] * s["items"] for s in per_cell) / items,
-                       "gate_mean": {b: sum(s["gate_mean"][b] for s in per_cell) / len(per_cell) for b in BRANCHES}})
+                       "chance": weighted(s["chance"] for s in per_cell),
+                       "gate_mean": {b: sum(s["gate_mean"][b] for s in per_cell) / len(per_cell) for b in BRANCHES},
+                       "key_attention": [weighted(head) for head in zip(*(s["key_attention"] for s in per_cell))],
+                       "key_attention_uniform": weighted(s["key_attention_uniform"] for s in per_cell)})
     return pooled
 
 

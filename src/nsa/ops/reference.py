@@ -73,6 +73,16 @@ def _select(p_cmp, t, seq_len, config):
     return torch.nn.functional.pad(ids, (0, n - ids.shape[-1]), value=-1)
 
 
+def cmp_attention_weights(q, k_cmp, positions, config, scale):
+    """Branch 1's attention weights p_cmp of queries q [B, C, Hq, Dk] at positions long [C] over the compressed
+    tokens k_cmp [B, Tc, Hkv, Dk] -> [B, C, Hq, Tc] in float32 (float64 for float64 inputs), 0 where unseen."""
+    Hq, Hkv = q.shape[2], k_cmp.shape[2]
+    ct = _compute_dtype(q.dtype)
+    qh = _heads_first(q.to(ct)).unflatten(1, (Hkv, Hq // Hkv))  # [B, Hkv, G, C, Dk]
+    p, _ = _cmp_attention(qh, _heads_first(k_cmp.to(ct)), None, positions.to(q.device), config, scale)
+    return p.flatten(1, 2).transpose(1, 2)  # [B, Hkv, G, C, Tc] -> [B, C, Hq, Tc]
+
+
 def _slc_attention(q, k_slc, v_slc, ids, t, config, scale):
     """Branch 2: q [B, Hkv, G, C, Dk] attends to the raw tokens u <= t of its group's blocks ids [B, Hkv, C, n]."""
     B, Hkv, G, C, _ = q.shape
