@@ -154,7 +154,8 @@ def summarize(name: str, out: Path, wall: dict[str, float], models: list[str] | 
             entry["accuracy_by_length"] = {str(n): sum(row) / len(row)
                                            for n, row in zip(results["lengths"], results["accuracy"])}
             if "nsa_layers" in results:
-                kept = ("hit_rate", "chance", "gate_mean", "key_attention", "key_attention_uniform")
+                kept = ("hit_rate", "chance", "gate_mean", "key_attention", "key_attention_uniform", "cmp_entropy",
+                        "cmp_entropy_uniform")
                 entry["nsa_layers"] = [{k: s[k] for k in kept} for s in results["nsa_layers"]]
             entry["eval_wall_s"] = wall[f"eval {model}"]
         if exp.repeat_lengths is not None:

@@ -179,6 +179,9 @@ def test_selection_stats_of_a_tiny_nsa_model():
     assert all(s["key_attention_uniform"] == pytest.approx(3 / 49) for s in first)
     for layer in first + middle + results["nsa_layers"]:
         assert len(layer["key_attention"]) == 4 and all(0 <= w <= 1 for w in layer["key_attention"])
+        # an even spread over the 49 tokens has the largest entropy, log 49
+        assert layer["cmp_entropy_uniform"] == pytest.approx(math.log(49))
+        assert len(layer["cmp_entropy"]) == 4 and all(0 <= e <= math.log(49) + 1e-6 for e in layer["cmp_entropy"])
     for a, b, pooled in zip(first, middle, results["nsa_layers"]):
         assert pooled["key_attention"] == pytest.approx([(x + y) / 2 for x, y in zip(a["key_attention"],
                                                                                      b["key_attention"])])

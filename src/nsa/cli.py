@@ -311,7 +311,8 @@ def eval_passkey_command(args) -> int:
             gates = "  ".join(f"{b} {g:.3f}" for b, g in s["gate_mean"].items())
             print(f"  layer {i}: hit rate {s['hit_rate']:.3f} (chance {s['chance']:.3f})  gates {gates}  compressed "
                   f"attention on the key's tokens: {max(s['key_attention']):.3f} in the head that looks most "
-                  f"(an even spread {s['key_attention_uniform']:.3f})")
+                  f"(an even spread {s['key_attention_uniform']:.3f}), its entropy {min(s['cmp_entropy']):.2f}-"
+                  f"{max(s['cmp_entropy']):.2f} nats over the heads (an even spread {s['cmp_entropy_uniform']:.2f})")
     print(f"results saved to {json_path.resolve()}, heatmap to {png.resolve()}")
     return 0
 

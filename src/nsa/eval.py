@@ -16,6 +16,7 @@ puts several needle-question-answer segments into one window (more retrieval exa
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -170,7 +171,9 @@ def layer_selections(model: LanguageModel, idx: torch.Tensor
         ids = select_blocks(inputs.q, inputs.k_cmp, layer.config, backend=layer.backend)
         gates = inputs.gates.float().mean(dim=(0, 1, 2)).tolist()  # [3]
         last = torch.tensor([idx.shape[1] - 1])
-        p_last = cmp_attention_weights(inputs.q[:, -1:], inputs.k_cmp, last, layer.config, inputs.q.shape[-1] ** -0.5)
+        with torch.autocast(idx.device.type, enabled=False):  # float32 scores, not autocast's bfloat16
+            p_last = cmp_attention_weights(inputs.q[:, -1:], inputs.k_cmp, last, layer.config,
+                                           inputs.q.shape[-1] ** -0.5)
         out.append((layer.config, ids, dict(zip(BRANCHES, gates)), p_last))
 
     hooks = [layer.register_forward_hook(record) for layer in layers]
@@ -194,7 +197,9 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
     "gate_mean" {"cmp", "slc", "swa"}: each gate's mean over prompts, positions, heads;
     "key_attention" [Hq]: per query head, the compressed attention weight of the last position on the compressed
     tokens that hold a key digit (mean over prompts), and "key_attention_uniform" what spreading the weight evenly
-    over the tokens it sees would give: a head that looks the key up scores far above it, one that averages at it.
+    over the tokens it sees would give: a head that looks the key up scores far above it, one that averages at it;
+    "cmp_entropy" [Hq]: per query head, the entropy (nats) of those weights (mean over prompts), against
+    "cmp_entropy_uniform" = log(number of tokens seen), the entropy of an even spread.
     """
     stats = []
     T, key_pos = idx.shape[1], key_pos.cpu()
@@ -207,10 +212,14 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
         seen = starts + config.cmp_block - 1 <= T - 1
         holds_key = ((starts[None, :, None] <= key_pos[:, None, :])
                      & (key_pos[:, None, :] < starts[None, :, None] + config.cmp_block)).any(-1) & seen  # [B, Tc]
-        weight = (p_last[:, 0].cpu() * holds_key[:, None, :]).sum(-1)  # [B, Hq]
+        p_last = p_last[:, 0].cpu()  # [B, Hq, Tc]
+        weight = (p_last * holds_key[:, None, :]).sum(-1)  # [B, Hq]
+        entropy = -torch.xlogy(p_last, p_last).sum(-1)  # [B, Hq]
         stats.append({"hits": int(hit.sum()), "items": hit.numel(), "hit_rate": hit.float().mean().item(),
                       "chance": chance, "gate_mean": gate_mean, "key_attention": weight.mean(0).tolist(),
-                      "key_attention_uniform": (holds_key.sum(-1) / seen.sum().clamp(min=1)).float().mean().item()})
+                      "key_attention_uniform": (holds_key.sum(-1) / seen.sum().clamp(min=1)).float().mean().item(),
+                      "cmp_entropy": entropy.mean(0).tolist(),
+                      "cmp_entropy_uniform": math.log(max(1, int(seen.sum())))})
     return stats
 
 
@@ -245,7 +254,7 @@ def copy_source_hits(model: LanguageModel, idx: torch.Tensor, n: int | None = No
 
 def summarize_selection(cells: list[dict]) -> list[dict]:
     """The cells' per-layer selection_stats pooled: hits and items summed; chance, key_attention and
-    key_attention_uniform weighted by items (so by prompts); gate_mean averaged over the cells -> one dict per NSA
+    key_attention_uniform, cmp_entropy and cmp_entropy_uniform weighted by items (so by prompts); gate_mean averaged over the cells -> one dict per NSA
     layer (selection_stats' keys)."""
     pooled = []
     for per_cell in zip(*(cell["nsa_layers"] for cell in cells)):
@@ -257,7 +266,9 @@ def summarize_selection(cells: list[dict]) -> list[dict]:
                        "chance": weighted(s["chance"] for s in per_cell),
                        "gate_mean": {b: sum(s["gate_mean"][b] for s in per_cell) / len(per_cell) for b in BRANCHES},
                        "key_attention": [weighted(head) for head in zip(*(s["key_attention"] for s in per_cell))],
-                       "key_attention_uniform": weighted(s["key_attention_uniform"] for s in per_cell)})
+                       "key_attention_uniform": weighted(s["key_attention_uniform"] for s in per_cell),
+                       "cmp_entropy": [weighted(head) for head in zip(*(s["cmp_entropy"] for s in per_cell))],
+                       "cmp_entropy_uniform": weighted(s["cmp_entropy_uniform"] for s in per_cell)})
     return pooled
 
 
