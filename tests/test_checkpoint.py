@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("safetensors")
 
 import nsa.checkpoint as checkpoint
+import nsa.train
 from nsa import LanguageModel, ModelConfig, NSAConfig
 from nsa.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from nsa.data import Corpus, encode
@@ -122,6 +123,28 @@ def test_resume_equals_an_uninterrupted_run_bitwise(tmp_path):
     assert strip(read_metrics(full)) == strip(read_metrics(part))
     assert [r["step"] for r in read_metrics(part)] == list(range(7))
     assert json.loads((full / "config.json").read_text())["train"]["steps"] == 6
+
+
+def test_a_run_that_crashed_after_a_periodic_checkpoint_resumes_bitwise(tmp_path, monkeypatch):
+    # the checkpoint of step 4 is written while the batch of step 5 is already drawn (built ahead on the host): it
+    # must keep the sampler as it was before that draw
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train_run(full, *run_cfgs(), corpus=corpus(), progress=False)
+    lr_at = nsa.train.lr_at
+
+    def crash_at_the_sixth_step(step, cfg):
+        if step == 5:
+            raise KeyboardInterrupt
+        return lr_at(step, cfg)
+    monkeypatch.setattr(nsa.train, "lr_at", crash_at_the_sixth_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(crashed, *run_cfgs(), corpus=corpus(), progress=False)
+    monkeypatch.setattr(nsa.train, "lr_at", lr_at)
+    assert read_checkpoint(crashed / CHECKPOINT_FILE).step == 4
+    train_run(crashed, resume=True, corpus=corpus(), progress=False)
+    a, b = read_checkpoint(full / CHECKPOINT_FILE), read_checkpoint(crashed / CHECKPOINT_FILE)
+    for key in a.tensors:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
 
 
 def test_resume_drops_metrics_after_the_checkpoint_and_new_runs_refuse_a_used_folder(tmp_path):

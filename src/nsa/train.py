@@ -218,6 +218,8 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
     resume=True continues run_dir from its checkpoint with the saved configs (model_cfg / train_cfg must be
     None): model, optimizer, the data sampler's position and the RNGs are restored, so the result is bitwise
     that of an uninterrupted run on the same device. Returns {"step", "loss", "val_loss", "run_dir", "checkpoint"}.
+    Each step's batch is built on the host while the device runs the step before it (a passkey mix takes the host
+    milliseconds); the one read of the loss per step is after that, so the host does not idle the device meanwhile.
 
     train.parallel "ddp" / "fsdp" (run under torchrun; nsa.parallel_train): every process calls train_run with the
     same arguments (device "cuda" means the process's LOCAL_RANK GPU); the global batch is split over the ranks,
@@ -255,11 +257,11 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
     generator = torch.Generator().manual_seed(train_cfg.seed)
     val_generator = torch.Generator().manual_seed(train_cfg.seed + 1)
 
-    batch_device = "cpu" if par.distributed else device  # the global batch; each rank moves its own part
-
     def batch(split: str, gen: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-        """(the inputs (x, y) or packed (x, y, cu_seqlens), the loss weights or None)."""
+        """(the inputs (x, y) or packed (x, y, cu_seqlens), the loss weights or None): a global batch on the host
+        (par.loss moves each rank's part). Validation batches go to the device once (single process)."""
         data = getattr(corpus, split)
+        batch_device = "cpu" if par.distributed or split == "train" else device
         mix = train_cfg.passkey_fraction if split == "train" else 0.0  # validation stays plain text
         weight = train_cfg.passkey_answer_weight if mix and train_cfg.passkey_answer_weight != 1 else None
         if train_cfg.packed:
@@ -295,11 +297,14 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
         metrics_path.write_text("")
     last = train_cfg.steps if stop_at is None else min(train_cfg.steps, stop_at)
 
-    def save(step: int) -> None:
+    def save(step: int, sampler_state: torch.Tensor) -> None:
+        """Checkpoints after `step` updates; sampler_state: the data sampler's state after their batches."""
+        sampler = torch.Generator()
+        sampler.set_state(sampler_state)
         if par.distributed:
-            par.save(ckpt_path, model, optimizer, step, generator, config)
+            par.save(ckpt_path, model, optimizer, step, sampler, config)
         else:
-            save_checkpoint(ckpt_path, model, optimizer, step=step, data_generator=generator, config=config)
+            save_checkpoint(ckpt_path, model, optimizer, step=step, data_generator=sampler, config=config)
 
     result = {"step": start, "loss": None, "val_loss": None, "run_dir": str(run_dir), "checkpoint": str(ckpt_path)}
     progress = progress and par.is_main
@@ -316,9 +321,10 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
         if progress:
             steps = _progress_bar(train_cfg.steps, f"training {run_dir.name}", start=start, stop=last)
         tokens = train_cfg.batch_size * train_cfg.seq_len
+        next_batch = batch("train", generator) if start < last else None
         for step in steps:
             t0 = time.perf_counter()
-            inputs, weights = batch("train", generator)
+            inputs, weights = next_batch
             lr = lr_at(step, train_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -328,6 +334,9 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
             backward_loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()
+            sampler_state = generator.get_state()  # after this step's batch: what a checkpoint of this step keeps
+            if step + 1 < last:  # the next batch is built on the host while the device runs this step
+                next_batch = batch("train", generator)
             loss = par.global_loss(share)  # waits for the device: the step's time is complete
             record = {"step": step + 1, "loss": loss, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - t0)}
             result.update(step=step + 1, loss=loss)
@@ -335,14 +344,14 @@ def train_run(run_dir: str | os.PathLike, model_cfg: ModelConfig | None = None, 
                 record["val_loss"] = result["val_loss"] = validate()
             write(record)
             if (step + 1) % train_cfg.checkpoint_every == 0 or step + 1 == last:
-                save(step + 1)
+                save(step + 1, sampler_state)
             if progress:
                 postfix = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
                 if result["val_loss"] is not None:
                     postfix["val"] = f"{result['val_loss']:.3f}"
                 steps.set_postfix(postfix)
     if start == last and not ckpt_path.exists():
-        save(start)
+        save(start, generator.get_state())
     return result
 
 
