@@ -5,7 +5,8 @@
 
 Every step is an `nsa` command, printed before it runs (EXPERIMENTS.md lists them), run in this process. Runs
 go to OUTDIR/EXPERIMENT/MODEL; OUTDIR/EXPERIMENT/summary.json gets each model's final validation loss, median
-ms per training step and wall time, and each evaluation's accuracy per length and NSA layer statistics.
+ms per training step and wall time, and each evaluation's accuracy (per length, and the whole grid) and NSA layer
+statistics.
 `learned` evaluates the models of `retrieval` (run it first with the same OUTDIR).
 --set: passed to every `nsa train` of the experiment after the model's own overrides (e.g. train.steps=2400).
 --tiny: the tiny preset's model, a few steps and a small grid on the CPU: the whole pipeline in seconds (a test).
@@ -153,6 +154,8 @@ def summarize(name: str, out: Path, wall: dict[str, float], models: list[str] | 
             results = json.loads((out / name / model / "passkey" / "passkey.json").read_text())
             entry["accuracy_by_length"] = {str(n): sum(row) / len(row)
                                            for n, row in zip(results["lengths"], results["accuracy"])}
+            entry["accuracy"] = {"depths": results["depths"],  # the grid itself: {"depths", LENGTH: [per depth]}
+                                 **{str(n): row for n, row in zip(results["lengths"], results["accuracy"])}}
             if "nsa_layers" in results:
                 kept = ("hit_rate", "chance", "gate_mean", "key_attention", "key_attention_uniform", "cmp_entropy",
                         "cmp_entropy_uniform")

@@ -55,6 +55,10 @@ def test_tiny_retrieval_then_learned_run_end_to_end(tmp_path, monkeypatch, capsy
     for name, entry in summary["models"].items():
         assert math.isfinite(entry["final_val_loss"]) and entry["median_ms_per_step"] > 0
         assert all(0 <= a <= 1 for a in entry["accuracy_by_length"].values())
+        grid = entry["accuracy"]  # the whole grid, as passkey.json has it
+        passkey = json.loads((tmp_path / "retrieval" / name / "passkey" / "passkey.json").read_text())
+        assert grid == {"depths": passkey["depths"], **{str(n): row for n, row in zip(passkey["lengths"],
+                                                                                     passkey["accuracy"])}}
         assert ("nsa_layers" in entry) == (name != "full")
         train = json.loads((tmp_path / "retrieval" / name / "config.json").read_text())["train"]
         assert train["steps"] == experiments.TINY_STEPS and train["passkey_fraction"] > 0
