@@ -253,8 +253,8 @@ def copy_source_hits(model: LanguageModel, idx: torch.Tensor, n: int | None = No
 
 
 def summarize_selection(cells: list[dict]) -> list[dict]:
-    """The cells' per-layer selection_stats pooled: hits and items summed; chance, key_attention and
-    key_attention_uniform, cmp_entropy and cmp_entropy_uniform weighted by items (so by prompts); gate_mean averaged over the cells -> one dict per NSA
+    """The cells' per-layer selection_stats pooled: hits and items summed; chance, key_attention(_uniform) and
+    cmp_entropy(_uniform) weighted by items (so by prompts); gate_mean averaged over the cells -> one dict per NSA
     layer (selection_stats' keys)."""
     pooled = []
     for per_cell in zip(*(cell["nsa_layers"] for cell in cells)):
