@@ -30,6 +30,7 @@ from .config import NSAConfig
 from .layer import BRANCHES, NativeSparseAttention
 from .model import LanguageModel, autocast
 from .ops import select_blocks
+from .ops.checks import check_scale
 from .ops.reference import cmp_attention_weights
 
 NEEDLE = " The passkey is {key}. Remember it. "
@@ -173,7 +174,7 @@ def layer_selections(model: LanguageModel, idx: torch.Tensor
         last = torch.tensor([idx.shape[1] - 1])
         with torch.autocast(idx.device.type, enabled=False):  # float32 scores, not autocast's bfloat16
             p_last = cmp_attention_weights(inputs.q[:, -1:], inputs.k_cmp, last, layer.config,
-                                           inputs.q.shape[-1] ** -0.5)
+                                           check_scale(None, inputs.q.shape[-1]))
         out.append((layer.config, ids, dict(zip(BRANCHES, gates)), p_last))
 
     hooks = [layer.register_forward_hook(record) for layer in layers]
@@ -208,18 +209,18 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
         blocks = key_pos // config.slc_block  # [B, K]
         hit = (ids[:, :, None, :] == blocks.to(ids.device)[:, None, :, None]).any(-1)  # [B, Hkv, K]
         chance = sum(block_chance(b, T - 1, config) for b in blocks.flatten().tolist()) / blocks.numel()
-        starts = torch.arange(p_last.shape[-1]) * config.cmp_stride  # token i covers [i * d, i * d + l)
-        seen = starts + config.cmp_block - 1 <= T - 1
+        # the last position sees every one of the prompt's Tc compressed tokens; token i covers [i * d, i * d + l)
+        seen = p_last.shape[-1]
+        starts = torch.arange(seen) * config.cmp_stride
         holds_key = ((starts[None, :, None] <= key_pos[:, None, :])
-                     & (key_pos[:, None, :] < starts[None, :, None] + config.cmp_block)).any(-1) & seen  # [B, Tc]
+                     & (key_pos[:, None, :] < starts[None, :, None] + config.cmp_block)).any(-1)  # [B, Tc]
         p_last = p_last[:, 0].cpu()  # [B, Hq, Tc]
         weight = (p_last * holds_key[:, None, :]).sum(-1)  # [B, Hq]
         entropy = -torch.xlogy(p_last, p_last).sum(-1)  # [B, Hq]
         stats.append({"hits": int(hit.sum()), "items": hit.numel(), "hit_rate": hit.float().mean().item(),
                       "chance": chance, "gate_mean": gate_mean, "key_attention": weight.mean(0).tolist(),
-                      "key_attention_uniform": (holds_key.sum(-1) / seen.sum().clamp(min=1)).float().mean().item(),
-                      "cmp_entropy": entropy.mean(0).tolist(),
-                      "cmp_entropy_uniform": math.log(max(1, int(seen.sum())))})
+                      "key_attention_uniform": (holds_key.sum(-1) / max(1, seen)).float().mean().item(),
+                      "cmp_entropy": entropy.mean(0).tolist(), "cmp_entropy_uniform": math.log(max(1, seen))})
     return stats
 
 
