@@ -159,13 +159,13 @@ def test_answer_weights_mark_the_answer_of_passkey_rows_dense_and_packed():
 
 
 def test_selection_stats_of_a_tiny_nsa_model():
-    # slc_block 32, n = 3 at length 200: blocks 0 .. 6, all three slots forced (0, 5, 6): no free slot.
+    # slc_block 32, n = 3 at length 199 (+ the answer's space): blocks 0 .. 6, all three slots forced (0, 5, 6).
     # Depth 0 puts the key's digits (bytes 16-20) in block 0: always selected (chance 1); depth 0.5 in block 2: never
     # (chance 0).
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_embd=16, n_head=4, n_kv_head=2, backend="reference",
                       nsa=NSAConfig(cmp_block=8, cmp_stride=4, slc_block=32, num_selected=3, window=16))
-    results = passkey_grid(LanguageModel(cfg), FILLER, [200], [0.0, 0.5], trials=3)
+    results = passkey_grid(LanguageModel(cfg), FILLER, [199], [0.0, 0.5], trials=3)
     first, middle = (cell["nsa_layers"] for cell in results["cells"])
     assert len(first) == len(middle) == len(results["nsa_layers"]) == 2
     assert [s["chance"] for s in first + middle + results["nsa_layers"]] == [1.0, 1.0, 0.0, 0.0, 0.5, 0.5]
@@ -175,7 +175,8 @@ def test_selection_stats_of_a_tiny_nsa_model():
     assert all(s["items"] == 3 * 2 * 5 for s in first)  # prompts x KV groups x digits
     assert [s["hit_rate"] for s in results["nsa_layers"]] == [0.5, 0.5]
     # compressed tokens start every 4 bytes and span 8: the key's digits (bytes 16-20 at depth 0) lie in the tokens
-    # starting at 12, 16 and 20, of the 49 the last position (199) sees (i * 4 + 7 <= 199)
+    # starting at 12, 16 and 20, of the 49 that the first digit's position sees: 199, after the prompt's 199 bytes
+    # and the answer's space (i * 4 + 7 <= 199; the prompt's last byte, 198, sees 48)
     assert all(s["key_attention_uniform"] == pytest.approx(3 / 49) for s in first)
     for layer in first + middle + results["nsa_layers"]:
         assert len(layer["key_attention"]) == 4 and all(0 <= w <= 1 for w in layer["key_attention"])

@@ -36,6 +36,8 @@ from .ops.reference import cmp_attention_weights
 NEEDLE = " The passkey is {key}. Remember it. "
 QUESTION = " What is the passkey? The passkey is"
 ANSWER = " {key}."  # what follows QUESTION in a training window of the passkey mix
+# what the model writes after QUESTION before the key's first digit: the position after it is the one that retrieves
+ANSWER_PREFIX = ANSWER[:ANSWER.index("{key}")]
 KEY_DIGITS = 5
 
 
@@ -191,17 +193,22 @@ def layer_selections(model: LanguageModel, idx: torch.Tensor
 def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tensor) -> list[dict]:
     """What each NSA layer of the model does on prompts idx long [B, T] whose key digits sit at key_pos long [B, K].
 
-    Per NSA layer (none for full attention: []): the blocks each KV head group selects at the last position
-    (the one that answers), from layer_selections; "hits" counts the (prompt, group, digit) triples whose digit's
-    block is selected, out of "items"; "hit_rate" = hits / items, "chance" its mean under a random choice of the free
-    slots (block_chance of each digit's block at position T - 1: a digit in a forced block counts 1);
+    The prompts get ANSWER_PREFIX appended (what the model writes first, " "), and everything is measured at the
+    position after it, the one whose output is the key's first digit: the last prompt position only predicts the
+    prefix, which needs no lookup.
+    Per NSA layer (none for full attention: []): the blocks each KV head group selects at that position, from
+    layer_selections; "hits" counts the (prompt, group, digit) triples whose digit's block is selected, out of
+    "items"; "hit_rate" = hits / items, "chance" its mean under a random choice of the free slots (block_chance of
+    each digit's block at that position: a digit in a forced block counts 1);
     "gate_mean" {"cmp", "slc", "swa"}: each gate's mean over prompts, positions, heads;
-    "key_attention" [Hq]: per query head, the compressed attention weight of the last position on the compressed
+    "key_attention" [Hq]: per query head, the compressed attention weight of that position on the compressed
     tokens that hold a key digit (mean over prompts), and "key_attention_uniform" what spreading the weight evenly
     over the tokens it sees would give: a head that looks the key up scores far above it, one that averages at it;
     "cmp_entropy" [Hq]: per query head, the entropy (nats) of those weights (mean over prompts), against
     "cmp_entropy_uniform" = log(number of tokens seen), the entropy of an even spread.
     """
+    prefix = torch.tensor(list(ANSWER_PREFIX.encode()), dtype=idx.dtype, device=idx.device)
+    idx = torch.cat([idx, prefix.expand(idx.shape[0], -1)], dim=1)
     stats = []
     T, key_pos = idx.shape[1], key_pos.cpu()
     for config, ids, gate_mean, p_last in layer_selections(model, idx):
@@ -209,7 +216,7 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
         blocks = key_pos // config.slc_block  # [B, K]
         hit = (ids[:, :, None, :] == blocks.to(ids.device)[:, None, :, None]).any(-1)  # [B, Hkv, K]
         chance = sum(block_chance(b, T - 1, config) for b in blocks.flatten().tolist()) / blocks.numel()
-        # the last position sees every one of the prompt's Tc compressed tokens; token i covers [i * d, i * d + l)
+        # the last position sees every one of the Tc compressed tokens; token i covers [i * d, i * d + l)
         seen = p_last.shape[-1]
         starts = torch.arange(seen) * config.cmp_stride
         holds_key = ((starts[None, :, None] <= key_pos[:, None, :])
