@@ -3,10 +3,11 @@
     python experiments/run.py EXPERIMENT OUTDIR [--models nsa,swa] [--set KEY=VALUE ...] [--tiny] [--dry-run]
                                                                           (EXPERIMENT: loss, retrieval, learned)
 
-Every step is an `nsa` command, printed before it runs (EXPERIMENTS.md lists them), run in this process. Runs
+Every step is an `nsa` command or experiments/key_ablation.py, printed before it runs (EXPERIMENTS.md lists them),
+run in this process. Runs
 go to OUTDIR/EXPERIMENT/MODEL; OUTDIR/EXPERIMENT/summary.json gets each model's final validation loss, median
-ms per training step and wall time, and each evaluation's accuracy (per length, and the whole grid) and NSA layer
-statistics.
+ms per training step and wall time, each evaluation's accuracy (per length, and the whole grid) and NSA layer
+statistics, and the key ablations of the NSA models (which branch of which layer the answer comes from).
 `learned` evaluates the models of `retrieval` (run it first with the same OUTDIR).
 --set: passed to every `nsa train` of the experiment after the model's own overrides (e.g. train.steps=2400).
 --tiny: the tiny preset's model, a few steps and a small grid on the CPU: the whole pipeline in seconds (a test).
@@ -14,6 +15,7 @@ statistics.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -48,6 +50,8 @@ class Experiment:
     passkey: Passkey | None = None
     repeat_lengths: str | None = None  # `nsa eval repeat --lengths` of each model (None: not run)
     evaluates: str | None = None  # evaluate the models of this experiment instead of training
+    ablate: tuple[str, ...] = ()  # the models that key_ablation.py takes apart (NSA models with cmp and slc on)
+    ablation_lengths: str | None = None  # its --lengths
 
 
 def tenths(first: int, last: int) -> str:
@@ -64,7 +68,8 @@ EXPERIMENTS = {
     "retrieval": Experiment("retrieval-8k.toml",
                             {"nsa": [], "full": ["model.attention=full"], "swa": ['model.branches=["swa"]'],
                              "nsa-ungated": UNGATED},
-                            Passkey("1024,2048,4096,8192,16384", tenths(0, 10), 8), "1024,2048,4096,8192,16384"),
+                            Passkey("1024,2048,4096,8192,16384", tenths(0, 10), 8), "1024,2048,4096,8192,16384",
+                            ablate=("nsa", "nsa-ungated"), ablation_lengths="1024,2048,4096,8192"),
     # depths 0 and 1 are left out: blocks 0, J - 1 and J are always selected, so keys there are hits by construction
     "learned": Experiment(None, {"nsa": [], "swa": [], "nsa-ungated": []},
                           Passkey("2048,4096,8192,16384", tenths(1, 9), 16), evaluates="retrieval"),
@@ -81,6 +86,14 @@ def tiny_overrides() -> list[str]:
                  seq_len=TINY_NEEDLES * passkey_min_length() + 16,
                  data_max_bytes=300_000)
     return sets + [f"train.{k}={json.dumps(v)}" for k, v in train.items()]
+
+
+def key_ablation():
+    """experiments/key_ablation.py as a module (experiments/ is no package)."""
+    spec = importlib.util.spec_from_file_location("key_ablation", HERE / "key_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_dir(name: str, out: Path, model: str) -> Path:
@@ -128,6 +141,11 @@ def commands(name: str, out: Path, tiny: bool = False, models: list[str] | None 
             steps.append((f"repeat {model}", ["nsa", "eval", "repeat", str(run_dir(name, out, model)), "--lengths",
                                               lengths, "--trials", str(trials),
                                               "--out", str(out / name / model / "repeat"), *device]))
+    for model in (m for m in names if m in exp.ablate):
+        steps.append((f"ablate {model}", ["python", os.path.relpath(HERE / "key_ablation.py"),
+                                          str(run_dir(name, out, model)), "--lengths",
+                                          TINY_GRID[0] if tiny else exp.ablation_lengths,
+                                          "--out", str(out / name / model / "key_ablation.json"), *device]))
     if exp.config is not None:
         steps.append(("plot", ["nsa", "plot", *(str(run_dir(name, out, m)) for m in names),
                                "--out", str(out / name / "loss.png"), "--title", f"{name}: " + " vs ".join(names)]))
@@ -166,6 +184,9 @@ def summarize(name: str, out: Path, wall: dict[str, float], models: list[str] | 
             entry["repeat_loss_by_length"] = {str(n): {"first": a, "second": b, "nsa_layers": layers} for n, a, b, layers
                                               in zip(results["lengths"], results["first"], results["second"],
                                                      results["nsa_layers"])}
+        if model in exp.ablate:
+            results = json.loads((out / name / model / "key_ablation.json").read_text())
+            entry["key_ablation"] = {k: results[k] for k in ("lengths", "none", "layers")}
     return summary
 
 
@@ -185,7 +206,10 @@ def run(name: str, out: Path, tiny: bool = False, dry_run: bool = False, models:
         print("$ " + shlex.join(argv), flush=True)
         if not dry_run:
             start = time.perf_counter()
-            nsa_main(argv[1:])
+            if argv[0] == "nsa":
+                nsa_main(argv[1:])
+            else:
+                key_ablation().main(argv[2:])
             wall[label] = time.perf_counter() - start
     if dry_run:
         return None

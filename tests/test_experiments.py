@@ -66,6 +66,12 @@ def test_tiny_retrieval_then_learned_run_end_to_end(tmp_path, monkeypatch, capsy
         for r in entry["repeat_loss_by_length"].values():
             assert math.isfinite(r["first"]) and math.isfinite(r["second"])
             assert (len(r["nsa_layers"]) > 0) == (name != "full")  # the selection's hits on the block to copy from
+        assert ("key_ablation" in entry) == (name in ("nsa", "nsa-ungated"))  # the models with cmp and slc on
+    for name in ("nsa", "nsa-ungated"):
+        ablation = summary["models"][name]["key_ablation"]
+        assert ablation == {k: v for k, v in json.loads((tmp_path / "retrieval" / name / "key_ablation.json")
+                                                         .read_text()).items() if k in ("lengths", "none", "layers")}
+        assert len(ablation["layers"]) == 2 and len(ablation["none"]) == len(ablation["lengths"])
     assert summary["models"]["swa"]["nsa_layers"][0]["gate_mean"]["cmp"] == 0
     assert (tmp_path / "retrieval" / "loss.png").exists()
     assert experiments.main(["learned", str(tmp_path), "--tiny"]) == 0
@@ -79,7 +85,7 @@ def test_tiny_retrieval_then_learned_run_end_to_end(tmp_path, monkeypatch, capsy
 
 def test_models_picks_a_subset_in_the_experiments_order():
     labels = [label for label, _ in experiments.commands("retrieval", Path("r"), models=["swa", "nsa"])]
-    assert labels == ["train nsa", "train swa", "eval nsa", "eval swa", "repeat nsa", "repeat swa", "plot"]
+    assert labels == ["train nsa", "train swa", "eval nsa", "eval swa", "repeat nsa", "repeat swa", "ablate nsa", "plot"]
     with pytest.raises(ValueError, match=r"--models: retrieval has the models \['nsa', 'full', 'swa', 'nsa-ungated'\]"):
         experiments.commands("retrieval", Path("r"), models=["dense"])
 
