@@ -25,7 +25,7 @@ import torch
 from nsa.checkpoint import load_model
 from nsa.cli import resolve_device
 from nsa.data import load_corpus
-from nsa.eval import ANSWER, KEY_DIGITS, key_positions, make_prompt
+from nsa.eval import ANSWER, ANSWER_PREFIX, KEY_DIGITS, cmp_tokens_holding, key_positions, make_prompt
 from nsa.layer import BRANCHES, NativeSparseAttention
 from nsa.model import autocast
 
@@ -43,20 +43,15 @@ def teacher_forced_prompts(filler: torch.Tensor, length: int, depths: list[float
             prompt = make_prompt(filler, length, depth, key, rng.randrange(len(filler)))
             rows.append(torch.cat([prompt.tokens, torch.tensor(list(ANSWER.format(key=key).encode()))]))
             keys.append(key_positions(prompt))
-    return torch.stack(rows), torch.stack(keys), length + ANSWER.index("{key}")
+    return torch.stack(rows), torch.stack(keys), length + len(ANSWER_PREFIX)
 
 
 def ablation(name: str, key_pos: torch.Tensor):
     """name (one of ABLATIONS) -> a function (layer, NSAInputs) -> NSAInputs with that part removed."""
-    def covers_key(starts: torch.Tensor, width: int) -> torch.Tensor:  # [B, len(starts)]: the span holds a digit
-        return ((starts[None, :, None] <= key_pos[:, None, :])
-                & (key_pos[:, None, :] < starts[None, :, None] + width)).any(-1)
-
     def edit(layer: NativeSparseAttention, inputs):
         c = layer.config
         if name in ("cmp-key", "cmp-rest"):
-            Tc = inputs.v_cmp.shape[1]
-            keep = ~covers_key(torch.arange(Tc) * c.cmp_stride, c.cmp_block)  # [B, Tc]
+            keep = ~cmp_tokens_holding(key_pos, inputs.v_cmp.shape[1], c)  # [B, Tc]
             keep = keep if name == "cmp-key" else ~keep
             return inputs._replace(v_cmp=inputs.v_cmp * keep[:, :, None, None].to(inputs.v_cmp))
         if name == "slc-key":

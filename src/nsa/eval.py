@@ -190,6 +190,14 @@ def layer_selections(model: LanguageModel, idx: torch.Tensor
     return out
 
 
+def cmp_tokens_holding(positions: torch.Tensor, num_tokens: int, config: NSAConfig) -> torch.Tensor:
+    """Which of the first num_tokens compressed tokens (token i covers bytes [i * d, i * d + l)) cover any of the
+    positions long [B, K] -> bool [B, num_tokens]."""
+    starts = torch.arange(num_tokens, device=positions.device) * config.cmp_stride
+    return ((starts[None, :, None] <= positions[:, None, :])
+            & (positions[:, None, :] < starts[None, :, None] + config.cmp_block)).any(-1)
+
+
 def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tensor) -> list[dict]:
     """What each NSA layer of the model does on prompts idx long [B, T] whose key digits sit at key_pos long [B, K].
 
@@ -216,11 +224,8 @@ def selection_stats(model: LanguageModel, idx: torch.Tensor, key_pos: torch.Tens
         blocks = key_pos // config.slc_block  # [B, K]
         hit = (ids[:, :, None, :] == blocks.to(ids.device)[:, None, :, None]).any(-1)  # [B, Hkv, K]
         chance = sum(block_chance(b, T - 1, config) for b in blocks.flatten().tolist()) / blocks.numel()
-        # the last position sees every one of the Tc compressed tokens; token i covers [i * d, i * d + l)
-        seen = p_last.shape[-1]
-        starts = torch.arange(seen) * config.cmp_stride
-        holds_key = ((starts[None, :, None] <= key_pos[:, None, :])
-                     & (key_pos[:, None, :] < starts[None, :, None] + config.cmp_block)).any(-1)  # [B, Tc]
+        seen = p_last.shape[-1]  # the last position sees every one of the Tc compressed tokens
+        holds_key = cmp_tokens_holding(key_pos, seen, config)  # [B, Tc]
         p_last = p_last[:, 0].cpu()  # [B, Hq, Tc]
         weight = (p_last * holds_key[:, None, :]).sum(-1)  # [B, Hq]
         entropy = -torch.xlogy(p_last, p_last).sum(-1)  # [B, Hq]
