@@ -23,13 +23,12 @@ import random
 import torch
 
 from nsa.checkpoint import load_model
-from nsa.cli import resolve_device
-from nsa.data import load_corpus
+from nsa.cli import resolve_device, run_corpus
 from nsa.eval import ANSWER, ANSWER_PREFIX, KEY_DIGITS, cmp_tokens_holding, key_positions, make_prompt
 from nsa.layer import BRANCHES, NativeSparseAttention
 from nsa.model import autocast
 
-ABLATIONS = ("none", "cmp-key", "cmp-rest", "slc-key") + tuple(f"gate-{b}" for b in BRANCHES)
+ABLATIONS = ("cmp-key", "cmp-rest", "slc-key") + tuple(f"gate-{b}" for b in BRANCHES)
 
 
 def teacher_forced_prompts(filler: torch.Tensor, length: int, depths: list[float], trials: int, rng: random.Random
@@ -98,8 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not layers:
         raise SystemExit(f"{args.run} has no NSA layer to ablate")
     device = next(model.parameters()).device
-    train = config.get("train", {})
-    filler = load_corpus(train.get("data"), train.get("data_max_bytes", 4_000_000)).val
+    filler = run_corpus(config).val
     lengths = [int(v) for v in args.lengths.split(",")]
     depths = [float(v) for v in args.depths.split(",")]
     rng = random.Random(args.seed)
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["none"] = [digits_right(model, idx, first) for idx, _, first in batches]
     for layer in layers:
         results["layers"].append({name: [digits_right(model, idx, first, ablation(name, key_pos), layer)
-                                         for idx, key_pos, first in batches] for name in ABLATIONS[1:]})
+                                         for idx, key_pos, first in batches] for name in ABLATIONS})
     print(f"{args.run}: key digits predicted right (teacher-forced; a guess 0.10) at lengths {lengths}, "
           f"{len(depths)} depths x {args.trials} prompts each")
     print("| layer | removed | " + " | ".join(str(n) for n in lengths) + " |")

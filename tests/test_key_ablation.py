@@ -94,7 +94,7 @@ def test_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
                                  "--device", "cpu", "--out", str(out)])
     assert json.loads(out.read_text()) == results
     assert len(results["none"]) == 2 and len(results["layers"]) == 2
-    assert all(set(layer) == set(key_ablation.ABLATIONS[1:]) for layer in results["layers"])
+    assert all(set(layer) == set(key_ablation.ABLATIONS) for layer in results["layers"])
     assert all(0 <= v <= 1 for layer in results["layers"] for values in layer.values() for v in values)
     assert "| 1 | cmp-key |" in capsys.readouterr().out
     full, full_cfg = tmp_path / "full", replace(CFG, attention="full")

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import NSAConfig
-from .data import decode, load_corpus
+from .data import DEFAULT_MAX_BYTES, decode, load_corpus
 from .model import LanguageModel, ModelConfig
 from .train import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, PRESETS, History, TrainConfig, apply_overrides,
                     autocast, build_configs, config_dict, train, train_run)
@@ -317,14 +317,20 @@ def eval_passkey_command(args) -> int:
     return 0
 
 
+def run_corpus(config: dict, data: str | None = None):
+    """The corpus that a checkpoint's run trained on (config: the checkpoint's), whose validation part evaluations
+    draw from; data: another text file or folder instead."""
+    train_cfg = config.get("train", {})
+    return load_corpus(data if data is not None else train_cfg.get("data"),
+                       train_cfg.get("data_max_bytes", DEFAULT_MAX_BYTES))
+
+
 def load_eval_inputs(args) -> tuple:
     """(model, the corpus of its text, the out folder) of `nsa eval ...` args."""
     model, config = load_model(args.path, resolve_device(args.device))
     source = Path(args.path)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / args.eval_command
-    train_cfg = config.get("train", {})
-    data = args.data if args.data is not None else train_cfg.get("data")
-    return model, load_corpus(data, train_cfg.get("data_max_bytes", 4_000_000)), out
+    return model, run_corpus(config, args.data), out
 
 
 def eval_repeat_command(args) -> int:
